@@ -1,0 +1,221 @@
+// Vectorised CPU loops of the SGD family (sum of squares, fused update). This file is
+// compiled once per CPU capability with CPU_CAPABILITY set to DEFAULT, AVX2 or AVX512
+// (and the matching -m flags), like ATen's own kernels: at::vec::Vectorized is 16 floats
+// wide only when built with CPU_CAPABILITY_AVX512, whatever -march says.
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <lbkernels/cpu_kernels.h>
+#include <lbkernels/math.h>
+
+#ifndef CPU_CAPABILITY
+#error "CPU_CAPABILITY must be defined (DEFAULT, AVX2 or AVX512)"
+#endif
+
+namespace lbkernels::cpu::CPU_CAPABILITY {
+namespace {
+
+using at::vec::Vectorized;
+
+template <typename V, typename T>
+SgdCoefs<V> broadcast(const TensorCoefs& c, const SgdParams& p) {
+  // Coefficients are rounded to T before broadcasting, as the reference holds them in T.
+  return {V(T(p.grad_scale)), V(T(c.wd)),  V(T(c.r)),
+          V(T(c.pre)),        V(T(p.momentum)), V(T(c.first ? 1.0 : 1.0 - p.dampening)),
+          V(T(c.lr))};
+}
+
+// float/double: full vectors, then a scalar tail with the same math.
+template <typename T>
+void update_range(T* w, const T* g, T* buf, int64_t n, const TensorCoefs& tc,
+                  const SgdParams& p) {
+  using V = Vectorized<T>;
+  const SgdCoefs<V> cv = broadcast<V, T>(tc, p);
+  const SgdCoefs<T> cs = broadcast<T, T>(tc, p);
+  int64_t i = 0;
+  if (buf != nullptr) {
+    for (; i + V::size() <= n; i += V::size()) {
+      V wv = V::loadu(w + i), bv = V::loadu(buf + i);
+      sgd_update(wv, bv, V::loadu(g + i), cv, p.has_scale, true, p.nesterov, tc.first);
+      wv.store(w + i);
+      bv.store(buf + i);
+    }
+  } else {
+    V bv(T(0));
+    for (; i + V::size() <= n; i += V::size()) {
+      V wv = V::loadu(w + i);
+      sgd_update(wv, bv, V::loadu(g + i), cv, p.has_scale, false, false, false);
+      wv.store(w + i);
+    }
+  }
+  for (; i < n; ++i) {
+    T b = buf != nullptr ? buf[i] : T(0);
+    sgd_update(w[i], b, g[i], cs, p.has_scale, buf != nullptr, p.nesterov, tc.first);
+    if (buf != nullptr) buf[i] = b;
+  }
+}
+
+// fp16/bf16: fp32 arithmetic on converted values (scalar; the compiler vectorises the
+// conversions where it can).
+template <typename T>
+void update_range_reduced(T* w, const T* g, T* buf, int64_t n, const TensorCoefs& tc,
+                          const SgdParams& p) {
+  const SgdCoefs<float> cs = broadcast<float, float>(tc, p);
+  const bool has_momentum = buf != nullptr;
+  for (int64_t i = 0; i < n; ++i) {
+    float wf = static_cast<float>(w[i]);
+    float bf = has_momentum ? static_cast<float>(buf[i]) : 0.f;
+    sgd_update(wf, bf, static_cast<float>(g[i]), cs, p.has_scale, has_momentum, p.nesterov,
+               tc.first);
+    w[i] = static_cast<T>(wf);
+    if (has_momentum) buf[i] = static_cast<T>(bf);
+  }
+}
+
+// Sum of squares with four independent vector accumulators (latency hiding); partial
+// sums of a 64K chunk stay in the working precision, chunks are added in double.
+template <typename T>
+double sum_squares_range(const T* x, int64_t n) {
+  using V = Vectorized<T>;
+  V a0(T(0)), a1(T(0)), a2(T(0)), a3(T(0));
+  int64_t i = 0;
+  constexpr int64_t S = V::size();
+  for (; i + 4 * S <= n; i += 4 * S) {
+    V x0 = V::loadu(x + i), x1 = V::loadu(x + i + S), x2 = V::loadu(x + i + 2 * S),
+      x3 = V::loadu(x + i + 3 * S);
+    a0 = at::vec::fmadd(x0, x0, a0);
+    a1 = at::vec::fmadd(x1, x1, a1);
+    a2 = at::vec::fmadd(x2, x2, a2);
+    a3 = at::vec::fmadd(x3, x3, a3);
+  }
+  for (; i + S <= n; i += S) {
+    V x0 = V::loadu(x + i);
+    a0 = at::vec::fmadd(x0, x0, a0);
+  }
+  V acc = (a0 + a1) + (a2 + a3);
+  T lanes[S];
+  acc.store(lanes);
+  double s = 0;
+  for (int64_t k = 0; k < S; ++k) s += static_cast<double>(lanes[k]);
+  for (; i < n; ++i) s += static_cast<double>(x[i]) * static_cast<double>(x[i]);
+  return s;
+}
+
+template <typename T>
+double sum_squares_reduced(const T* x, int64_t n) {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int k = 0; k < 8; ++k) {
+      const float v = static_cast<float>(x[i + k]);
+      acc[k] += v * v;
+    }
+  double s = 0;
+  for (int k = 0; k < 8; ++k) s += acc[k];
+  for (; i < n; ++i) s += static_cast<double>(static_cast<float>(x[i])) * static_cast<float>(x[i]);
+  return s;
+}
+
+template <typename T>
+double squares(const void* base, int64_t begin, int64_t end) {
+  const T* x = static_cast<const T*>(base) + begin;
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    return sum_squares_range(x, end - begin);
+  } else {
+    return sum_squares_reduced(x, end - begin);
+  }
+}
+
+template <typename T>
+void sum_squares_impl(const TensorPtrs* t, const Chunk* chunks, int64_t c0, int64_t c1,
+                      double* out) {
+  for (int64_t c = c0; c < c1; ++c) {
+    const Chunk& ch = chunks[c];
+    const TensorPtrs& tp = t[ch.tensor];
+    out[2 * c] = squares<T>(tp.w, ch.begin, ch.end);
+    out[2 * c + 1] = tp.g != nullptr ? squares<T>(tp.g, ch.begin, ch.end) : 0.0;
+  }
+}
+
+template <typename T>
+void sgd_update_impl(const TensorPtrs* t, const Chunk* chunks, int64_t c0, int64_t c1,
+                     const TensorCoefs* coefs, const SgdParams& p) {
+  for (int64_t c = c0; c < c1; ++c) {
+    const Chunk& ch = chunks[c];
+    const TensorPtrs& tp = t[ch.tensor];
+    T* w = static_cast<T*>(tp.w) + ch.begin;
+    const T* g = static_cast<const T*>(tp.g) + ch.begin;
+    T* buf = tp.buf != nullptr ? static_cast<T*>(tp.buf) + ch.begin : nullptr;
+    if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+      update_range(w, g, buf, ch.end - ch.begin, coefs[ch.tensor], p);
+    } else {
+      update_range_reduced(w, g, buf, ch.end - ch.begin, coefs[ch.tensor], p);
+    }
+  }
+}
+
+template <typename T>
+void lars_whole_impl(const TensorPtrs* t, const Chunk* chunks, int64_t c0, int64_t c1,
+                     TensorCoefs* coefs, const LarsParams& lp, const SgdParams& p) {
+  for (int64_t c = c0; c < c1; ++c) {
+    const Chunk& ch = chunks[c];
+    TensorCoefs& tc = coefs[ch.tensor];
+    const TensorPtrs& tp = t[ch.tensor];
+    if (!tc.excluded) {
+      lars_coefs(squares<T>(tp.w, ch.begin, ch.end), squares<T>(tp.g, ch.begin, ch.end), lp, p,
+                 tc);
+    } else {
+      lars_coefs(0, 0, lp, p, tc);
+    }
+    sgd_update_impl<T>(t, chunks, c, c + 1, coefs, p);
+  }
+}
+
+template <template <typename> class F, typename... Args>
+void by_dtype(c10::ScalarType dtype, Args&&... args) {
+  switch (dtype) {
+    case c10::ScalarType::Float: return F<float>::run(args...);
+    case c10::ScalarType::Double: return F<double>::run(args...);
+    case c10::ScalarType::Half: return F<c10::Half>::run(args...);
+    case c10::ScalarType::BFloat16: return F<c10::BFloat16>::run(args...);
+    default: return;  // rejected by the host code before any kernel runs
+  }
+}
+
+template <typename T>
+struct SumSquares {
+  template <typename... A>
+  static void run(A... a) { sum_squares_impl<T>(a...); }
+};
+template <typename T>
+struct SgdUpdate {
+  template <typename... A>
+  static void run(A... a) { sgd_update_impl<T>(a...); }
+};
+
+template <typename T>
+struct LarsWhole {
+  template <typename... A>
+  static void run(A... a) { lars_whole_impl<T>(a...); }
+};
+
+}  // namespace
+
+void lars_whole(c10::ScalarType dtype, const TensorPtrs* tensors, const Chunk* chunks,
+                int64_t c0, int64_t c1, TensorCoefs* coefs, const LarsParams& lp,
+                const SgdParams& p) {
+  by_dtype<LarsWhole>(dtype, tensors, chunks, c0, c1, coefs, lp, p);
+}
+
+void sum_squares(c10::ScalarType dtype, const TensorPtrs* tensors, const Chunk* chunks,
+                 int64_t c0, int64_t c1, double* out) {
+  by_dtype<SumSquares>(dtype, tensors, chunks, c0, c1, out);
+}
+
+void sgd_update(c10::ScalarType dtype, const TensorPtrs* tensors, const Chunk* chunks,
+                int64_t c0, int64_t c1, const TensorCoefs* coefs, const SgdParams& p) {
+  by_dtype<SgdUpdate>(dtype, tensors, chunks, c0, c1, coefs, p);
+}
+
+}  // namespace lbkernels::cpu::CPU_CAPABILITY

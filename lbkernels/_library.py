@@ -1,0 +1,61 @@
+"""Every op schema of the ``lbkernels`` namespace, defined once.
+
+Importing this module defines the ops, registers the pure-PyTorch reference as the
+``CompositeExplicitAutograd`` ("default") kernel of each, and registers a fake kernel
+for tracing. Compiled libraries only *implement* these ops for their dispatch keys
+(``TORCH_LIBRARY_IMPL(lbkernels, CPU|CUDA, m)``): the namespace is defined here and
+nowhere else, because two libraries defining it abort the process.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .reference import lars as _ref_lars
+
+NAMESPACE = "lbkernels"
+_lib = torch.library.Library(NAMESPACE, "DEF")
+
+# name -> (schema, reference, fake). Mutated arguments carry an alias set (a!); ops that
+# only mutate return nothing, in the style of torch._fused_sgd_.
+SCHEMAS = {
+    "multi_tensor_l2norm": "(Tensor[] xs) -> Tensor",
+    "lars_sgd_": (
+        "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+        "Tensor(c!)[] steps, bool[] exclude, *, float lr, Tensor? lr_tensor=None, "
+        "float momentum=0., float dampening=0., float weight_decay=0., bool nesterov=False, "
+        "float trust_coefficient=0.001, float eps=1e-8, bool clip=False, "
+        "bool zero_norm_decay=True, str momentum_style=\"torch\", "
+        "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()"
+    ),
+}
+
+REFERENCE = {
+    "multi_tensor_l2norm": _ref_lars.multi_tensor_l2norm,
+    "lars_sgd_": _ref_lars.lars_sgd_,
+}
+
+
+def _fake_l2norm(xs):
+    device = xs[0].device if xs else torch.device("cpu")
+    return torch.empty(len(xs), dtype=torch.float32, device=device)
+
+
+def _fake_inplace(*args, **kwargs):
+    return None
+
+
+FAKE = {"multi_tensor_l2norm": _fake_l2norm, "lars_sgd_": _fake_inplace}
+
+for _name, _schema in SCHEMAS.items():
+    _lib.define(_name + _schema)
+    _lib.impl(_name, REFERENCE[_name], "CompositeExplicitAutograd")
+    torch.library.register_fake(f"{NAMESPACE}::{_name}", FAKE[_name], lib=_lib)
+
+
+def has_native_kernel(name: str, device_type: str) -> bool:
+    """True when a compiled kernel (not the reference) serves ``name`` on ``device_type``."""
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        f"{NAMESPACE}::{name}", key
+    )

@@ -1,0 +1,121 @@
+"""Typed wrappers over ``torch.ops.lbkernels``: the only door from Python to the kernels.
+
+Each wrapper takes an ``impl`` argument:
+
+- ``"auto"``: the dispatcher decides: a compiled kernel for the tensors' device when the
+  library is loaded, the reference otherwise (on CUDA, the faster of native and Triton);
+- ``"reference"``: the pure-PyTorch oracle;
+- ``"native"``: the compiled C++ (CPU) or CUDA kernel; an error when it is not built;
+- ``"triton"``: the Triton kernels (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from . import _library
+from .reference import lars as _ref_lars
+
+IMPLS = ("auto", "reference", "native", "triton")
+
+_REFERENCE: dict[str, Callable] = {
+    "multi_tensor_l2norm": _ref_lars.multi_tensor_l2norm,
+    "lars_sgd_": _ref_lars.lars_sgd_,
+}
+
+
+def check_impl(impl: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    return impl
+
+
+def _device_type(tensors: Sequence[torch.Tensor]) -> str:
+    return tensors[0].device.type if len(tensors) else "cpu"
+
+
+def _triton_op(name: str, device_type: str) -> Callable:
+    from . import triton as _triton  # imported lazily: Triton is optional
+
+    return _triton.get_op(name, device_type)
+
+
+def resolve(name: str, impl: str, tensors: Sequence[torch.Tensor]) -> Callable:
+    """The callable that runs op ``name`` for ``impl`` on the device of ``tensors``."""
+    check_impl(impl)
+    device_type = _device_type(tensors)
+    if impl == "reference":
+        return _REFERENCE[name]
+    if impl == "triton":
+        return _triton_op(name, device_type)
+    if impl == "native" and not _library.has_native_kernel(name, device_type):
+        raise RuntimeError(
+            f"impl='native': no compiled lbkernels kernel for {name} on {device_type}. "
+            "Build the extension (pip install --no-build-isolation .) without LBK_SKIP_CPP=1, "
+            "or use impl='auto' or 'reference'."
+        )
+    if impl == "auto" and device_type == "cuda":
+        from . import triton as _triton
+
+        pick = _triton.auto_pick(name, device_type)
+        if pick is not None:
+            return pick
+    return getattr(torch.ops.lbkernels, name)
+
+
+def multi_tensor_l2norm(xs: Sequence[torch.Tensor], *, impl: str = "auto") -> torch.Tensor:
+    """L2 norm of every tensor in ``xs``, as one fp32 tensor of ``len(xs)`` values."""
+    return resolve("multi_tensor_l2norm", impl, xs)(list(xs))
+
+
+def lars_sgd_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    momentum_buffers: Sequence[torch.Tensor],
+    steps: Sequence[torch.Tensor],
+    exclude: Sequence[bool],
+    *,
+    lr: float | torch.Tensor,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    trust_coefficient: float = 0.001,
+    eps: float = 1e-8,
+    clip: bool = False,
+    zero_norm_decay: bool = True,
+    momentum_style: str = "torch",
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    impl: str = "auto",
+) -> None:
+    """One fused LARS-SGD step in place (ALGORITHMS.md section 1).
+
+    ``momentum_buffers`` and ``steps`` (0-dim fp32 counters; step 0 initialises the
+    buffer) may be empty when ``momentum == 0``. ``lr`` may be a one-element tensor on
+    the params' device, so that a compiled or captured step never re-specialises.
+    """
+    lr_tensor = lr if isinstance(lr, torch.Tensor) else None
+    lr_value = 1.0 if lr_tensor is not None else float(lr)
+    resolve("lars_sgd_", impl, params)(
+        list(params),
+        list(grads),
+        list(momentum_buffers),
+        list(steps),
+        [bool(e) for e in exclude],
+        lr=lr_value,
+        lr_tensor=lr_tensor,
+        momentum=momentum,
+        dampening=dampening,
+        weight_decay=weight_decay,
+        nesterov=nesterov,
+        trust_coefficient=trust_coefficient,
+        eps=eps,
+        clip=clip,
+        zero_norm_decay=zero_norm_decay,
+        momentum_style=momentum_style,
+        grad_scale=grad_scale,
+        found_inf=found_inf,
+    )

@@ -1,0 +1,5 @@
+"""Fused optimizers (drop-in ``torch.optim.Optimizer`` subclasses)."""
+
+from .lars import LARS, lars_param_groups
+
+__all__ = ["LARS", "lars_param_groups"]

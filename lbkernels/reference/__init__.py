@@ -1,0 +1,1 @@
+"""Pure-PyTorch reference kernels: the oracle every backend is tested against."""

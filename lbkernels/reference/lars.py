@@ -1,0 +1,130 @@
+"""Reference LARS-SGD step and multi-tensor L2 norm (ALGORITHMS.md section 1).
+
+Written for clarity, not speed: one tensor at a time, fp32 arithmetic for fp16/bf16
+tensors, and the same operation order as timm's ``Lars`` and apex's ``LARC`` so that
+their compatibility flags reproduce them bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._validate import check_scalar_tensor, check_tensor_lists
+
+
+def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype arithmetic runs in: fp64 for fp64 tensors, fp32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def multi_tensor_l2norm(xs: list[torch.Tensor]) -> torch.Tensor:
+    """Per-tensor L2 norms as one fp32 tensor (accumulated in fp64 for fp64 inputs)."""
+    if not xs:
+        return torch.empty(0, dtype=torch.float32)
+    device = xs[0].device
+    for i, x in enumerate(xs):
+        if x.device != device:
+            raise ValueError(f"xs[{i}] is on {x.device} but xs[0] is on {device}")
+        if not x.is_floating_point() or x.layout != torch.strided:
+            raise TypeError(f"xs[{i}] must be a dense floating-point tensor, got {x.dtype} {x.layout}")
+    norms = [torch.linalg.vector_norm(x, dtype=opmath_dtype(x.dtype)).float() for x in xs]
+    return torch.stack(norms)
+
+
+def lars_sgd_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    momentum_buffers: list[torch.Tensor],
+    steps: list[torch.Tensor],
+    exclude: list[bool],
+    *,
+    lr: float,
+    lr_tensor: torch.Tensor | None = None,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    trust_coefficient: float = 0.001,
+    eps: float = 1e-8,
+    clip: bool = False,
+    zero_norm_decay: bool = True,
+    momentum_style: str = "torch",
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+) -> None:
+    """One LARS-SGD step over lists of tensors, in place.
+
+    Per tensor ``i`` (``r = 1`` when ``exclude[i]``)::
+
+        r = tc * ||w|| / (||g|| + wd * ||w|| + eps)   (1 if either norm is 0)
+        r = min(r / lr, 1)                              if clip
+        d = r * (g + wd * w)                            (d = g if a norm is 0 and not zero_norm_decay)
+        buf = d on the first step (steps[i] == 0), else m * buf + (1 - dampening) * d
+        u = d + m * buf if nesterov else buf;  w -= lr * u
+
+    ``momentum_style="paper"`` keeps the learning rate in the buffer: ``d`` is scaled by
+    ``lr`` and ``w -= u``. ``g`` is divided by ``grad_scale`` when given; with
+    ``found_inf != 0`` nothing (weights, buffers, steps) changes.
+    """
+    check_tensor_lists(
+        params,
+        same_shape={"grads": grads},
+        optional={"momentum_buffers": momentum_buffers, "steps": steps},
+        flags={"exclude": exclude},
+    )
+    has_momentum = momentum != 0.0
+    if has_momentum:
+        if len(momentum_buffers) != len(params) or len(steps) != len(params):
+            raise ValueError("momentum != 0 needs one momentum buffer and one step per param")
+        check_tensor_lists(params, same_shape={"momentum_buffers": momentum_buffers})
+    if momentum_style not in ("torch", "paper"):
+        raise ValueError(f"momentum_style must be 'torch' or 'paper', got {momentum_style!r}")
+    for name, t in (("lr_tensor", lr_tensor), ("grad_scale", grad_scale), ("found_inf", found_inf)):
+        check_scalar_tensor(name, t)
+    paper = momentum_style == "paper"
+
+    for i, (w, g) in enumerate(zip(params, grads)):
+        ct = opmath_dtype(w.dtype)
+        w32, g32 = w.to(ct), g.to(ct)
+        if grad_scale is not None:
+            g32 = g32 / grad_scale.to(w.device, ct)
+        lr_i = lr if lr_tensor is None else lr_tensor.to(w.device, ct)
+        d = g32.add(w32, alpha=weight_decay)
+        if not exclude[i]:
+            n_w = torch.linalg.vector_norm(w32)
+            n_g = torch.linalg.vector_norm(g32)
+            valid = (n_w > 0) & (n_g > 0)
+            r = trust_coefficient * n_w / (n_g + n_w * weight_decay + eps)
+            r = torch.where(valid, r, 1.0)
+            if clip:
+                r = torch.clamp(r / lr_i, max=1.0)
+            d = d.mul(r)
+            if not zero_norm_decay:
+                d = torch.where(valid, d, g32)
+        if paper:
+            d = d * lr_i
+        if has_momentum:
+            first = steps[i].to(w.device) == 0
+            buf = momentum_buffers[i].to(ct).mul(momentum).add(d, alpha=1.0 - dampening)
+            buf = torch.where(first, d, buf)
+            u = d.add(buf, alpha=momentum) if nesterov else buf
+        else:
+            u = d
+        if paper:
+            w_new = w32.sub(u)
+        elif lr_tensor is None:
+            w_new = w32.add(u, alpha=-lr)
+        else:
+            w_new = w32 - lr_i * u
+        if found_inf is not None:
+            skip = found_inf.to(w.device) != 0
+            w_new = torch.where(skip, w32, w_new)
+            if has_momentum:
+                buf = torch.where(skip, momentum_buffers[i].to(ct), buf)
+        w.copy_(w_new)
+        if has_momentum:
+            momentum_buffers[i].copy_(buf)
+    if has_momentum:
+        inc = 1.0 if found_inf is None else (found_inf == 0).to(torch.float32)
+        for s in steps:
+            s.add_(inc if isinstance(inc, float) else inc.to(s.device, s.dtype))
