@@ -16,6 +16,11 @@ def get_op(name: str, device_type: str) -> Callable:
     )
 
 
+def available(device_type: str) -> tuple[bool, str]:
+    """Whether the Triton kernels can run on ``device_type`` here, and if not, why."""
+    return False, "the Triton backend is not built yet"
+
+
 def auto_pick(name: str, device_type: str) -> Callable | None:
     """The Triton op ``impl='auto'`` should use on ``device_type``, or None for native."""
     return None
