@@ -85,9 +85,12 @@ class FusedOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         impls = [g.get("impl", "auto") for g in self.param_groups]
         super().load_state_dict(state_dict)
-        # The backend is a property of this process, not of the checkpoint.
         for group, impl in zip(self.param_groups, impls):
-            group["impl"] = impl
+            # A checkpoint of another optimizer (e.g. torch.optim.SGD) lacks our keys.
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+            group["impl"] = impl  # the backend is a property of this process, not the file
+            self._check_group(group)
         for group in self.param_groups:
             for p in group["params"]:
                 st = self.state.get(p)

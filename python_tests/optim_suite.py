@@ -1,0 +1,43 @@
+"""The table of optimizers the generic checks run against.
+
+Each entry builds an optimizer for a list of params (or param groups) with the
+hyper-parameters it is usually run with. Adding an optimizer to the project means adding
+a row here; test_optim_generic.py then applies every check to it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from lbkernels.optim import LARS
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    make: Callable[..., torch.optim.Optimizer]  # make(params, impl=..., **overrides)
+    state_keys: tuple[str, ...]  # per-param state expected after a step
+    group_overrides: dict = field(default_factory=dict)  # a second group's different hyper-parameters
+
+
+OPTIMIZERS = [
+    Entry(
+        "LARS",
+        lambda params, impl="auto", **kw: LARS(
+            params, **{"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "nesterov": True,
+                       "trust_coefficient": 0.02, "impl": impl, **kw}),
+        ("momentum_buffer", "step"),
+        {"lr": 0.05, "weight_decay": 0.0, "lars_exclude": True},
+    ),
+    Entry(
+        "LARS-paper-clip",
+        lambda params, impl="auto", **kw: LARS(
+            params, **{"lr": 0.5, "momentum": 0.9, "dampening": 0.1, "clip": True,
+                       "momentum_style": "paper", "weight_decay": 1e-3, "impl": impl, **kw}),
+        ("momentum_buffer", "step"),
+        {"lr": 0.2, "momentum": 0.5},
+    ),
+]

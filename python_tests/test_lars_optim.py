@@ -1,0 +1,278 @@
+"""The LARS optimizer: SGD equivalence, published variants, bad input, tracing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lbkernels
+from lbkernels import ops
+from lbkernels.optim import LARS, lars_param_groups
+
+IMPLS = ["reference", "auto"]
+
+
+def net(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                               torch.nn.Linear(16, 4))
+
+
+def steps(m, opt, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        x, y = torch.randn(32, 10, generator=g), torch.randint(0, 4, (32,), generator=g)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(m(x), y).backward()
+        opt.step()
+
+
+SGD_CASES = {
+    "plain": dict(lr=0.1),
+    "momentum": dict(lr=0.1, momentum=0.9),
+    "nesterov": dict(lr=0.1, momentum=0.9, nesterov=True),
+    "weight-decay": dict(lr=0.1, momentum=0.9, weight_decay=1e-2),
+    "dampening": dict(lr=0.1, momentum=0.9, dampening=0.5, weight_decay=1e-3),
+}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", list(SGD_CASES))
+def test_excluded_lars_is_torch_sgd(impl, case):
+    a, b = net(), net()
+    steps(a, LARS(a.parameters(), lars_exclude=True, impl=impl, **SGD_CASES[case]), 8)
+    steps(b, torch.optim.SGD(b.parameters(), **SGD_CASES[case]), 8)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_sgd_checkpoint_loads_into_lars():
+    a, b = net(), net()
+    sgd = torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9)
+    steps(a, sgd, 3)
+    b.load_state_dict(a.state_dict())
+    lars = LARS(b.parameters(), lr=0.1, momentum=0.9, lars_exclude=True)
+    lars.load_state_dict(sgd.state_dict())
+    steps(a, sgd, 3, seed=1)
+    steps(b, lars, 3, seed=1)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+# -- published variants, written out from their documented algorithms ------------------
+def timm_lars_step(params, lr, momentum, dampening, wd, nesterov, tc, eps, trust_clip, always_adapt, state):
+    for p in params:
+        grad = p.grad.clone()
+        if wd != 0 or always_adapt:
+            w_norm, g_norm = p.norm(2.0), grad.norm(2.0)
+            ratio = tc * w_norm / (g_norm + w_norm * wd + eps)
+            ratio = torch.where(w_norm > 0, torch.where(g_norm > 0, ratio, 1.0), 1.0)
+            if trust_clip:
+                ratio = torch.clamp(ratio / lr, max=1.0)
+            grad.add_(p, alpha=wd)
+            grad.mul_(ratio)
+        if momentum != 0:
+            if p not in state:
+                buf = state[p] = grad.clone()
+            else:
+                buf = state[p]
+                buf.mul_(momentum).add_(grad, alpha=1.0 - dampening)
+            grad = grad.add(buf, alpha=momentum) if nesterov else buf
+        p.add_(grad, alpha=-lr)
+
+
+def apex_larc_then_sgd_step(params, lr, momentum, wd, tc, eps, clip, state):
+    for p in params:
+        param_norm, grad_norm = torch.norm(p), torch.norm(p.grad)
+        grad = p.grad.clone()
+        if param_norm != 0 and grad_norm != 0:
+            adaptive = tc * param_norm / (grad_norm + param_norm * wd + eps)
+            if clip:
+                adaptive = min(adaptive / lr, 1)
+            grad += wd * p
+            grad *= adaptive
+        if p not in state:
+            buf = state[p] = grad.clone()
+        else:
+            buf = state[p]
+            buf.mul_(momentum).add_(grad)
+        p.add_(buf, alpha=-lr)
+
+
+@pytest.mark.parametrize("trust_clip,always_adapt,wd", [(False, False, 0.0), (False, False, 1e-3),
+                                                        (True, True, 0.0), (True, False, 5e-4)])
+def test_reproduces_timm_lars_bitwise(trust_clip, always_adapt, wd):
+    a, b = net(), net()
+    hp = dict(lr=0.5, momentum=0.9, dampening=0.0, nesterov=True, eps=1e-8)
+    opt = LARS(a.parameters(), weight_decay=wd, trust_coefficient=0.001, clip=trust_clip,
+               always_adapt=always_adapt, impl="reference", **hp)
+    state: dict = {}
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        x, y = torch.randn(32, 10, generator=g), torch.randint(0, 4, (32,), generator=g)
+        for m in (a, b):
+            for p in m.parameters():
+                p.grad = None
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+        opt.step()
+        with torch.no_grad():
+            timm_lars_step(list(b.parameters()), hp["lr"], hp["momentum"], 0.0, wd, True, 0.001, 1e-8,
+                           trust_clip, always_adapt, state)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_reproduces_apex_larc_bitwise():
+    a, b = net(), net()
+    for p in list(a.parameters())[-1:]:
+        with torch.no_grad():
+            p.zero_()  # a zero-norm tensor: apex applies neither ratio nor decay
+    b.load_state_dict(a.state_dict())
+    opt = LARS(a.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3, trust_coefficient=0.02,
+               clip=True, zero_norm_decay=False, impl="reference")
+    state: dict = {}
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        x, y = torch.randn(32, 10, generator=g), torch.randint(0, 4, (32,), generator=g)
+        for m in (a, b):
+            for p in m.parameters():
+                p.grad = None
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+        opt.step()
+        with torch.no_grad():
+            apex_larc_then_sgd_step(list(b.parameters()), 0.1, 0.9, 1e-3, 0.02, 1e-8, True, state)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_native_follows_reference_on_a_model():
+    a, b = net(), net()
+    kw = dict(lr=1.0, momentum=0.9, weight_decay=5e-4, trust_coefficient=0.01)
+    steps(a, LARS(lars_param_groups(a, 5e-4), impl="reference", **kw), 10)
+    steps(b, LARS(lars_param_groups(b, 5e-4), impl="auto", **kw), 10)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_lars_param_groups_splits_by_ndim():
+    m = net()
+    groups = lars_param_groups(m, weight_decay=1e-4)
+    assert [p.ndim for p in groups[0]["params"]] == [2, 2]
+    assert all(p.ndim == 1 for p in groups[1]["params"]) and len(groups[1]["params"]) == 4
+    assert groups[1]["weight_decay"] == 0.0 and groups[1]["lars_exclude"] is True
+
+
+# -- bad input ---------------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(lr=-0.1), ValueError, "lr"),
+    (dict(momentum=-0.9), ValueError, "momentum"),
+    (dict(weight_decay=-1e-4), ValueError, "weight_decay"),
+    (dict(trust_coefficient=-1.0), ValueError, "trust_coefficient"),
+    (dict(eps=-1e-8), ValueError, "eps"),
+    (dict(lr=float("nan")), ValueError, "lr"),
+    (dict(nesterov=True), ValueError, "nesterov"),
+    (dict(momentum=0.9, nesterov=True, dampening=0.1), ValueError, "nesterov"),
+    (dict(momentum_style="keras"), ValueError, "momentum_style"),
+    (dict(impl="cuda"), ValueError, "impl"),
+    (dict(lr="fast"), TypeError, "lr"),
+])
+def test_bad_hyperparameters_rejected(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        LARS(net().parameters(), **kwargs)
+
+
+def test_bad_group_rejected_and_optimizer_unchanged():
+    m = net()
+    opt = LARS(list(m.parameters())[:2], lr=0.1)
+    with pytest.raises(ValueError, match="weight_decay"):
+        opt.add_param_group({"params": list(m.parameters())[2:], "weight_decay": -1.0})
+    assert len(opt.param_groups) == 1
+
+
+def test_non_float_params_rejected():
+    with pytest.raises(TypeError, match=r"params\[1\].*dtype"):
+        LARS([torch.zeros(3, requires_grad=True), torch.zeros(3, dtype=torch.long)], lr=0.1)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_sparse_grad_rejected_and_nothing_changes(impl):
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    lin = torch.nn.Linear(4, 2)
+    opt = LARS([*lin.parameters(), *emb.parameters()], lr=0.1, momentum=0.9, impl=impl)
+    lin(emb(torch.tensor([1, 2]))).sum().backward()
+    before = [p.detach().clone() for p in [*lin.parameters(), *emb.parameters()]]
+    with pytest.raises(TypeError, match=r"grads\[2\].*sparse"):
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip([*lin.parameters(), *emb.parameters()], before))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_op_rejects_mismatched_lists_and_changes_nothing(impl):
+    p = [torch.ones(3), torch.ones(4)]
+    g = [torch.ones(3), torch.ones(4)]
+    with pytest.raises(ValueError, match="grads has 1 entries"):
+        ops.lars_sgd_(p, g[:1], [], [], [False, False], lr=0.1, impl=impl)
+    with pytest.raises(ValueError, match="exclude has 1 entries"):
+        ops.lars_sgd_(p, g, [], [], [False], lr=0.1, impl=impl)
+    with pytest.raises(ValueError, match=r"grads\[1\] has shape"):
+        ops.lars_sgd_(p, [torch.ones(3), torch.ones(5)], [], [], [False, False], lr=0.1, impl=impl)
+    with pytest.raises(TypeError, match=r"grads\[0\] has dtype"):
+        ops.lars_sgd_(p, [torch.ones(3, dtype=torch.float64), torch.ones(4)], [], [], [False, False], lr=0.1, impl=impl)
+    with pytest.raises(ValueError, match="momentum_buffers has 1 entries"):
+        ops.lars_sgd_(p, g, [torch.zeros(3)], [torch.zeros(()), torch.zeros(())], [False, False], lr=0.1,
+                      momentum=0.9, impl=impl)
+    assert all(torch.equal(x, torch.ones_like(x)) for x in p)
+
+
+def test_op_rejects_mixed_devices():
+    p = [torch.ones(3), torch.ones(3, device="meta")]
+    with pytest.raises(ValueError, match=r"params\[1\] is on meta"):
+        ops.lars_sgd_(p, [torch.ones(3), torch.ones(3, device="meta")], [], [], [False, False], lr=0.1,
+                      impl="reference")
+
+
+def test_unknown_impl_and_missing_backends_say_why():
+    with pytest.raises(ValueError, match="impl must be one of"):
+        ops.multi_tensor_l2norm([torch.ones(2)], impl="fast")
+    if lbkernels.native_unavailable_reason is not None:
+        with pytest.raises(RuntimeError, match="no compiled lbkernels kernel"):
+            ops.multi_tensor_l2norm([torch.ones(2)], impl="native")
+
+
+# -- tracing -------------------------------------------------------------------------------
+def _op_args():
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(5, generator=g), torch.randn(3, 4, generator=g)]
+    grads = [torch.randn_like(p) for p in params]
+    bufs = [torch.zeros_like(p) for p in params]
+    return params, grads, bufs, [torch.zeros(()), torch.zeros(())], [False, True]
+
+
+def test_opcheck_lars_sgd():
+    params, grads, bufs, st, ex = _op_args()
+    kwargs = dict(lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True, grad_scale=torch.tensor(2.0),
+                  found_inf=torch.tensor(0.0))
+    torch.library.opcheck(torch.ops.lbkernels.lars_sgd_.default, (params, grads, bufs, st, ex), kwargs)
+    kwargs = dict(lr=1.0, lr_tensor=torch.tensor(0.05), momentum=0.0)
+    torch.library.opcheck(torch.ops.lbkernels.lars_sgd_.default, (params, grads, [], [], ex), kwargs)
+
+
+def test_opcheck_multi_tensor_l2norm():
+    params = _op_args()[0]
+    torch.library.opcheck(torch.ops.lbkernels.multi_tensor_l2norm.default, (params,))
+    torch.library.opcheck(torch.ops.lbkernels.multi_tensor_l2norm.default, ([],))
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_eager():
+    a, b = net(), net()
+    kw = dict(lr=torch.tensor(0.5), momentum=0.9, weight_decay=1e-4, nesterov=True)
+    oa, ob = LARS(lars_param_groups(a, 1e-4), **kw), LARS(lars_param_groups(b, 1e-4), **kw)
+    compiled = torch.compile(ob.step, fullgraph=True)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        x, y = torch.randn(32, 10, generator=g), torch.randint(0, 4, (32,), generator=g)
+        for m, step in ((a, oa.step), (b, compiled)):
+            m.zero_grad()
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+            step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)

@@ -1,0 +1,208 @@
+"""Checks every optimizer of the project must pass, applied to each row of optim_suite."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+
+from optim_suite import OPTIMIZERS
+
+IMPLS = ["reference", "auto"]
+
+
+def model(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).to(dtype)
+
+
+def batch(t, dtype=torch.float32):
+    g = torch.Generator().manual_seed(100 + t)
+    return torch.randn(16, 6, generator=g, dtype=dtype), torch.randint(0, 3, (16,), generator=g)
+
+
+def train(m, opt, steps, start=0, scaler=None):
+    for t in range(start, start + steps):
+        x, y = batch(t, next(m.parameters()).dtype)
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(m(x), y)
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+
+
+def params_equal(a, b):
+    return all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def state_equal(oa, ob):
+    sa, sb = oa.state_dict()["state"], ob.state_dict()["state"]
+    return sa.keys() == sb.keys() and all(
+        sa[k].keys() == sb[k].keys() and all(torch.equal(sa[k][n], sb[k][n]) for n in sa[k]) for k in sa)
+
+
+pytestmark = pytest.mark.parametrize("entry", OPTIMIZERS, ids=[e.name for e in OPTIMIZERS])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_state_dict_round_trip_continues_bitwise(entry, impl):
+    a = model()
+    oa = entry.make(a.parameters(), impl=impl)
+    train(a, oa, 3)
+    buf = io.BytesIO()
+    torch.save({"model": a.state_dict(), "opt": oa.state_dict()}, buf)
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    b = model(seed=1)
+    ob = entry.make(b.parameters(), impl=impl)
+    b.load_state_dict(saved["model"])
+    ob.load_state_dict(saved["opt"])
+    for p in b.parameters():
+        assert set(ob.state[p]) == set(entry.state_keys)
+    train(a, oa, 4, start=3)
+    train(b, ob, 4, start=3)
+    assert params_equal(a, b) and state_equal(oa, ob)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_param_groups_with_different_hyperparameters(entry, impl):
+    a, b = model(), model()
+    ga, gb = list(a.parameters()), list(b.parameters())
+    grouped = entry.make([{"params": ga[:2]}, {"params": ga[2:], **entry.group_overrides}], impl=impl)
+    first = entry.make(gb[:2], impl=impl)
+    second = entry.make(gb[2:], impl=impl, **entry.group_overrides)
+
+    class Both:
+        def zero_grad(self):
+            first.zero_grad(), second.zero_grad()
+
+        def step(self):
+            first.step(), second.step()
+
+    train(a, grouped, 4)
+    train(b, Both(), 4)
+    assert params_equal(a, b)
+    assert not torch.equal(ga[0], model().state_dict()["0.weight"])  # it did train
+
+
+def test_closure_returns_loss_and_steps(entry):
+    m = model()
+    opt = entry.make(m.parameters())
+    x, y = batch(0)
+    before = [p.clone() for p in m.parameters()]
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(m(x), y)
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert isinstance(loss, torch.Tensor) and loss.item() > 0
+    assert all(not torch.equal(p, q) for p, q in zip(m.parameters(), before))
+
+
+def test_zero_grad_then_step_changes_nothing(entry):
+    m = model()
+    opt = entry.make(m.parameters())
+    train(m, opt, 2)
+    opt.zero_grad()
+    assert all(p.grad is None for p in m.parameters())
+    before = copy.deepcopy(m)
+    state = copy.deepcopy(opt.state_dict())
+    opt.step()
+    assert params_equal(m, before)
+    assert all(torch.equal(state["state"][k][n], v) for k, s in opt.state_dict()["state"].items() for n, v in s.items())
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_non_contiguous_params(entry, impl):
+    torch.manual_seed(0)
+    w = torch.randn(5, 7)
+    contiguous = torch.nn.Parameter(w.clone())
+    strided = torch.nn.Parameter(torch.empty(7, 5).t().copy_(w))  # a transposed leaf
+    assert not strided.is_contiguous()
+    oc, os_ = entry.make([contiguous], impl=impl), entry.make([strided], impl=impl)
+    for t in range(4):
+        g = torch.randn(5, 7, generator=torch.Generator().manual_seed(t))
+        contiguous.grad = g.clone()
+        # grads in the param's layout, then in another layout
+        strided.grad = torch.empty(7, 5).t().copy_(g) if t % 2 else g.clone()
+        oc.step()
+        os_.step()
+    assert torch.equal(contiguous, strided)
+    assert strided.stride() == (1, 5)  # updated in place
+
+
+def test_none_grads_are_skipped(entry):
+    m = model()
+    opt = entry.make(m.parameters())
+    frozen = m[2].bias
+    frozen.requires_grad_(False)
+    before = frozen.clone()
+    train(m, opt, 3)
+    assert torch.equal(frozen, before)
+    assert frozen not in opt.state or not opt.state[frozen]
+
+
+@pytest.mark.parametrize("skip_first", [True, False], ids=["first-step", "later-step"])
+def test_grad_scaler_skip_leaves_everything_bitwise_unchanged(entry, skip_first):
+    a, b = model(), model()
+    oa, ob = entry.make(a.parameters()), entry.make(b.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    if not skip_first:
+        train(a, oa, 2, scaler=scaler)
+        train(b, ob, 2, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10))
+    before = copy.deepcopy(a), copy.deepcopy(oa.state_dict())
+    # A non-finite gradient: the scaler must skip the step.
+    oa.zero_grad()
+    x, y = batch(99)
+    loss = torch.nn.functional.cross_entropy(a(x), y) * float("inf")
+    scaler.scale(loss).backward()
+    scaler.step(oa)
+    scaler.update()
+    assert scaler.get_scale() < 2.0**10 or not skip_first
+    assert params_equal(a, before[0])
+    for k, s in oa.state_dict()["state"].items():
+        for n, v in s.items():
+            ref = before[1]["state"].get(k, {}).get(n)
+            if ref is None:  # lazily created on the skipped first step: must be initial state
+                assert torch.count_nonzero(v) == 0
+            else:
+                assert torch.equal(v, ref)
+    # ...and the run continues exactly as one that never saw the bad batch.
+    train(a, oa, 3, start=10)
+    train(b, ob, 3, start=10)
+    assert params_equal(a, b)
+
+
+def test_deepcopy_steps_independently(entry):
+    m = model()
+    opt = entry.make(m.parameters())
+    train(m, opt, 2)
+    m2, opt2 = copy.deepcopy((m, opt))
+    train(m, opt, 3, start=2)
+    train(m2, opt2, 3, start=2)
+    assert params_equal(m, m2) and state_equal(opt, opt2)
+    assert all(p is not q for p, q in zip(m.parameters(), m2.parameters()))
+
+
+def test_lr_scheduler_and_tensor_lr(entry):
+    a, b = model(), model()
+    oa = entry.make(a.parameters())
+    ob = entry.make(b.parameters(), lr=torch.tensor(oa.param_groups[0]["lr"]))
+    sa = torch.optim.lr_scheduler.StepLR(oa, step_size=2, gamma=0.5)
+    sb = torch.optim.lr_scheduler.StepLR(ob, step_size=2, gamma=0.5)
+    for t in range(5):
+        train(a, oa, 1, start=t)
+        train(b, ob, 1, start=t)
+        sa.step(), sb.step()
+    assert oa.param_groups[0]["lr"] == pytest.approx(float(ob.param_groups[0]["lr"]))
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
