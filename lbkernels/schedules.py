@@ -1,12 +1,19 @@
 """Learning-rate and batch-size schedules for large-batch training.
 
-So far: the linear scaling rule with gradual warm-up (Goyal et al. 2017), used by the
-large-batch SGD and LARS recipes.
+- The linear scaling rule with gradual warm-up (Goyal et al. 2017), used by the
+  large-batch SGD and LARS recipes: :func:`linear_scaled_lr`, :func:`warmup_multistep`.
+- Growing the batch instead of decaying the learning rate (Smith, Kindermans, Le 2018):
+  the SGD noise scale :func:`noise_scale`, the step schedule :class:`BatchSizeSchedule`
+  and the scaling rules :func:`scale_lr_with_batch` (``B ∝ lr``) and
+  :func:`scale_batch_with_momentum` (``B ∝ 1/(1 - m)``).
 """
 
 from __future__ import annotations
 
+import math
+import operator
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 
 def linear_scaled_lr(base_lr: float, batch_size: int, base_batch_size: int = 256) -> float:
@@ -45,3 +52,235 @@ def warmup_multistep(
         return decay
 
     return factor
+
+
+# --------------------------------------------------------------------------------------
+# Growing the batch instead of decaying the learning rate (Smith, Kindermans, Le 2018)
+# --------------------------------------------------------------------------------------
+
+
+def _positive_int(name: str, value) -> int:
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+    if v <= 0:
+        raise ValueError(f"{name} must be > 0, got {v}")
+    return v
+
+
+def _positive_float(name: str, value, *, above: float = 0.0) -> float:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if not (math.isfinite(v) and v > above):
+        raise ValueError(f"{name} must be a finite number > {above:g}, got {value!r}")
+    return v
+
+
+def _check_momentum(name: str, momentum: float) -> float:
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {momentum!r}")
+    return float(momentum)
+
+
+def noise_scale(
+    lr: float, dataset_size: int, batch_size: int, momentum: float = 0.0, *, exact: bool = True
+) -> float:
+    r"""The scale of the gradient noise in SGD: ``g = lr / (1 - m) * (N / B - 1)``.
+
+    ``N`` is ``dataset_size``, ``B`` the global ``batch_size``, ``m`` the momentum
+    (Smith & Le 2017; Smith, Kindermans, Le 2018, eq. 5). Decaying ``lr`` or growing
+    ``B`` by ``alpha`` lowers it by about ``alpha``; ``exact=False`` gives the
+    ``B << N`` form ``lr * N / (B * (1 - m))`` in which both fall by exactly ``alpha``
+    (the form :class:`BatchSizeSchedule` keeps its promise in). With ``B = N`` the
+    gradient is exact and the noise scale is 0.
+    """
+    lr = float(lr)
+    if not (math.isfinite(lr) and lr >= 0):
+        raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+    n = _positive_int("dataset_size", dataset_size)
+    b = _positive_int("batch_size", batch_size)
+    if b > n:
+        raise ValueError(f"batch_size must be <= dataset_size, got {b} > {n}")
+    m = _check_momentum("momentum", momentum)
+    return lr / (1.0 - m) * (n / b - (1.0 if exact else 0.0))
+
+
+def scale_lr_with_batch(lr: float, batch_size: int, factor: float) -> tuple[float, int]:
+    """Raise the learning rate and the batch together: ``(factor * lr, factor * B)``.
+
+    ``B ∝ lr`` keeps the noise scale ``lr * N / (B * (1 - m))`` while cutting the number
+    of updates by ``factor`` (the paper's "increased initial learning rate": 0.1 and 128
+    become 0.5 and 640 with ``factor=5``). The batch is rounded to the nearest integer.
+    """
+    lr = _positive_float("lr", lr)
+    b = _positive_int("batch_size", batch_size)
+    factor = _positive_float("factor", factor)
+    new_b = round(b * factor)
+    if new_b < 1:
+        raise ValueError(f"factor {factor} leaves batch_size {b} below 1")
+    return lr * factor, new_b
+
+
+def scale_batch_with_momentum(batch_size: int, momentum: float, new_momentum: float) -> int:
+    """The batch that keeps the noise scale when momentum changes: ``B * (1 - m) / (1 - m')``.
+
+    ``B ∝ 1/(1 - m)``: the effective learning rate is ``lr / (1 - m)``. The paper calls
+    raising the momentum a last resort (after ``B ∝ lr``): the momentum buffer takes
+    about ``B / (N * (1 - m))`` epochs to catch up after every change of the noise scale.
+    Example: momentum 0.9 -> 0.98 turns a batch of 640 into 3200. Rounded to the nearest
+    integer.
+    """
+    b = _positive_int("batch_size", batch_size)
+    m = _check_momentum("momentum", momentum)
+    m_new = _check_momentum("new_momentum", new_momentum)
+    return max(1, round(b * (1.0 - m) / (1.0 - m_new)))
+
+
+class Phase(NamedTuple):
+    """One constant stretch of a :class:`BatchSizeSchedule`: from ``start_epoch`` on,
+    train with ``lr`` and global batch ``batch_size``."""
+
+    start_epoch: int
+    lr: float
+    batch_size: int
+
+
+_MODES = ("increase_batch", "hybrid", "decay_lr")
+
+
+class BatchSizeSchedule:
+    r"""Step schedule that lowers the noise scale by growing the batch, the learning rate, or both.
+
+    A step schedule that divides the learning rate by ``alpha = factor`` at every
+    milestone divides the noise scale ``g ≈ lr * N / (B * (1 - m))`` by ``alpha``.
+    Smith, Kindermans and Le (ICLR 2018) get the same curves per epoch, with far fewer
+    updates, by multiplying the batch by ``alpha`` instead. At a milestone, with
+    ``B_max = max_batch`` (no cap when ``None``; the paper suggests ``B_max ~ N/10``)::
+
+        increase_batch:  B' = min(round(alpha * B), B_max),  lr' = lr * B' / (alpha * B)
+        hybrid:          as increase_batch at the first milestone, then
+                         B' = B,                            lr' = lr / alpha
+        decay_lr:        B' = B,                            lr' = lr / alpha
+
+    so ``lr / B`` — the noise scale up to the constant ``N / (1 - m)`` — falls by exactly
+    ``alpha`` at every milestone in every mode. While the batch grows freely the learning
+    rate stays put; once the cap binds the learning rate takes the rest of the decay (and
+    the rounding of a fractional ``alpha * B``). The exact noise scale
+    ``lr / (1 - m) * (N / B - 1)`` falls by ``alpha * (N - B) / (N - B')``, slightly more
+    than ``alpha`` when the batch grows: the paper's rule lives in the ``B << N`` regime.
+
+    The paper's CIFAR-10 schedules (``lr=0.1, batch_size=128, milestones=(60, 120, 160),
+    factor=5``): ``decay_lr`` gives lr 0.1, 0.02, 0.004, 0.0008 at B = 128; ``hybrid``
+    B 128 -> 640 then lr 0.1 -> 0.02 -> 0.004; ``increase_batch`` with ``max_batch=5120``
+    B 128 -> 640 -> 3200 -> 5120 at lr 0.1, 0.1, 0.1, 0.032.
+
+    Args:
+        lr: learning rate before the first milestone.
+        batch_size: global batch (summed over data-parallel ranks) before the first milestone.
+        milestones: epochs (0-based, strictly increasing) at which the new values start,
+            as in ``torch.optim.lr_scheduler.MultiStepLR``.
+        factor: ``alpha > 1``, the divisor of the noise scale at each milestone (5 in the
+            paper). It is not a multiplier like ``gamma=0.2``.
+        max_batch: cap ``B_max`` on the global batch, at least ``batch_size``.
+        mode: ``"increase_batch"``, ``"hybrid"`` or ``"decay_lr"``.
+
+    ``at(epoch)`` returns ``(lr, batch_size)``; ``str(schedule)`` is a table of the phases.
+    """
+
+    def __init__(
+        self,
+        lr: float,
+        batch_size: int,
+        milestones: Sequence[int],
+        factor: float,
+        max_batch: int | None = None,
+        mode: str = "increase_batch",
+    ) -> None:
+        self.lr = _positive_float("lr", lr)
+        self.batch_size = _positive_int("batch_size", batch_size)
+        try:
+            ms = [operator.index(m) for m in milestones]
+        except TypeError:
+            raise ValueError(f"milestones must be integer epochs, got {list(milestones)}") from None
+        if any(m <= 0 for m in ms):
+            raise ValueError(f"milestones must be > 0, got {ms}")
+        if any(b <= a for a, b in zip(ms, ms[1:])):
+            raise ValueError(f"milestones must be strictly increasing, got {ms}")
+        self.milestones = tuple(ms)
+        # A decay multiplier (gamma=0.2) passed by habit would grow the noise: say so.
+        self.factor = _positive_float("factor (the divisor of the noise scale, e.g. 5)", factor, above=1.0)
+        if max_batch is not None:
+            max_batch = _positive_int("max_batch", max_batch)
+            if max_batch < self.batch_size:
+                raise ValueError(f"max_batch must be >= batch_size, got {max_batch} < {self.batch_size}")
+        self.max_batch = max_batch
+        if mode not in _MODES:
+            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+        self.mode = mode
+        self.phases: tuple[Phase, ...] = self._build_phases()
+
+    def _build_phases(self) -> tuple[Phase, ...]:
+        lr, b = self.lr, self.batch_size
+        phases = [Phase(0, lr, b)]
+        for i, epoch in enumerate(self.milestones):
+            grow = self.mode == "increase_batch" or (self.mode == "hybrid" and i == 0)
+            if grow:
+                target = self.factor * b
+                new_b = round(target)
+                if self.max_batch is not None:
+                    new_b = min(new_b, self.max_batch)
+                # Whatever the batch could not absorb (the cap, the rounding) goes to lr.
+                lr, b = lr * new_b / target, new_b
+            else:
+                lr = lr / self.factor
+            phases.append(Phase(epoch, lr, b))
+        return tuple(phases)
+
+    def phase(self, epoch: int) -> Phase:
+        """The phase that ``epoch`` (0-based) falls in."""
+        if epoch < 0:
+            raise ValueError(f"epoch must be >= 0, got {epoch}")
+        passed = sum(epoch >= m for m in self.milestones)
+        return self.phases[passed]
+
+    def at(self, epoch: int) -> tuple[float, int]:
+        """``(lr, batch_size)`` for ``epoch`` (0-based; a milestone's epoch has the new values)."""
+        p = self.phase(epoch)
+        return p.lr, p.batch_size
+
+    def noise_scale(self, epoch: int, dataset_size: int, momentum: float = 0.0, *, exact: bool = True) -> float:
+        """:func:`noise_scale` of the values at ``epoch``."""
+        lr, b = self.at(epoch)
+        return noise_scale(lr, dataset_size, b, momentum, exact=exact)
+
+    def updates(self, dataset_size: int, epochs: int, drop_last: bool = False) -> int:
+        """Number of optimizer steps over ``epochs`` epochs of ``dataset_size`` samples."""
+        n = _positive_int("dataset_size", dataset_size)
+        if epochs < 0:
+            raise ValueError(f"epochs must be >= 0, got {epochs}")
+        per_epoch = (lambda b: n // b) if drop_last else (lambda b: -(-n // b))
+        return sum(per_epoch(self.at(e)[1]) for e in range(epochs))
+
+    def table(self, epochs: int | None = None) -> str:
+        """The phases as a text table; ``epochs`` closes the last phase's range."""
+        rows = [("epochs", "lr", "batch", "noise / initial")]
+        g0 = self.lr / self.batch_size
+        for i, p in enumerate(self.phases):
+            end = self.phases[i + 1].start_epoch if i + 1 < len(self.phases) else epochs
+            span = f"{p.start_epoch}-{end - 1}" if end is not None else f"{p.start_epoch}-"
+            rows.append((span, f"{p.lr:.6g}", str(p.batch_size), f"{p.lr / p.batch_size / g0:.6g}"))
+        widths = [max(len(r[c]) for r in rows) for c in range(4)]
+        return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(r, widths)) for r in rows)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(lr={self.lr!r}, batch_size={self.batch_size}, "
+            f"milestones={self.milestones}, factor={self.factor!r}, max_batch={self.max_batch}, "
+            f"mode={self.mode!r})"
+        )
