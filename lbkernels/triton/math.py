@@ -1,0 +1,72 @@
+"""Per-element math of the Triton kernels: csrc/include/lbkernels/math.h in Triton.
+
+The same functions, arguments and operation order as the C++ header, so that every
+backend computes the same values (the tests compare each with the reference).
+Divisions and square roots are the IEEE round-to-nearest ones (``div``, ``sqrt``
+below): plain ``/`` and ``tl.sqrt`` on fp32 compile to approximate (about 2 ulp)
+instructions on NVIDIA GPUs, which would make the trust ratio differ from the
+reference's. fp64 has only the IEEE forms.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def div(a, b):
+    """a / b rounded to nearest (IEEE) in fp32 and fp64."""
+    if a.dtype == tl.float64:
+        return a / b
+    else:
+        return tl.div_rn(a, b)
+
+
+@triton.jit
+def sqrt(x):
+    """Square root rounded to nearest (IEEE) in fp32 and fp64."""
+    if x.dtype == tl.float64:
+        return tl.sqrt(x)
+    else:
+        return tl.sqrt_rn(x)
+
+
+@triton.jit
+def lars_scale(n_w, n_g, lr, wd, tc, eps, CLIP: tl.constexpr, ZERO_NORM_DECAY: tl.constexpr,
+               excluded):
+    """(r, wd) of one tensor from its norms: the ratio, the zero-norm rule, then clipping.
+
+    ``excluded`` is a runtime flag (r = 1, wd kept); the rest mirror ``lars_scale``.
+    """
+    valid = (n_w > 0) & (n_g > 0)
+    # The division runs for invalid norms too (0/0); `where` discards it.
+    r = tl.where(valid, div(tc * n_w, n_g + n_w * wd + eps), 1.0)
+    if CLIP:
+        r = div(r, lr)
+        r = tl.where(r < 1.0, r, 1.0)
+    wd_used = wd
+    if not ZERO_NORM_DECAY:
+        r = tl.where(valid, r, 1.0)
+        wd_used = tl.where(valid, wd, 0.0)
+    r = tl.where(excluded, 1.0, r)
+    wd_used = tl.where(excluded, wd, wd_used)
+    return r, wd_used
+
+
+@triton.jit
+def sgd_update(w, buf, g, scale, wd, r, pre, m, damp, lr, first, HAS_SCALE: tl.constexpr,
+               HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr):
+    """d = ((g / scale) + wd * w) * r * pre;  buf = first ? d : m * buf + damp * d;
+    u = nesterov ? d + m * buf : buf (d without momentum);  returns (w - lr * u, buf)."""
+    if HAS_SCALE:
+        g = div(g, scale)
+    d = (g + wd * w) * r * pre
+    u = d
+    if HAS_MOMENTUM:
+        buf = tl.where(first, d, m * buf + damp * d)
+        if NESTEROV:
+            u = d + m * buf
+        else:
+            u = buf
+    return w - lr * u, buf
