@@ -1,0 +1,1 @@
+"""Benchmarks of the fused optimizer steps (``python -m bench`` prints the table)."""

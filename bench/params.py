@@ -1,0 +1,90 @@
+"""Parameter sets and the anchors a user would otherwise pick, shared by the benchmarks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def resnet50_shapes() -> list[tuple[int, ...]]:
+    """The 161 parameter shapes of torchvision's ResNet-50 (25,557,032 parameters)."""
+    shapes: list[tuple[int, ...]] = [(64, 3, 7, 7), (64,), (64,)]
+    inplanes = 64
+    for width, blocks in ((64, 3), (128, 4), (256, 6), (512, 3)):
+        for b in range(blocks):
+            shapes += [(width, inplanes if b == 0 else 4 * width, 1, 1), (width,), (width,),
+                       (width, width, 3, 3), (width,), (width,),
+                       (4 * width, width, 1, 1), (4 * width,), (4 * width,)]
+            if b == 0:
+                shapes += [(4 * width, inplanes, 1, 1), (4 * width,), (4 * width,)]
+        inplanes = 4 * width
+    return shapes + [(1000, 2048), (1000,)]
+
+
+PARAM_SETS: dict[str, Callable[[], list[tuple[int, ...]]]] = {
+    "resnet50": resnet50_shapes,
+    "2000x1000": lambda: [(1000,)] * 2000,
+    "1x25M": lambda: [(25_000_000,)],
+}
+
+
+def make_params(shapes, dtype=torch.float32, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    params = []
+    for s in shapes:
+        p = torch.nn.Parameter(torch.randn(s, generator=g).to(device, dtype))
+        p.grad = torch.randn(s, generator=g).to(device, dtype) * 1e-3
+        params.append(p)
+    return params
+
+
+# -- anchors ------------------------------------------------------------------------------
+class TimmStyleLARS:
+    """The per-tensor LARS loop of timm's ``Lars`` (``foreach=False``): two norm kernels,
+    a handful of elementwise kernels and a temporary per tensor."""
+
+    def __init__(self, params, lr, momentum, weight_decay, trust_coefficient=0.001, eps=1e-8):
+        self.params, self.lr, self.m, self.wd = list(params), lr, momentum, weight_decay
+        self.tc, self.eps = trust_coefficient, eps
+        self.bufs: dict = {}
+
+    @torch.no_grad()
+    def step(self):
+        for p in self.params:
+            grad = p.grad
+            w_norm, g_norm = p.norm(2.0), grad.norm(2.0)
+            ratio = self.tc * w_norm / (g_norm + w_norm * self.wd + self.eps)
+            ratio = torch.where(w_norm > 0, torch.where(g_norm > 0, ratio, 1.0), 1.0)
+            grad = grad.add(p, alpha=self.wd).mul_(ratio)
+            buf = self.bufs.get(p)
+            if buf is None:
+                buf = self.bufs[p] = grad.clone()
+            else:
+                buf.mul_(self.m).add_(grad)
+            p.add_(buf, alpha=-self.lr)
+
+
+class ForeachLARS:
+    """LARS from ``torch._foreach_*`` ops: the best a user gets without a custom kernel."""
+
+    def __init__(self, params, lr, momentum, weight_decay, trust_coefficient=0.001, eps=1e-8):
+        self.params, self.lr, self.m, self.wd = list(params), lr, momentum, weight_decay
+        self.tc, self.eps = trust_coefficient, eps
+        self.bufs = None
+
+    @torch.no_grad()
+    def step(self):
+        grads = [p.grad for p in self.params]
+        w_norm = torch.stack(torch._foreach_norm(self.params))
+        g_norm = torch.stack(torch._foreach_norm(grads))
+        ratio = self.tc * w_norm / (g_norm + w_norm * self.wd + self.eps)
+        ratio = torch.where((w_norm > 0) & (g_norm > 0), ratio, 1.0)
+        d = torch._foreach_add(grads, self.params, alpha=self.wd)
+        torch._foreach_mul_(d, ratio.unbind())
+        if self.bufs is None:
+            self.bufs = [x.clone() for x in d]
+        else:
+            torch._foreach_mul_(self.bufs, self.m)
+            torch._foreach_add_(self.bufs, d)
+        torch._foreach_add_(self.params, self.bufs, alpha=-self.lr)
