@@ -80,9 +80,13 @@ def _positive_float(name: str, value, *, above: float = 0.0) -> float:
 
 
 def _check_momentum(name: str, momentum: float) -> float:
-    if not 0.0 <= momentum < 1.0:
+    try:
+        m = float(momentum)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {momentum!r}") from None
+    if not 0.0 <= m < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {momentum!r}")
-    return float(momentum)
+    return m
 
 
 def noise_scale(
@@ -97,7 +101,10 @@ def noise_scale(
     (the form :class:`BatchSizeSchedule` keeps its promise in). With ``B = N`` the
     gradient is exact and the noise scale is 0.
     """
-    lr = float(lr)
+    try:
+        lr = float(lr)
+    except (TypeError, ValueError):
+        raise ValueError(f"lr must be a number, got {lr!r}") from None
     if not (math.isfinite(lr) and lr >= 0):
         raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
     n = _positive_int("dataset_size", dataset_size)
