@@ -13,7 +13,6 @@ from __future__ import annotations
 import operator
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -35,64 +34,16 @@ class _GhostBatchNorm:
         return super().extra_repr() + f", ghost_batch_size={self.ghost_batch_size}"
 
     def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
-        g, n = self.ghost_batch_size, input.shape[0]
         uses_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        if not uses_batch_stats or n <= g:
-            return super().forward(input)
-
-        update = self.training and self.track_running_stats
-        c, spatial = input.shape[1], input.shape[2:]
-        k, rest = divmod(n, g)
-        outs, stats = [], []
-        # The k whole ghost batches in one call: fold them into the channel dimension,
-        # (k*g, C, ...) -> (g, k*C, ...), so that each (ghost batch, channel) pair is a
-        # channel of one batch_norm with its own statistics.
-        folded = input[: k * g].reshape(k, g, c, *spatial).transpose(0, 1).reshape(g, k * c, *spatial)
-        weight = None if self.weight is None else self.weight.repeat(k)
-        bias = None if self.bias is None else self.bias.repeat(k)
-        y = self._normalise(folded, weight, bias, k * c, stats if update else None)
-        outs.append(y.reshape(g, k, c, *spatial).transpose(0, 1).reshape(k * g, c, *spatial))
-        if rest:
-            outs.append(self._normalise(input[k * g :], self.weight, self.bias, c, stats if update else None))
-        if update:
-            self._update_running_stats(*stats)
-        return torch.cat(outs) if len(outs) > 1 else outs[0]
-
-    def _normalise(self, x: Tensor, weight, bias, channels: int, stats: list | None) -> Tensor:
-        """Batch norm of ``x`` with its own statistics; when ``stats`` is a list, append
-        the per-channel mean and unbiased variance to it."""
-        if stats is None:
-            return F.batch_norm(x, None, None, weight, bias, True, 0.0, self.eps)
-        # batch_norm with momentum 1 overwrites zero "running" buffers with exactly the
-        # batch statistics BatchNorm would fold in, computed in the same pass.
-        mean = torch.zeros(channels, dtype=self.running_mean.dtype, device=x.device)
-        var = torch.zeros_like(mean)
-        y = F.batch_norm(x, mean, var, weight, bias, True, 1.0, self.eps)
-        stats.append((mean.view(-1, self.num_features), var.view(-1, self.num_features)))
-        return y
-
-    @torch.no_grad()
-    def _update_running_stats(self, *stats: tuple[Tensor, Tensor]) -> None:
-        means = torch.cat([m for m, _ in stats])
-        variances = torch.cat([v for _, v in stats])
-        chunks = means.shape[0]
-        # BatchNorm's update once per ghost batch, in order: r <- (1 - f_j) r + f_j s_j,
-        # with f_j = momentum, or 1 / (number of batches seen) when momentum is None.
-        # Unrolled: r <- prod(1 - f_j) r + sum_j f_j prod_{i > j}(1 - f_i) s_j.
-        if self.momentum is None:
-            seen = int(self.num_batches_tracked)
-            factors = [1.0 / (seen + j + 1) for j in range(chunks)]
-        else:
-            factors = [float(self.momentum)] * chunks
-        weights, keep = [0.0] * chunks, 1.0
-        for j in reversed(range(chunks)):
-            weights[j] = factors[j] * keep
-            keep *= 1.0 - factors[j]
-        w = torch.tensor(weights, dtype=means.dtype, device=means.device)
-        self.running_mean.mul_(keep).add_(w @ means)
-        self.running_var.mul_(keep).add_(w @ variances)
-        self.num_batches_tracked.add_(chunks)
+        batch_norm = super().forward
+        if not uses_batch_stats or input.shape[0] <= self.ghost_batch_size:
+            return batch_norm(input)
+        # BatchNorm itself on each ghost batch, in order: the statistics and the running
+        # updates are BatchNorm's by construction. On CPU this is also faster than
+        # folding the ghost batches into channels for a single call, which costs a
+        # transposed copy of the activations each way (forward + backward of 5120x16x32x32
+        # in 128s on 2 threads: 0.76 s, against 0.88 s folded and 0.55 s for plain BatchNorm).
+        return torch.cat([batch_norm(chunk) for chunk in input.split(self.ghost_batch_size)])
 
 
 _DOC = r"""Ghost batch normalisation over {input}: batch norm of every ghost batch on its own.
