@@ -55,9 +55,10 @@ class ScheduledBatchSampler(Sampler[list[int]]):
 
     The global batches depend on ``seed``, the epoch and the schedule, and not on
     ``world_size`` except through that last-batch rule: a job resumed mid-epoch on a
-    different number of ranks sees the same batches.
-    Weight the loss of uneven shares as :func:`lbkernels.distributed.accumulate_gradients`
-    does, so the step sees the mean gradient over the global batch.
+    different number of ranks sees the same batches. Shares differ by one sample when
+    ``K`` does not divide the batch: weight the losses as
+    :func:`lbkernels.distributed.accumulate_gradients` does, so that the step sees the
+    mean gradient over the global batch.
 
     Args:
         dataset_size: ``N``.
