@@ -1,4 +1,19 @@
-"""Gradient accumulation over micro-batches, exact for uneven shares of a global batch."""
+"""Gradient accumulation over micro-batches, exact for uneven shares of a global batch.
+
+Growing the batch during training (Smith, Kindermans, Le 2018), put together::
+
+    schedule = BatchSizeSchedule(0.1, 128, (60, 120, 160), 5, max_batch=5120)
+    sampler = ScheduledBatchSampler(len(dataset), schedule)  # rank, world size: process group
+    loader = DataLoader(dataset, batch_sampler=sampler)
+    for epoch in range(200):
+        sampler.set_epoch(epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = schedule.at(epoch)[0]
+        for x, y in loader:
+            optimizer.zero_grad()
+            stats = accumulate_gradients(ddp_model, x, y, F.cross_entropy, max_micro_batch=512)
+            optimizer.step()
+"""
 
 from __future__ import annotations
 
