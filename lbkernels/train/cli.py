@@ -1,0 +1,275 @@
+"""Options of ``python -m lbkernels.train``: flags, config files and resumed runs.
+
+The options are set in layers, each overriding the one before: the built-in defaults,
+the configuration of a resumed run (``--resume``), a config file (``--config``, YAML or
+TOML, keys named like the flags: ``batch-size`` or ``batch_size``), then the flags.
+The result is one ``argparse.Namespace``; ``resolved(args)`` is what a run directory's
+``config.yaml`` records, and that file is itself a valid ``--config``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from . import checkpoint
+from .argtypes import fraction, nonnegative_float, nonnegative_int, positive_float, positive_int
+from .data import DATASETS
+from .methods import METHODS
+from .models import MODELS
+
+PROG = "lbk-train"
+CHECKPOINT_NAME = "checkpoint.pt"
+
+# Options that say how to start this process rather than what the run is.
+_NOT_RECORDED = ("config", "resume")
+
+
+class ConfigError(ValueError):
+    """A bad option value; the message starts with the option's name."""
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    # A default of None means "worked out at run time"; the help text says how.
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG,
+        description=(
+            "Train a network with a large-batch method. With no arguments: a small CNN "
+            "on scikit-learn's digits with LARS at batch 512 on the CPU (about a minute). "
+            "Under `torchrun --nproc_per_node=K` the same command trains data-parallel; "
+            "--batch-size stays the global batch."
+        ),
+        epilog=(
+            "Options can also come from --config FILE (YAML or TOML; keys named like the "
+            "flags without dashes, e.g. batch_size: 512); flags override the file. "
+            "A run directory's config.yaml is such a file."
+        ),
+        formatter_class=_HelpFormatter,
+    )
+    run = p.add_argument_group("run")
+    run.add_argument("--config", metavar="FILE", default=None,
+                     help="YAML (.yaml/.yml) or TOML (.toml) file of option values")
+    run.add_argument("--out-dir", metavar="DIR", default=None,
+                     help="run directory for config, metrics, plots and checkpoint "
+                          "(default: runs/<date-time>)")
+    run.add_argument("--resume", nargs="?", const="", default=None, metavar="RUN_DIR",
+                     help="continue the run in RUN_DIR (or in --out-dir) exactly where its "
+                          "checkpoint left it; flags given now override its options")
+    run.add_argument("--seed", type=nonnegative_int, default=0,
+                     help="seed of initialisation, data order and augmentation")
+    run.add_argument("--epochs", type=positive_int, default=40, help="training epochs")
+    run.add_argument("--eval-every", type=positive_int, default=1, metavar="EPOCHS",
+                     help="evaluate on the test set every this many epochs (and at the end)")
+    run.add_argument("--checkpoint-every", type=nonnegative_int, default=1, metavar="EPOCHS",
+                     help="checkpoint every this many epochs (0: only at the end)")
+    run.add_argument("--checkpoint-every-steps", type=nonnegative_int, default=0, metavar="STEPS",
+                     help="also checkpoint every this many steps, mid-epoch (0: never)")
+    run.add_argument("--max-bad-steps", type=nonnegative_int, default=10, metavar="K",
+                     help="stop when more than K steps in a row have a non-finite loss "
+                          "(such steps are skipped)")
+    run.add_argument("--quiet", action="store_true", default=False,
+                     help="print only the final result (no progress bar, no epoch lines)")
+
+    data = p.add_argument_group("data")
+    data.add_argument("--data", choices=sorted(DATASETS), default="digits",
+                      help="data set: digits (ships with scikit-learn), cifar10/cifar100 "
+                           "(python tarballs in --data-dir), synthetic (random, for throughput)")
+    data.add_argument("--data-dir", metavar="DIR", default="data",
+                      help="directory holding cifar-10-python.tar.gz / cifar-100-python.tar.gz")
+    data.add_argument("--augment", action=argparse.BooleanOptionalAction, default=True,
+                      help="random crop (padding 4) and horizontal flip of image data sets "
+                           "(not digits)")
+    data.add_argument("--cutout", type=nonnegative_int, default=0, metavar="PIXELS",
+                      help="side of a random square zeroed in each training image (0: off)")
+    data.add_argument("--synthetic-samples", type=positive_int, default=50_000, metavar="N",
+                      help="training samples of --data synthetic")
+    data.add_argument("--image-size", type=positive_int, default=32, metavar="PIXELS",
+                      help="image side of --data synthetic")
+
+    model = p.add_argument_group("model")
+    model.add_argument("--model", choices=list(MODELS), default="cnn",
+                       help="; ".join(f"{name}: {m.summary}" for name, m in MODELS.items()))
+    model.add_argument("--width", type=positive_float, default=1.0, metavar="FACTOR",
+                       help="multiplier of every layer's width (e.g. 0.25 for a narrow VGG-11)")
+
+    opt = p.add_argument_group("optimisation (every method)")
+    opt.add_argument("--method", choices=list(METHODS), default="lars",
+                     help="; ".join(f"{name}: {m.summary}" for name, m in METHODS.items()))
+    opt.add_argument("--batch-size", type=positive_int, default=512,
+                     help="global batch: summed over all processes")
+    opt.add_argument("--lr", type=nonnegative_float, default=5.0,
+                     help="peak learning rate at --base-batch-size; the run's peak is "
+                          "lr * batch-size / base-batch-size (linear scaling rule)")
+    opt.add_argument("--base-batch-size", type=positive_int, default=256,
+                     help="batch size at which --lr is given")
+    opt.add_argument("--momentum", type=fraction, default=0.9, help="momentum")
+    opt.add_argument("--weight-decay", type=nonnegative_float, default=5e-4,
+                     help="L2 penalty of weights (not of biases and normalisation layers)")
+    opt.add_argument("--warmup-epochs", type=nonnegative_float, default=5.0,
+                     help="linear warm-up from 0 to the peak learning rate over this many epochs")
+    opt.add_argument("--decay", choices=("poly", "step"), default="poly",
+                     help="after warm-up: poly decays to 0 as (1 - t)^power; step multiplies "
+                          "by --decay-gamma at each of --decay-epochs (Goyal et al.)")
+    opt.add_argument("--poly-power", type=positive_float, default=2.0,
+                     help="power of --decay poly")
+    opt.add_argument("--decay-epochs", type=positive_int, nargs="*", default=[], metavar="EPOCH",
+                     help="epochs at which --decay step multiplies the learning rate by --decay-gamma")
+    opt.add_argument("--decay-gamma", type=positive_float, default=0.1,
+                     help="factor of --decay step")
+
+    for method in METHODS.values():
+        method.add_arguments(p.add_argument_group(f"--method {method.name}"))
+
+    system = p.add_argument_group("system")
+    system.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: cuda when available; under torchrun each process takes "
+                             "the GPU of its LOCAL_RANK")
+    system.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
+                        help="mixed precision (fp16 with dynamic loss scaling)")
+    system.add_argument("--dist-timeout", type=positive_float, default=300.0, metavar="SECONDS",
+                        help="how long a process waits for the others before failing "
+                             "(a dead process ends the run after at most this)")
+    return p
+
+
+def _option_table(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    return {a.dest: a for a in parser._actions if a.dest != "help"}
+
+
+def _coerce(action: argparse.Action, key: str, value: Any, source: str) -> Any:
+    """A config-file value as the flag would have parsed it."""
+    flag = action.option_strings[-1] if action.option_strings else key
+
+    def fail(why: str) -> ConfigError:
+        return ConfigError(f"{source}: {key} (--{flag.lstrip('-')}): {why}")
+
+    if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):
+        if not isinstance(value, bool):
+            raise fail(f"expected true or false, got {value!r}")
+        return value
+    if action.nargs in ("*", "+"):
+        values = value if isinstance(value, list) else [value]
+        return [_coerce_one(action, v, fail) for v in values]
+    if value is None and action.default is None:
+        return None
+    return _coerce_one(action, value, fail)
+
+
+def _coerce_one(action: argparse.Action, value: Any, fail: Callable[[str], ConfigError]) -> Any:
+    if isinstance(value, (bool, list, dict)):
+        raise fail(f"expected a single value, got {value!r}")
+    text = str(value)
+    try:
+        parsed = action.type(text) if action.type else text
+    except argparse.ArgumentTypeError as e:
+        raise fail(str(e)) from None
+    if action.choices is not None and parsed not in action.choices:
+        raise fail(f"expected one of {', '.join(map(str, action.choices))}, got {value!r}")
+    return parsed
+
+
+def read_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """Option values from a YAML or TOML file, checked like the flags."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"--config: {path}: no such file")
+    try:
+        if file.suffix == ".toml":
+            import tomllib
+
+            with file.open("rb") as f:
+                raw = tomllib.load(f)
+        elif file.suffix in (".yaml", ".yml"):
+            import yaml
+
+            raw = yaml.safe_load(file.read_text()) or {}
+        else:
+            raise ConfigError(f"--config: {path}: expected a .yaml, .yml or .toml file")
+    except ConfigError:
+        raise
+    except Exception as e:  # the parsers' own errors say where the syntax broke
+        raise ConfigError(f"--config: {path}: cannot parse: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config: {path}: expected a mapping of option names to values")
+    return _check_values(raw, parser, f"--config {path}")
+
+
+def _check_values(raw: dict, parser: argparse.ArgumentParser, source: str) -> dict[str, Any]:
+    table = _option_table(parser)
+    out = {}
+    for key, value in raw.items():
+        dest = str(key).replace("-", "_")
+        if dest not in table or dest in _NOT_RECORDED:
+            known = [k for k in table if k not in _NOT_RECORDED]
+            close = difflib.get_close_matches(dest, known, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"{source}: unknown option {key!r}{hint}")
+        out[dest] = _coerce(table[dest], key, value, source)
+    return out
+
+
+def _resume_dir(pre: argparse.Namespace, file_values: dict[str, Any]) -> Path:
+    if pre.resume:
+        return Path(pre.resume)
+    out_dir = pre.out_dir or file_values.get("out_dir")
+    if not out_dir:
+        raise ConfigError("--resume: name the run to continue: --resume RUN_DIR (or --out-dir RUN_DIR)")
+    return Path(out_dir)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict | None]:
+    """The run's options and, with ``--resume``, the checkpoint to continue from.
+
+    Bad flags exit through argparse (status 2); bad values from files raise ConfigError.
+    """
+    parser = build_parser()
+    # Where the layers below the flags come from, read before the flags are applied.
+    pre = argparse.ArgumentParser(add_help=False)
+    for flag in ("--config", "--resume", "--out-dir"):
+        pre.add_argument(flag, **({"nargs": "?", "const": ""} if flag == "--resume" else {}))
+    pre_args, _ = pre.parse_known_args(argv)
+
+    file_values = read_config_file(pre_args.config, parser) if pre_args.config else {}
+    state = None
+    layers: dict[str, Any] = {}
+    if pre_args.resume is not None:
+        run_dir = _resume_dir(pre_args, file_values)
+        state = checkpoint.load(run_dir / CHECKPOINT_NAME)
+        layers.update(_check_values(state["config"], parser, f"--resume {run_dir}"))
+        layers["out_dir"] = str(run_dir)
+    layers.update(file_values)
+    parser.set_defaults(**layers)
+    args = parser.parse_args(argv)
+    if args.out_dir is None:
+        args.out_dir = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    _check_relations(args)
+    return args, state
+
+
+def _check_relations(args: argparse.Namespace) -> None:
+    """Checks between options (each option alone was checked by its type)."""
+    if args.decay == "step":
+        if args.decay_epochs != sorted(set(args.decay_epochs)):
+            raise ConfigError(f"--decay-epochs: expected increasing epochs, got {args.decay_epochs}")
+    elif args.decay_epochs:
+        raise ConfigError("--decay-epochs: only used with --decay step")
+    if args.data == "digits" and args.cutout:
+        raise ConfigError("--cutout: digits are 8x8 feature maps without augmentation; "
+                          "use it with cifar10, cifar100 or synthetic")
+    side = args.image_size if args.data == "synthetic" else 32
+    if args.cutout > side:
+        raise ConfigError(f"--cutout: {args.cutout} is larger than the {side}x{side} images")
+
+
+def resolved(args: argparse.Namespace) -> dict[str, Any]:
+    """The options that define the run, as plain values (for config.yaml and checkpoints)."""
+    return {k: v for k, v in vars(args).items() if k not in _NOT_RECORDED}

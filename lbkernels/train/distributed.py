@@ -1,0 +1,78 @@
+"""The processes of a run: one, or one per ``torchrun`` worker.
+
+``torchrun`` describes the job in environment variables (``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``); without them the run is a single
+process. Collectives fail instead of waiting forever once ``--dist-timeout`` passes, so a
+dead process ends the others' run with an error.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from .cli import ConfigError
+
+
+@dataclass
+class Runtime:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` summed over the processes."""
+        if self.distributed:
+            dist.all_reduce(t)
+        return t
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, str(default))
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def setup(args) -> Runtime:
+    """Pick the device and join the process group (when started by torchrun)."""
+    world_size, rank, local_rank = _env_int("WORLD_SIZE", 1), _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available")
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"--device cuda: LOCAL_RANK {local_rank} but only "
+                              f"{torch.cuda.device_count()} GPUs")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1:
+        if args.batch_size < world_size:
+            raise ConfigError(f"--batch-size: {args.batch_size} is less than one sample for "
+                              f"each of the {world_size} processes")
+        dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=args.dist_timeout))
+        # Every process writes to (or reads from) the directory the first one names.
+        shared = [args.out_dir]
+        dist.broadcast_object_list(shared, src=0)
+        args.out_dir = shared[0]
+    return Runtime(rank, world_size, device)

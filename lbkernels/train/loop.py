@@ -1,0 +1,259 @@
+"""The training loop: steps, evaluation, metrics, checkpoints and fault handling.
+
+A run's position is (epoch, batch within it); a checkpoint records it with everything
+that decides what happens next (weights, optimizer, schedule, loss scale, data order,
+every random generator, the metrics so far), so a resumed run repeats bit for bit what
+the uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+
+from lbkernels.data import ScheduledBatchSampler
+
+from . import checkpoint
+from .cli import CHECKPOINT_NAME, ConfigError, resolved
+from .data import DATASETS, TrainBatches, test_batches
+from .distributed import Runtime
+from .methods import METHODS, Context
+from .models import build_model
+from .report import Report
+
+EVAL_BATCH = 1024
+CHECKPOINT_FORMAT = 1
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (the loss stayed non-finite); a checkpoint was written."""
+
+
+class Trainer:
+    """One run of the training command, in one process of it.
+
+    Attributes a method's hooks may use: ``args``, ``runtime``, ``dataset``, ``model``
+    (the network), ``net`` (what the steps call: ``model`` or its DDP wrapper),
+    ``recipe``, ``batches`` and :meth:`evaluate`.
+    """
+
+    def __init__(self, args: argparse.Namespace, runtime: Runtime, resume: dict | None = None):
+        self.args = args
+        self.runtime = runtime
+        self.device = runtime.device
+        self.out_dir = Path(args.out_dir)
+        self.checkpoint_path = self.out_dir / CHECKPOINT_NAME
+        if resume is None and self.checkpoint_path.exists():
+            raise ConfigError(f"--out-dir: {self.out_dir} already holds a run; continue it with "
+                              f"--resume {self.out_dir} or choose another --out-dir")
+        self.report = Report(self.out_dir, active=runtime.is_main, quiet=args.quiet)
+
+        _seed_everything(args.seed)
+        self.dataset = DATASETS[args.data](args).to(self.device)
+        self.model = build_model(args.model, self.dataset.input_shape, self.dataset.num_classes,
+                                 args.width).to(self.device)
+        n = self.dataset.train_size
+
+        def steps_per_epoch(batch_size: int) -> int:
+            if batch_size > n:
+                raise ConfigError(f"--batch-size: {batch_size} is more than the {n} training "
+                                  f"samples of {args.data}")
+            return ScheduledBatchSampler(n, lambda epoch: batch_size, rank=runtime.rank,
+                                         world_size=runtime.world_size).num_batches(0)
+
+        self.recipe = METHODS[args.method].build(
+            Context(args, self.model, steps_per_epoch, runtime.rank, runtime.world_size))
+        self.batches = TrainBatches(self.dataset, self.recipe.batch_size, seed=args.seed,
+                                    augment=args.augment, cutout=args.cutout,
+                                    rank=runtime.rank, world_size=runtime.world_size)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.amp == "fp16")
+
+        # The position and the record of the run.
+        self.epoch = 0  # the epoch under way (or the next one)
+        self.steps = 0  # batches trained on, skipped ones included
+        self.updates = 0  # updates applied
+        self.bad_in_row = 0
+        self.elapsed = 0.0  # training seconds of earlier processes of this run
+        self.epoch_sums = [0.0, 0.0, 0.0]  # loss sum, correct, samples of the epoch so far
+        self.history: list[dict] = []
+        if resume is not None:
+            self._restore(resume)
+
+        self.net: torch.nn.Module = self.model
+        if runtime.distributed:
+            self.net = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            if self.recipe.comm_hook is not None:
+                self.net.register_comm_hook(*self.recipe.comm_hook)
+
+    # -- the run ------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        """Train to the last epoch; returns the last metrics row."""
+        args, report = self.args, self.report
+        if self.runtime.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        report.write_config(resolved(args))
+        report.write_metrics(self.history)
+        self._started = time.perf_counter()
+        try:
+            while self.epoch < args.epochs:
+                self._run_epoch(self.epoch)
+                done = self.epoch == args.epochs
+                if done or (args.checkpoint_every and self.epoch % args.checkpoint_every == 0):
+                    self.save()
+        finally:
+            report.close()
+            report.plot(self.history, f"{args.method} / {args.model} / {args.data}, "
+                                      f"batch {args.batch_size}")
+        return self.history[-1]
+
+    def _run_epoch(self, epoch: int) -> None:
+        args, report = self.args, self.report
+        self.recipe.on_epoch_start(self, epoch)
+        self.net.train()
+        steps = self.batches.num_batches(epoch)
+        report.start_epoch(epoch, args.epochs, steps, self.batches.taken(epoch))
+        samples, t0 = 0, time.perf_counter()
+        for _, x, y, total in self.batches.epoch(epoch):
+            self._step(x, y, total)
+            samples += total
+            loss_sum, correct, count = self.epoch_sums
+            report.step(loss_sum / max(count, 1), correct / max(count, 1),
+                        samples / (time.perf_counter() - t0))
+            if args.checkpoint_every_steps and self.steps % args.checkpoint_every_steps == 0:
+                self.save()
+        throughput = samples / max(time.perf_counter() - t0, 1e-9)
+        self.recipe.on_epoch_end(self, epoch)
+
+        test_loss = test_acc = None
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+            test_loss, test_acc = self.evaluate()
+        loss_sum, correct, count = self.epoch_sums
+        row = {
+            "epoch": epoch + 1, "step": self.steps, "updates": self.updates,
+            "lr": self.recipe.optimizer.param_groups[0]["lr"],
+            "batch_size": self.recipe.batch_size(epoch),
+            "train_loss": loss_sum / count if count else None,
+            "train_acc": correct / count if count else None,
+            "test_loss": test_loss, "test_acc": test_acc,
+            "wall_time": round(self.wall_time(), 3),
+        }
+        self.history.append(row)
+        report.append_metrics(row)
+        report.end_epoch(row, args.epochs, throughput)
+        self.epoch, self.epoch_sums = epoch + 1, [0.0, 0.0, 0.0]
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor, total: int) -> None:
+        """One step on this process's share (x, y) of a global batch of ``total``."""
+        self.recipe.optimizer.zero_grad(set_to_none=True)
+        with self._autocast():
+            out = self.net(x)
+        loss_sum = F.cross_entropy(out.float(), y, reduction="sum")
+        # Every process agrees on the global loss before anyone steps: one process with a
+        # non-finite loss makes them all skip, and the metrics are those of the whole batch.
+        stats = torch.stack([loss_sum.detach().double(), (out.argmax(1) == y).sum().double()])
+        loss_total, correct = self.runtime.sum(stats).tolist()
+        self.steps += 1
+        if not math.isfinite(loss_total):
+            self._skip(loss_total)
+            return
+        self.bad_in_row = 0
+        # DDP averages gradients over the K processes: scaling each share's summed loss
+        # by K / total makes that average the mean gradient of the global batch, also
+        # when the shares differ in size.
+        self.scaler.scale(loss_sum * (self.runtime.world_size / total)).backward()
+        self.recipe.step(self.scaler)
+        self.updates += 1
+        sums = self.epoch_sums
+        sums[0], sums[1], sums[2] = sums[0] + loss_total, sums[1] + correct, sums[2] + total
+
+    def _skip(self, loss: float) -> None:
+        self.bad_in_row += 1
+        limit = self.args.max_bad_steps
+        self.report.message(f"step {self.steps} (epoch {self.epoch + 1}): loss is {loss}; "
+                            f"update skipped ({self.bad_in_row} in a row)")
+        if self.bad_in_row > limit:
+            self.save()
+            raise TrainingStopped(
+                f"{self.bad_in_row} steps in a row had a non-finite loss (--max-bad-steps {limit}); "
+                f"the run diverged: lower --lr or lengthen --warmup-epochs. Its last state is in "
+                f"{self.checkpoint_path}")
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float]:
+        """Mean loss and accuracy on the test set (each process takes a share)."""
+        # The bare model: processes may hold different numbers of test batches, and DDP's
+        # forward would wait for the others at every batch.
+        self.model.eval()
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        for x, y in test_batches(self.dataset, EVAL_BATCH, self.runtime.rank, self.runtime.world_size):
+            with self._autocast():
+                out = self.model(x)
+            sums[0] += F.cross_entropy(out.float(), y, reduction="sum").double()
+            sums[1] += (out.argmax(1) == y).sum()
+            sums[2] += len(y)
+        self.model.train()
+        loss, correct, count = self.runtime.sum(sums).tolist()
+        return loss / count, correct / count
+
+    def _autocast(self) -> torch.autocast:
+        amp = self.args.amp
+        return torch.autocast(self.device.type, dtype=_AMP_DTYPES.get(amp), enabled=amp != "none")
+
+    def wall_time(self) -> float:
+        """Seconds spent training in this run, over all its processes' lifetimes."""
+        return self.elapsed + time.perf_counter() - self._started
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def save(self) -> None:
+        """Checkpoint the run (from the first process; the others hold the same state)."""
+        if not self.runtime.is_main:
+            return
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "config": resolved(self.args),
+            "model": self.model.state_dict(),
+            "method": self.recipe.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "data": self.batches.state_dict(),
+            "rng": checkpoint.rng_state(self.device),
+            "progress": {
+                "epoch": self.epoch, "steps": self.steps, "updates": self.updates,
+                "bad_in_row": self.bad_in_row, "wall_time": self.wall_time(),
+                "epoch_sums": list(self.epoch_sums),
+            },
+            "history": self.history,
+        }
+        checkpoint.save(self.checkpoint_path, state)
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise checkpoint.CheckpointError(
+                f"{self.checkpoint_path}: checkpoint format {state.get('format')!r}, "
+                f"this version reads {CHECKPOINT_FORMAT}")
+        self.model.load_state_dict(state["model"])
+        self.recipe.load_state_dict(state["method"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.batches.load_state_dict(state["data"])
+        checkpoint.set_rng_state(state["rng"], self.device)
+        p = state["progress"]
+        self.epoch, self.steps, self.updates = p["epoch"], p["steps"], p["updates"]
+        self.bad_in_row, self.elapsed = p["bad_in_row"], p["wall_time"]
+        self.epoch_sums = list(p["epoch_sums"])
+        self.history = list(state["history"])
+
+
+def _seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    np.random.seed(seed)
+    random.seed(seed)

@@ -1,0 +1,178 @@
+"""Training methods: the registry behind ``--method``.
+
+A method is a name, its own command-line options and a factory that turns the run's
+options and model into a :class:`Recipe`: the optimizer and learning-rate schedule, and
+optionally a DDP comm hook, a global batch size per epoch, a different update step and
+hooks at epoch boundaries. To add one, write its factory here and register it::
+
+    def build_mine(ctx: Context) -> Recipe:
+        opt = MyOptimizer(ctx.model.parameters(), lr=peak_lr(ctx.args))
+        return Recipe(opt, lr_schedule(ctx, opt), batch_size=ctx.args.batch_size)
+
+    register(Method("mine", "one line for --help", build_mine, add_arguments=...))
+
+Every option of every method is on the command line (``--help`` lists them by method);
+a method reads its own from ``ctx.args``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from lbkernels.optim import LARS, lars_param_groups
+from lbkernels.schedules import linear_scaled_lr, warmup_multistep
+
+from .argtypes import positive_float
+
+if TYPE_CHECKING:
+    from .loop import Trainer
+
+
+@dataclass
+class Context:
+    """What a method builds its recipe from."""
+
+    args: argparse.Namespace
+    model: nn.Module  # on its device, not yet wrapped in DistributedDataParallel
+    steps_per_epoch: Callable[[int], int]  # global batch size -> steps in one epoch
+    rank: int
+    world_size: int
+
+
+class Recipe:
+    """A method's part in a run. The trainer calls these methods; a method that needs
+    more than an optimizer and a schedule subclasses and overrides what it changes.
+
+    Args:
+        optimizer, scheduler: stepped once per update (the scheduler counts updates).
+        batch_size: the global batch, constant; override :meth:`batch_size` to vary it.
+        comm_hook: ``(state, hook)`` for ``DistributedDataParallel.register_comm_hook``,
+            used when the run is distributed.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                 batch_size: int, comm_hook: tuple[Any, Callable] | None = None):
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.comm_hook = comm_hook
+        self._batch_size = batch_size
+
+    def batch_size(self, epoch: int) -> int:
+        """The global batch of ``epoch`` (0-based)."""
+        return self._batch_size
+
+    def step(self, scaler: torch.amp.GradScaler) -> None:
+        """One update from the gradients of the current batch (already averaged over
+        processes by DDP or the comm hook)."""
+        scaler.step(self.optimizer)
+        scaler.update()
+        self.scheduler.step()
+
+    def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
+        """Before the first step of ``epoch`` (also when a run resumes inside it)."""
+
+    def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
+        """After the last step of ``epoch``, before it is evaluated."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a checkpoint needs to continue the method exactly."""
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    summary: str  # one line for --help
+    build: Callable[[Context], Recipe]
+    add_arguments: Callable[[argparse._ArgumentGroup], None] = lambda group: None
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    if method.name in METHODS:
+        raise ValueError(f"method {method.name!r} is already registered")
+    METHODS[method.name] = method
+    return method
+
+
+# -- building blocks shared by the methods ----------------------------------------------------
+def peak_lr(args: argparse.Namespace) -> float:
+    """--lr scaled from --base-batch-size to --batch-size by the linear scaling rule."""
+    return linear_scaled_lr(args.lr, args.batch_size, args.base_batch_size)
+
+
+def lr_schedule(ctx: Context, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over --warmup-epochs, then --decay (per update, at --batch-size)."""
+    args = ctx.args
+    steps = ctx.steps_per_epoch(args.batch_size)
+    total = steps * args.epochs
+    warmup = min(round(args.warmup_epochs * steps), total)
+    if args.decay == "step":
+        factor = warmup_multistep(warmup, [e * steps for e in args.decay_epochs], args.decay_gamma)
+    else:
+        ramp = warmup_multistep(warmup)
+        span = max(total - warmup, 1)
+
+        def factor(step: int) -> float:
+            return ramp(step) * (1.0 - min(max(step - warmup, 0), span) / span) ** args.poly_power
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    # Weight decay on weights only, not on biases and normalisation parameters.
+    return [{k: v for k, v in g.items() if k != "lars_exclude"}
+            for g in lars_param_groups(model, weight_decay)]
+
+
+# -- sgd -------------------------------------------------------------------------------------------
+def _sgd_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True,
+                       help="Nesterov momentum")
+
+
+def build_sgd(ctx: Context) -> Recipe:
+    args = ctx.args
+    optimizer = torch.optim.SGD(_groups(ctx.model, args.weight_decay), lr=peak_lr(args),
+                                momentum=args.momentum, nesterov=args.nesterov and args.momentum > 0)
+    return Recipe(optimizer, lr_schedule(ctx, optimizer), args.batch_size)
+
+
+register(Method(
+    "sgd", "momentum SGD with the linear scaling rule and warm-up (Goyal et al. 2017)",
+    build_sgd, _sgd_arguments,
+))
+
+
+# -- lars ------------------------------------------------------------------------------------------
+def _lars_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--trust-coefficient", type=positive_float, default=0.001,
+                       help="LARS trust coefficient: the layer's rate is tc * ||w|| / ||g + wd w||")
+    group.add_argument("--lars-clip", action="store_true", default=False,
+                       help="clip the layer-wise rate at the global one (LARC)")
+
+
+def build_lars(ctx: Context) -> Recipe:
+    args = ctx.args
+    optimizer = LARS(lars_param_groups(ctx.model, args.weight_decay), lr=peak_lr(args),
+                     momentum=args.momentum, trust_coefficient=args.trust_coefficient,
+                     clip=args.lars_clip)
+    return Recipe(optimizer, lr_schedule(ctx, optimizer), args.batch_size)
+
+
+register(Method(
+    "lars", "LARS, layer-wise adaptive rates (You et al. 2017), fused kernels of lbkernels.optim",
+    build_lars, _lars_arguments,
+))

@@ -1,0 +1,39 @@
+"""``curves.png``: the learning curves and schedules of a run, from its metrics rows."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+
+def plot_curves(rows: list[dict], path: Path, title: str) -> None:
+    """Accuracy and loss against epochs and against updates; learning rate and batch size."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display needed, none opened
+    import matplotlib.pyplot as plt
+
+    def series(key: str, x: str = "epoch") -> tuple[list, list]:
+        pts = [(r[x], r[key]) for r in rows if r[key] is not None and not math.isnan(r[key])]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8), constrained_layout=True)
+    for col, x in enumerate(("epoch", "updates")):
+        acc, loss = axes[0][col], axes[1][col]
+        for split, style in (("train", "-"), ("test", "o-")):
+            acc.plot(*series(f"{split}_acc", x), style, label=split, markersize=3)
+            loss.plot(*series(f"{split}_loss", x), style, label=split, markersize=3)
+        acc.set(xlabel=x, ylabel="accuracy", ylim=(0, 1))
+        loss.set(xlabel=x, ylabel="loss", yscale="log")
+        for ax in (acc, loss):
+            ax.grid(alpha=0.3)
+            ax.legend()
+    axes[0][2].plot(*series("lr", "updates"), "-")
+    axes[0][2].set(xlabel="updates", ylabel="learning rate (end of epoch)")
+    axes[1][2].step(*series("batch_size"), where="post")
+    axes[1][2].set(xlabel="epoch", ylabel="global batch size")
+    for ax in (axes[0][2], axes[1][2]):
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
