@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Compile-only check of the CUDA sources, for machines without a GPU (make cuda-check, CI).
+#
+#  1. The kernels (check/kernels_check.cu instantiates every kernel for float, double,
+#     __half and __nv_bfloat16) to PTX for sm_80 and sm_90, every nvcc warning an error;
+#     then ptxas on that PTX, where a register spill or any local memory is an error
+#     (the 3.5 KB argument struct copied to local memory would be one).
+#  2. The host/registration file lars.cu, compiled to an object against the installed
+#     torch's headers with the flags torch's CUDAExtension uses, when torch imports.
+#     A CPU-only torch ships the c10/cuda headers but not the CMake-generated
+#     c10/cuda/impl/cuda_cmake_macros.h (export macros only); the check then defines
+#     C10_CUDA_NO_CMAKE_CONFIGURE_FILE to do without it.
+#
+# Exits 0 with "nvcc not found: skipped" where there is no nvcc; non-zero on any error.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+NVCC=${NVCC:-nvcc}
+PYTHON=${PYTHON:-python3}
+if ! command -v "$NVCC" >/dev/null 2>&1; then
+  echo "nvcc not found: skipped"
+  exit 0
+fi
+PTXAS="$(dirname "$(command -v "$NVCC")")/ptxas"
+[ -x "$PTXAS" ] || PTXAS=ptxas
+
+out=$(mktemp -d)
+trap 'rm -rf "$out"' EXIT
+
+# What torch.utils.cpp_extension passes to nvcc for a CUDAExtension (half/bfloat16
+# operators off, relaxed constexpr): the check compiles what the build compiles.
+TORCH_NVCC_FLAGS=(-D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__
+  -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr)
+STRICT=(-Werror all-warnings -Xcompiler -Wall,-Wextra)
+
+echo "nvcc: $("$NVCC" --version | tail -n 2 | head -n 1)"
+for arch in 80 90; do
+  "$NVCC" -std=c++17 -O3 "${TORCH_NVCC_FLAGS[@]}" "${STRICT[@]}" -Icsrc/include \
+    -ptx -arch=sm_$arch -o "$out/kernels_sm$arch.ptx" csrc/cuda/check/kernels_check.cu
+  "$PTXAS" -arch=sm_$arch -O3 --warn-on-spills --warn-on-local-memory-usage \
+    --warning-as-error -o "$out/kernels_sm$arch.cubin" "$out/kernels_sm$arch.ptx"
+  echo "kernels: PTX and SASS for sm_$arch OK ($(grep -c '\.entry' "$out/kernels_sm$arch.ptx") kernels)"
+done
+
+if ! includes=$("$PYTHON" -c "import torch.utils.cpp_extension as c; print('\n'.join(c.include_paths()))" 2>/dev/null); then
+  echo "host file: skipped (torch does not import with $PYTHON)"
+  exit 0
+fi
+host_flags=()
+while IFS= read -r dir; do host_flags+=(-isystem "$dir"); done <<<"$includes"
+first_include=$(head -n 1 <<<"$includes")
+if [ ! -f "$first_include/c10/cuda/impl/cuda_cmake_macros.h" ]; then
+  host_flags+=(-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE)
+fi
+# torch's headers need C++20 (the extension build passes -std=c++20 as well).
+"$NVCC" -std=c++20 -O3 "${TORCH_NVCC_FLAGS[@]}" "${STRICT[@]}" -Icsrc/include "${host_flags[@]}" \
+  -arch=sm_90 -c -o "$out/lars.o" csrc/cuda/lars.cu
+echo "host file: csrc/cuda/lars.cu compiled against torch $("$PYTHON" -c 'import torch; print(torch.__version__)')"
+echo "CUDA compile check passed"

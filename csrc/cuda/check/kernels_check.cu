@@ -1,0 +1,39 @@
+// Compile-only check of the CUDA kernels (csrc/cuda/check.sh): every kernel the
+// extension launches, instantiated for every dtype it accepts, so that code which
+// cannot run on a machine without a GPU still cannot rot. Not part of the extension.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "../lars_kernels.cuh"
+
+namespace lbkernels::cuda {
+
+#define LBK_INSTANTIATE(T)                                                   \
+  template __global__ void multi_tensor_kernel<1, SumSquares<T, 1>>(       \
+      TensorListMeta<1>, SumSquares<T, 1>);                                  \
+  template __global__ void multi_tensor_kernel<2, SumSquares<T, 2>>(       \
+      TensorListMeta<2>, SumSquares<T, 2>);                                  \
+  template __global__ void multi_tensor_kernel<1, Norms<T>>(TensorListMeta<1>, Norms<T>); \
+  template __global__ void multi_tensor_kernel<1, LarsCoefs<T>>(TensorListMeta<1>,        \
+                                                                LarsCoefs<T>);            \
+  template __global__ void multi_tensor_kernel<3, LarsUpdate<T>>(TensorListMeta<3>,       \
+                                                                 LarsUpdate<T>);          \
+  template cudaError_t multi_tensor_apply<1, SumSquares<T, 1>>(                           \
+      const std::vector<TensorArgs<1>>&, Blocks, int, cudaStream_t, const SumSquares<T, 1>&); \
+  template cudaError_t multi_tensor_apply<2, SumSquares<T, 2>>(                           \
+      const std::vector<TensorArgs<2>>&, Blocks, int, cudaStream_t, const SumSquares<T, 2>&); \
+  template cudaError_t multi_tensor_apply<1, Norms<T>>(                                   \
+      const std::vector<TensorArgs<1>>&, Blocks, int, cudaStream_t, const Norms<T>&);     \
+  template cudaError_t multi_tensor_apply<1, LarsCoefs<T>>(                               \
+      const std::vector<TensorArgs<1>>&, Blocks, int, cudaStream_t, const LarsCoefs<T>&); \
+  template cudaError_t multi_tensor_apply<3, LarsUpdate<T>>(                              \
+      const std::vector<TensorArgs<3>>&, Blocks, int, cudaStream_t, const LarsUpdate<T>&);
+
+LBK_INSTANTIATE(float)
+LBK_INSTANTIATE(double)
+LBK_INSTANTIATE(__half)
+LBK_INSTANTIATE(__nv_bfloat16)
+
+#undef LBK_INSTANTIATE
+
+}  // namespace lbkernels::cuda

@@ -1,0 +1,269 @@
+// CUDA kernels of multi_tensor_l2norm and lars_sgd_: argument checks, dtype groups and
+// the three launches per group (lars_kernels.cuh), registered for the CUDA key.
+//
+// Nothing here reads a device value on the host: norms, trust ratios, lr_tensor,
+// grad_scale and found_inf stay on the device, so a step never synchronises and can be
+// captured in a CUDA graph. Scratch is 16 bytes per 64K-element chunk plus 24 per tensor.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <utility>
+#include <vector>
+
+#include "lars_kernels.cuh"
+
+namespace lbkernels::cuda {
+namespace {
+
+bool supported_dtype(c10::ScalarType t) {
+  return t == c10::kFloat || t == c10::kDouble || t == c10::kHalf || t == c10::kBFloat16;
+}
+
+// Checks shared by both ops; all run before any tensor is written.
+void check_list(at::TensorList xs, const char* name) {
+  for (size_t i = 0; i < xs.size(); ++i) {
+    const at::Tensor& x = xs[i];
+    TORCH_CHECK_TYPE(x.layout() == c10::kStrided, name, "[", i, "] must be a dense tensor");
+    TORCH_CHECK_TYPE(supported_dtype(x.scalar_type()), name, "[", i, "] has dtype ",
+                     x.scalar_type(), "; expected a floating dtype");
+    TORCH_CHECK_VALUE(x.device() == xs[0].device(), name, "[", i, "] is on ", x.device(),
+                      " but ", name, "[0] is on ", xs[0].device());
+    TORCH_CHECK_VALUE(x.is_cuda(), name, "[", i, "] is on ", x.device(),
+                      " but this is the CUDA kernel");
+  }
+}
+
+void check_aligned(at::TensorList params, at::TensorList xs, const char* name) {
+  TORCH_CHECK_VALUE(xs.size() == params.size(), name, " has ", xs.size(),
+                    " entries but params has ", params.size());
+  for (size_t i = 0; i < xs.size(); ++i) {
+    const at::Tensor& x = xs[i];
+    const at::Tensor& p = params[i];
+    TORCH_CHECK_TYPE(x.layout() == c10::kStrided, name, "[", i,
+                     "] must be dense; sparse tensors are not supported");
+    TORCH_CHECK_VALUE(x.device() == p.device(), name, "[", i, "] is on ", x.device(),
+                      " but params[", i, "] is on ", p.device());
+    TORCH_CHECK_TYPE(x.scalar_type() == p.scalar_type(), name, "[", i, "] has dtype ",
+                     x.scalar_type(), " but params[", i, "] has ", p.scalar_type());
+    TORCH_CHECK_VALUE(x.sizes() == p.sizes(), name, "[", i, "] has shape ", x.sizes(),
+                      " but params[", i, "] has ", p.sizes());
+  }
+}
+
+// A one-element tensor argument read on the device. A CPU tensor is read on the host
+// (no device sync); other dtypes are converted on the device (stream-ordered).
+struct ScalarArg {
+  DeviceScalar device;
+  std::optional<double> host;
+  at::Tensor keep;
+
+  ScalarArg(const std::optional<at::Tensor>& t, const char* name, const c10::Device& dev) {
+    if (!t.has_value()) return;
+    TORCH_CHECK_VALUE(t->numel() == 1, name, " must hold exactly one element, got shape ",
+                      t->sizes());
+    if (!t->is_cuda()) {
+      host = t->item<double>();
+      return;
+    }
+    keep = t->device() == dev ? *t : t->to(dev);
+    switch (keep.scalar_type()) {
+      case c10::kFloat: device.kind = ScalarKind::kFloat; break;
+      case c10::kDouble: device.kind = ScalarKind::kDouble; break;
+      case c10::kHalf: device.kind = ScalarKind::kHalf; break;
+      case c10::kBFloat16: device.kind = ScalarKind::kBFloat16; break;
+      default:
+        keep = keep.to(c10::kDouble);
+        device.kind = ScalarKind::kDouble;
+    }
+    device.ptr = keep.const_data_ptr();
+  }
+};
+
+// Views the kernels can walk: w dense, g and buf with w's strides; anything else goes
+// through a temporary in w's layout (or contiguous) that write_back() copies to the
+// original. Parameters and their grads normally share strides: no copy.
+class Staging {
+ public:
+  at::Tensor lead(const at::Tensor& w, bool written) {
+    return w.is_non_overlapping_and_dense() ? w : stage(w, w.contiguous(), written);
+  }
+  at::Tensor follow(const at::Tensor& x, const at::Tensor& lead, bool written) {
+    if (x.is_non_overlapping_and_dense() && x.strides() == lead.strides()) return x;
+    return stage(x, at::empty_like(lead).copy_(x), written);
+  }
+  // Temporaries stay referenced here until the launches that read them are queued
+  // (the caching allocator is stream-ordered, so freeing them afterwards is safe).
+  void write_back() {
+    for (auto& [orig, tmp] : pending_) orig.copy_(tmp);
+  }
+
+ private:
+  at::Tensor stage(const at::Tensor& orig, at::Tensor tmp, bool written) {
+    keep_.push_back(tmp);
+    if (written) pending_.emplace_back(orig, tmp);
+    return tmp;
+  }
+  std::vector<std::pair<at::Tensor, at::Tensor>> pending_;
+  std::vector<at::Tensor> keep_;
+};
+
+std::vector<std::pair<c10::ScalarType, std::vector<int64_t>>> group_by_dtype(at::TensorList xs) {
+  std::vector<std::pair<c10::ScalarType, std::vector<int64_t>>> groups;
+  for (size_t i = 0; i < xs.size(); ++i) {
+    auto it = groups.begin();
+    while (it != groups.end() && it->first != xs[i].scalar_type()) ++it;
+    if (it == groups.end()) it = groups.insert(groups.end(), {xs[i].scalar_type(), {}});
+    it->second.push_back(static_cast<int64_t>(i));
+  }
+  return groups;
+}
+
+template <typename F>
+void by_dtype(c10::ScalarType t, const F& f) {
+  switch (t) {
+    case c10::kFloat: return f(float{});
+    case c10::kDouble: return f(double{});
+    case c10::kHalf: return f(__half{});
+    case c10::kBFloat16: return f(__nv_bfloat16{});
+    default: TORCH_CHECK_TYPE(false, "unsupported dtype ", t);  // rejected earlier
+  }
+}
+
+c10::ScalarType acc_dtype(c10::ScalarType t) {
+  return t == c10::kDouble ? c10::kDouble : c10::kFloat;
+}
+
+at::Tensor multi_tensor_l2norm_cuda(at::TensorList xs) {
+  check_list(xs, "xs");
+  if (xs.empty()) return at::empty({0}, at::TensorOptions().dtype(at::kFloat));
+  const c10::cuda::CUDAGuard guard(xs[0].device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor out = at::empty({static_cast<int64_t>(xs.size())}, xs[0].options().dtype(at::kFloat));
+  for (const auto& [dtype, index] : group_by_dtype(xs)) {
+    Staging staging;
+    std::vector<TensorArgs<1>> chunks, tensors;
+    int64_t total = 0;
+    for (const int64_t i : index) {
+      const at::Tensor x = staging.lead(xs[i], false);
+      const TensorArgs<1> t{{const_cast<void*>(x.const_data_ptr())}, x.numel(), total,
+                            static_cast<int32_t>(i), 0};
+      chunks.push_back(t);
+      tensors.push_back(t);
+      total += num_chunks(x.numel());
+    }
+    at::Tensor partial = at::empty({std::max<int64_t>(total, 1)}, out.options().dtype(acc_dtype(dtype)));
+    by_dtype(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      using A = opmath_t<T>;
+      A* p = partial.mutable_data_ptr<A>();
+      C10_CUDA_CHECK(multi_tensor_apply<1>(chunks, Blocks::kPerChunk, kChunkThreads, stream,
+                                           SumSquares<T, 1>{p, total, {}, {}}));
+      C10_CUDA_CHECK(multi_tensor_apply<1>(tensors, Blocks::kPerTensor, kTensorThreads, stream,
+                                           Norms<T>{p, out.mutable_data_ptr<float>()}));
+    });
+  }
+  return out;
+}
+
+void lars_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                   at::TensorList steps, const c10::List<bool>& exclude, double lr,
+                   const std::optional<at::Tensor>& lr_tensor, double momentum, double dampening,
+                   double weight_decay, bool nesterov, double trust_coefficient, double eps,
+                   bool clip, bool zero_norm_decay, c10::string_view momentum_style,
+                   const std::optional<at::Tensor>& grad_scale,
+                   const std::optional<at::Tensor>& found_inf) {
+  // -- every check before the first write
+  check_list(params, "params");
+  check_aligned(params, grads, "grads");
+  const bool has_momentum = momentum != 0.0;
+  if (has_momentum) {
+    check_aligned(params, momentum_buffers, "momentum_buffers");
+    TORCH_CHECK_VALUE(steps.size() == params.size(), "steps has ", steps.size(),
+                      " entries but params has ", params.size());
+    for (size_t i = 0; i < steps.size(); ++i) {
+      TORCH_CHECK_TYPE(steps[i].numel() == 1 && steps[i].scalar_type() == at::kFloat,
+                       "steps[", i, "] must be a one-element float32 tensor");
+      TORCH_CHECK_VALUE(steps[i].device() == params[i].device(), "steps[", i, "] is on ",
+                        steps[i].device(), " but params[", i, "] is on ", params[i].device());
+    }
+  }
+  TORCH_CHECK_VALUE(exclude.size() == params.size(), "exclude has ", exclude.size(),
+                    " entries but params has ", params.size());
+  TORCH_CHECK_VALUE(momentum_style == "torch" || momentum_style == "paper",
+                    "momentum_style must be 'torch' or 'paper', got '", momentum_style, "'");
+  if (params.empty()) return;
+  const c10::Device dev = params[0].device();
+  const c10::cuda::CUDAGuard guard(dev);
+  const ScalarArg lr_arg(lr_tensor, "lr_tensor", dev);
+  const ScalarArg scale_arg(grad_scale, "grad_scale", dev);
+  const ScalarArg inf_arg(found_inf, "found_inf", dev);
+  if (inf_arg.host.has_value() && *inf_arg.host != 0.0) return;
+  const double lr_v = lr_arg.host.value_or(lr);
+  DeviceScalar scale = scale_arg.device;
+  at::Tensor host_scale;
+  if (scale_arg.host.has_value()) {  // a CPU grad_scale, handed to the kernels on the device
+    host_scale = at::empty({1}, params[0].options().dtype(at::kDouble)).fill_(*scale_arg.host);
+    scale = {host_scale.const_data_ptr(), ScalarKind::kDouble};
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const bool paper = momentum_style == "paper";
+  at::Tensor coefs = at::empty({static_cast<int64_t>(params.size()) * 3},
+                               params[0].options().dtype(at::kDouble));
+  auto* c = reinterpret_cast<TensorCoefs*>(coefs.mutable_data_ptr<double>());
+
+  Staging staging;
+  for (const auto& [dtype, index] : group_by_dtype(params)) {
+    std::vector<TensorArgs<2>> norms;
+    std::vector<TensorArgs<1>> tensors;
+    std::vector<TensorArgs<3>> updates;
+    int64_t total = 0;
+    for (const int64_t i : index) {
+      const at::Tensor w = staging.lead(params[i], true);
+      const at::Tensor g = staging.follow(grads[i], w, false);
+      void* b = has_momentum ? staging.follow(momentum_buffers[i], w, true).data_ptr() : nullptr;
+      void* step = has_momentum ? steps[i].data_ptr() : nullptr;
+      void* g_ptr = const_cast<void*>(g.const_data_ptr());
+      const bool excluded = exclude.get(i);
+      const int64_t numel = w.numel();
+      const auto idx = static_cast<int32_t>(i);
+      if (!excluded) norms.push_back({{w.data_ptr(), g_ptr}, numel, total, idx, 0});
+      tensors.push_back({{step}, numel, total, idx, static_cast<uint8_t>(excluded)});
+      updates.push_back({{w.data_ptr(), g_ptr, b}, numel, total, idx, 0});
+      total += num_chunks(numel);
+    }
+    at::Tensor partial = at::empty({2 * std::max<int64_t>(total, 1)},
+                                   params[0].options().dtype(acc_dtype(dtype)));
+    by_dtype(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      using A = opmath_t<T>;
+      const A* p = partial.mutable_data_ptr<A>();
+      C10_CUDA_CHECK(multi_tensor_apply<2>(
+          norms, Blocks::kPerChunk, kChunkThreads, stream,
+          SumSquares<T, 2>{partial.mutable_data_ptr<A>(), total, scale, inf_arg.device}));
+      C10_CUDA_CHECK(multi_tensor_apply<1>(
+          tensors, Blocks::kPerTensor, kTensorThreads, stream,
+          LarsCoefs<T>{p, total, c, lr_v, weight_decay, trust_coefficient, eps,
+                       lr_arg.device, inf_arg.device, clip, zero_norm_decay, has_momentum}));
+      C10_CUDA_CHECK(multi_tensor_apply<3>(
+          updates, Blocks::kPerChunk, kChunkThreads, stream,
+          LarsUpdate<T>{c, lr_v, momentum, 1.0 - dampening, lr_arg.device, scale,
+                        inf_arg.device, has_momentum, nesterov && has_momentum, paper}));
+    });
+  }
+  staging.write_back();
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lbkernels, CUDA, m) {
+  m.impl("multi_tensor_l2norm", &multi_tensor_l2norm_cuda);
+  m.impl("lars_sgd_", &lars_sgd_cuda);
+}
+
+}  // namespace lbkernels::cuda
