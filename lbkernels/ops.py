@@ -93,8 +93,9 @@ def lars_sgd_(
 ) -> None:
     """One fused LARS-SGD step in place (ALGORITHMS.md section 1).
 
-    ``momentum_buffers`` and ``steps`` (0-dim fp32 counters; step 0 initialises the
-    buffer) may be empty when ``momentum == 0``. ``lr`` may be a one-element tensor on
+    ``momentum_buffers`` (zero-initialised) may be empty when ``momentum == 0``;
+    ``steps`` (0-dim fp32 counters; step 0 sets ``buf = d``) may be empty unless
+    ``dampening != 0``. ``lr`` may be a one-element tensor on
     the params' device, so that a compiled or captured step never re-specialises.
     """
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None

@@ -29,7 +29,7 @@ OPTIMIZERS = [
         lambda params, impl="auto", **kw: LARS(
             params, **{"lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4, "nesterov": True,
                        "trust_coefficient": 0.02, "impl": impl, **kw}),
-        ("momentum_buffer", "step"),
+        ("momentum_buffer",),
         {"lr": 0.05, "weight_decay": 0.0, "lars_exclude": True},
     ),
     Entry(

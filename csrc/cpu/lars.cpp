@@ -70,8 +70,10 @@ void lars_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
   const bool has_momentum = momentum != 0.0;
   if (has_momentum) {
     check_aligned(params, momentum_buffers, "momentum_buffers");
-    TORCH_CHECK_VALUE(steps.size() == params.size(), "steps has ", steps.size(),
-                      " entries but params has ", params.size());
+    // Buffers start at zero, so only dampening needs to know the first step.
+    TORCH_CHECK_VALUE(steps.size() == params.size() || (steps.empty() && dampening == 0.0),
+                      "steps has ", steps.size(), " entries but params has ", params.size(),
+                      " (dampening != 0 needs a step counter per param)");
     for (size_t i = 0; i < steps.size(); ++i)
       TORCH_CHECK_VALUE(steps[i].numel() == 1 && steps[i].scalar_type() == at::kFloat &&
                             steps[i].device().is_cpu(),
@@ -106,7 +108,7 @@ void lars_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
     for (int64_t k = 0; k < n; ++k) {
       const int64_t i = index[k];
       coefs[k].excluded = exclude.get(i);
-      coefs[k].first = has_momentum && *steps[i].const_data_ptr<float>() == 0.f;
+      coefs[k].first = has_momentum && !steps.empty() && *steps[i].const_data_ptr<float>() == 0.f;
       if (flat.ptrs[k].numel <= kChunk) whole.push_back({k, 0, flat.ptrs[k].numel});
     }
     // Small tensors: one region, each tensor visited once by one thread.

@@ -16,10 +16,6 @@ def _zeros(p: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
-def _step0(p: torch.Tensor) -> torch.Tensor:
-    return torch.zeros((), dtype=torch.float32, device=p.device)
-
-
 class LARS(FusedOptimizer):
     r"""Layer-wise adaptive rate scaling (You, Gitman, Ginsburg 2017), fused.
 
@@ -108,28 +104,35 @@ class LARS(FusedOptimizer):
                              f"got {group['momentum_style']!r}")
 
     def _state_spec(self, group: dict) -> dict:
+        # Buffers start at zero, so the first step (buf = d) needs a flag only when
+        # dampening would otherwise scale it: a step counter per param, then.
         if group["momentum"] == 0:
             return {}
-        return {"momentum_buffer": _zeros, "step": _step0}
+        if group["dampening"] == 0:
+            return {"momentum_buffer": _zeros}
+        return {"step": self._step_counter, "momentum_buffer": _zeros}  # step made first
+
+    def _step_counter(self, p: torch.Tensor) -> torch.Tensor:
+        # A param that already has a buffer (dampening turned on mid-run, or a checkpoint
+        # of torch.optim.SGD) is past its first step.
+        started = self.state[p].get("momentum_buffer") is not None
+        return torch.full((), float(started), dtype=torch.float32, device=p.device)
 
     def _upgrade_state(self, group: dict, p: torch.Tensor, st: dict) -> None:
-        # A torch.optim.SGD checkpoint has buffers (None without momentum) but no step.
+        # torch.optim.SGD stores momentum_buffer=None without momentum.
         if st.get("momentum_buffer") is None:
             st.pop("momentum_buffer", None)
             st.pop("step", None)
-        elif "step" not in st:
-            st["step"] = torch.ones((), dtype=torch.float32, device=p.device)
 
     def _step_bucket(self, group: dict, bucket: _Bucket, grads: list[torch.Tensor],
                      grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> None:
         adapt = group["always_adapt"] or group["weight_decay"] != 0
         exclude = [group["lars_exclude"] or not adapt] * len(grads)
-        has_momentum = group["momentum"] != 0
         ops.lars_sgd_(
             bucket.params,
             grads,
-            bucket.state["momentum_buffer"] if has_momentum else [],
-            bucket.state["step"] if has_momentum else [],
+            bucket.state.get("momentum_buffer", []),
+            bucket.state.get("step", []),
             exclude,
             lr=group["lr"],
             momentum=group["momentum"],

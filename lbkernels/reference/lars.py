@@ -62,7 +62,9 @@ def lars_sgd_(
         buf = d on the first step (steps[i] == 0), else m * buf + (1 - dampening) * d
         u = d + m * buf if nesterov else buf;  w -= lr * u
 
-    ``momentum_style="paper"`` keeps the learning rate in the buffer: ``d`` is scaled by
+    Buffers start at zero, so without dampening the first step needs no flag
+    (``m * 0 + d == d``): ``steps`` may then be empty, and is required only with
+    ``dampening != 0``. ``momentum_style="paper"`` keeps the learning rate in the buffer: ``d`` is scaled by
     ``lr`` and ``w -= u``. ``g`` is divided by ``grad_scale`` when given; with
     ``found_inf != 0`` nothing (weights, buffers, steps) changes.
     """
@@ -74,8 +76,11 @@ def lars_sgd_(
     )
     has_momentum = momentum != 0.0
     if has_momentum:
-        if len(momentum_buffers) != len(params) or len(steps) != len(params):
-            raise ValueError("momentum != 0 needs one momentum buffer and one step per param")
+        if len(momentum_buffers) != len(params):
+            raise ValueError(f"momentum_buffers has {len(momentum_buffers)} entries but params has {len(params)}")
+        if dampening != 0.0 and len(steps) != len(params):
+            raise ValueError(f"steps has {len(steps)} entries but params has {len(params)} "
+                             "(dampening != 0 needs a step counter per param)")
         check_tensor_lists(params, same_shape={"momentum_buffers": momentum_buffers})
     if momentum_style not in ("torch", "paper"):
         raise ValueError(f"momentum_style must be 'torch' or 'paper', got {momentum_style!r}")
@@ -104,9 +109,9 @@ def lars_sgd_(
         if paper:
             d = d * lr_i
         if has_momentum:
-            first = steps[i].to(w.device) == 0
             buf = momentum_buffers[i].to(ct).mul(momentum).add(d, alpha=1.0 - dampening)
-            buf = torch.where(first, d, buf)
+            if steps:
+                buf = torch.where(steps[i].to(w.device) == 0, d, buf)
             u = d.add(buf, alpha=momentum) if nesterov else buf
         else:
             u = d
