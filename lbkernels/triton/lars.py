@@ -55,6 +55,23 @@ def _acc(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
 
 
 @triton.jit
+def _to_elem(x, ELEM: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """x (fp32 or fp64) rounded to the storage dtype, to nearest even.
+
+    Triton's interpreter truncates fp32 -> bf16 (compiled kernels round), so there the
+    rounding is done on the bits: add 0x7fff plus the lowest kept bit, drop 16 bits.
+    """
+    if SOFT_BF16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16)
+        rounded = tl.where(x != x, 0x7FC0, rounded).to(tl.uint16)  # NaN stays a quiet NaN
+        return rounded.to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(ELEM)
+
+
+
+@triton.jit
 def _sum_squares(table, n_chunks, n_tensors, partial, scale_ptr, skip_ptr,
                  ELEM: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
                  WITH_G: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SKIP: tl.constexpr):
@@ -144,7 +161,8 @@ def _lars_update(table, n_chunks, n_tensors, coefs, lr: "fp64", lr_ptr, scale_pt
                  momentum: "fp64", one_minus_dampening: "fp64",
                  ELEM: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
                  HAS_SCALE: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
-                 PAPER: tl.constexpr, HAS_LR_TENSOR: tl.constexpr, HAS_SKIP: tl.constexpr):
+                 PAPER: tl.constexpr, HAS_LR_TENSOR: tl.constexpr, HAS_SKIP: tl.constexpr,
+                 SOFT_BF16: tl.constexpr):
     c = tl.program_id(0)
     work = True
     if HAS_SKIP:
@@ -187,9 +205,9 @@ def _lars_update(table, n_chunks, n_tensors, coefs, lr: "fp64", lr_ptr, scale_pt
                 buf = tl.load(b_ptr + s + offs, mask=mask, other=0.0).to(ACC)
             w, buf = sgd_update(w, buf, g, scale, wd, r, pre, m, damp, step_lr, first,
                                 HAS_SCALE, HAS_MOMENTUM, NESTEROV)
-            tl.store(w_ptr + s + offs, w.to(ELEM), mask=mask)
+            tl.store(w_ptr + s + offs, _to_elem(w, ELEM, SOFT_BF16), mask=mask)
             if HAS_MOMENTUM:
-                tl.store(b_ptr + s + offs, buf.to(ELEM), mask=mask)
+                tl.store(b_ptr + s + offs, _to_elem(buf, ELEM, SOFT_BF16), mask=mask)
 
 
 # ------------------------------------------------------------------------ launchers
@@ -308,6 +326,7 @@ def _lars_sgd(params, grads, momentum_buffers, steps, exclude, lr, lr_tensor, mo
                 ELEM=_ELEM[dtype], ACC=acc, BLOCK=_block(), HAS_SCALE=grad_scale is not None,
                 HAS_MOMENTUM=has_momentum, NESTEROV=bool(nesterov) and has_momentum,
                 PAPER=momentum_style == "paper", HAS_LR_TENSOR=lr_tensor is not None,
+                SOFT_BF16=dtype == torch.bfloat16 and mt.interpreting(),
                 num_warps=_NUM_WARPS, **flags)
     staging.write_back()
 
