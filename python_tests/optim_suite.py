@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lbkernels.optim import LARS
+from lbkernels.optim import LARS, ShiftedMomentumSGD
 
 
 @dataclass(frozen=True)
@@ -39,5 +39,13 @@ OPTIMIZERS = [
                        "momentum_style": "paper", "weight_decay": 1e-3, "impl": impl, **kw}),
         ("momentum_buffer", "step"),
         {"lr": 0.2, "momentum": 0.5},
+    ),
+    Entry(
+        "ShiftedMomentumSGD-lars",
+        lambda params, impl="auto", **kw: ShiftedMomentumSGD(
+            params, **{"lr": 0.1, "momentum": 0.9, "delay": 2, "weight_decay": 1e-4, "nesterov": True,
+                       "lars": True, "trust_coefficient": 0.02, "impl": impl, **kw}),
+        ("momentum_buffer_0", "momentum_buffer_1", "momentum_buffer_2"),
+        {"lr": 0.05, "momentum": 0.5, "weight_decay": 0.0, "lars_exclude": True},
     ),
 ]
