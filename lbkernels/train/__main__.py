@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import traceback
 
 import torch.distributed as dist
 
@@ -27,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, CheckpointError) as e:
         _error(str(e))
         return 2
+    except dist.DistError as e:  # the other processes never came (rendezvous timeout)
+        _error(f"could not join the other processes: {e}")
+        return 1
     try:
         trainer = Trainer(args, runtime, resume)
         last = trainer.fit()
@@ -36,12 +40,17 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, CheckpointError, TrainingStopped) as e:
         _error(str(e))
         return 1
-    except dist.DistError as e:
-        _error(f"process {runtime.rank} of {runtime.world_size}: lost the other processes "
-               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    except RuntimeError as e:
+        if not runtime.distributed:
+            raise
+        # Most often another process died (gloo and NCCL report a lost peer as a
+        # RuntimeError); the details stay above the one-line summary.
+        traceback.print_exc()
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        _error(f"process {runtime.rank} of {runtime.world_size} stopped: {first}")
         return 1
     finally:
-        runtime.close() if "runtime" in locals() else None
+        runtime.close()
     if runtime.is_main:
         acc = last["test_acc"]
         print(f"final test accuracy {100 * acc:.2f}% after {last['epoch']} epochs, "
