@@ -280,3 +280,27 @@ def test_selection():
     if ok:
         with pytest.raises(RuntimeError, match="no Triton kernel"):
             lbk_triton.get_op("swa_update_", "cpu")
+
+
+def test_cpu_needs_the_interpreter():
+    """Without TRITON_INTERPRET=1 the CPU is refused with the reason, not run wrongly."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, lbkernels\n"
+        "from lbkernels import triton as t\n"
+        "ok, why = t.available('cpu')\n"
+        "assert not ok and 'TRITON_INTERPRET=1' in why, why\n"
+        "try:\n"
+        "    lbkernels.ops.multi_tensor_l2norm([torch.ones(3)], impl='triton')\n"
+        "except RuntimeError as e:\n"
+        "    assert 'TRITON_INTERPRET=1' in str(e), e\n"
+        "else:\n"
+        "    raise AssertionError('no error')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
