@@ -1,5 +1,7 @@
 """Helpers for data-parallel jobs (``torchrun``, gloo on CPU, NCCL on GPU)."""
 
 from .accumulation import StepStats, accumulate_gradients
+from .async_sim import AsyncSimulator
+from .delayed import DelayedGradients, delayed_allreduce_hook
 
-__all__ = ["StepStats", "accumulate_gradients"]
+__all__ = ["StepStats", "accumulate_gradients", "AsyncSimulator", "DelayedGradients", "delayed_allreduce_hook"]
