@@ -19,8 +19,8 @@ The same rule in one process (the reference the distributed run is tested agains
     delayed.step(opt)
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: DDP checks the hook's annotations as objects
+# (dist.GradBucket, torch.futures.Future[torch.Tensor]), not as strings.
 import operator
 from collections.abc import Iterable
 from typing import NamedTuple
