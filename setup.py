@@ -76,7 +76,7 @@ def extensions():
         ext = cpp_extension.CUDAExtension(
             "lbkernels._C", sources + cuda_sources, include_dirs=include_dirs,
             define_macros=macros + [("LBK_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
             extra_link_args=["-fopenmp"],
         )
     else:

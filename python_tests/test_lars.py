@@ -182,3 +182,20 @@ def test_mixed_dtypes_and_non_contiguous_in_one_call(impl, device):
     assert params[0].stride() == (1, 6)  # updated in place, layout kept
     assert_lists_close(params, expected[0], rtol=2e-6, atol=1e-7)
     assert_lists_close(bufs, expected[1], rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("impl,device", BACKENDS + [pytest.param("reference", "cpu", id="reference-cpu")])
+def test_step_counters_optional_without_dampening(impl, device):
+    """Zero-initialised buffers make the first step buf = d without a counter."""
+    shapes = shapes_for(impl)
+    cfg = CONFIGS["nesterov"]
+    with_steps = run(impl, shapes, torch.float32, device, cfg, steps=3)
+    params, bufs, _ = make_state(shapes, torch.float32, device)
+    for t in range(3):
+        ops.lars_sgd_(params, grads_for(t, shapes, torch.float32, device), bufs, [],
+                      [i % 3 == 0 for i in range(len(params))], impl=impl, **cfg)
+    assert_lists_close(params, with_steps[0], rtol=0, atol=0)
+    assert_lists_close(bufs, with_steps[1], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="dampening != 0 needs a step counter"):
+        ops.lars_sgd_(params, grads_for(0, shapes, torch.float32, device), bufs, [],
+                      [False] * len(params), impl=impl, **CONFIGS["dampening-clip"])

@@ -184,8 +184,10 @@ void lars_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
   const bool has_momentum = momentum != 0.0;
   if (has_momentum) {
     check_aligned(params, momentum_buffers, "momentum_buffers");
-    TORCH_CHECK_VALUE(steps.size() == params.size(), "steps has ", steps.size(),
-                      " entries but params has ", params.size());
+    // Buffers start at zero, so only dampening needs to know the first step.
+    TORCH_CHECK_VALUE(steps.size() == params.size() || (steps.empty() && dampening == 0.0),
+                      "steps has ", steps.size(), " entries but params has ", params.size(),
+                      " (dampening != 0 needs a step counter per param)");
     for (size_t i = 0; i < steps.size(); ++i) {
       TORCH_CHECK_TYPE(steps[i].numel() == 1 && steps[i].scalar_type() == at::kFloat,
                        "steps[", i, "] must be a one-element float32 tensor");
@@ -227,7 +229,7 @@ void lars_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
       const at::Tensor w = staging.lead(params[i], true);
       const at::Tensor g = staging.follow(grads[i], w, false);
       void* b = has_momentum ? staging.follow(momentum_buffers[i], w, true).data_ptr() : nullptr;
-      void* step = has_momentum ? steps[i].data_ptr() : nullptr;
+      void* step = has_momentum && !steps.empty() ? steps[i].data_ptr() : nullptr;
       void* g_ptr = const_cast<void*>(g.const_data_ptr());
       const bool excluded = exclude.get(i);
       const int64_t numel = w.numel();

@@ -187,8 +187,8 @@ struct TensorCoefs {
   double first;  // 1 on the first momentum step (buf = d), else 0
 };
 
-// Pass 2 of lars_sgd_: list 0 holds each tensor's step counter (float, null without
-// momentum), the flag says "excluded".
+// Pass 2 of lars_sgd_: list 0 holds each tensor's step counter (float; null without
+// momentum or without counters), the flag says "excluded".
 template <typename T>
 struct LarsCoefs {
   using A = opmath_t<T>;
@@ -217,8 +217,9 @@ struct LarsCoefs {
     TensorCoefs& c = coefs[meta.index[slot]];
     c.r = s.r;
     c.wd = s.wd;
-    if (has_momentum) {
-      float* step = static_cast<float*>(meta.addresses[0][slot]);
+    float* step = static_cast<float*>(meta.addresses[0][slot]);
+    c.first = 0.0;  // without counters, zero-initialised buffers make m * 0 + d the first step
+    if (has_momentum && step != nullptr) {
       c.first = *step == 0.f ? 1.0 : 0.0;
       *step += 1.f;  // pass 3 reads `first` from the coefficients, not the counter
     }

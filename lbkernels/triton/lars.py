@@ -128,7 +128,7 @@ def _lars_coefs(table, n_chunks, n_tensors, partial, coefs, lr: "fp64", lr_ptr,
                 weight_decay: "fp64", trust_coefficient: "fp64", eps: "fp64", skip_ptr,
                 ACC: tl.constexpr, RBLOCK: tl.constexpr, CLIP: tl.constexpr,
                 ZERO_NORM_DECAY: tl.constexpr, HAS_LR_TENSOR: tl.constexpr,
-                HAS_MOMENTUM: tl.constexpr, HAS_SKIP: tl.constexpr):
+                HAS_MOMENTUM: tl.constexpr, HAS_STEPS: tl.constexpr, HAS_SKIP: tl.constexpr):
     t = tl.program_id(0)
     rows = table + 5 * n_chunks
     first = tl.load(rows + t)
@@ -145,7 +145,7 @@ def _lars_coefs(table, n_chunks, n_tensors, partial, coefs, lr: "fp64", lr_ptr,
                        ZERO_NORM_DECAY, excluded)
     tl.store(coefs + t, r)
     tl.store(coefs + n_tensors + t, wd)
-    if HAS_MOMENTUM:
+    if HAS_STEPS:
         step_ptr = tl.load(rows + 2 * n_tensors + t).to(tl.pointer_type(tl.float32))
         step = tl.load(step_ptr)
         tl.store(coefs + 2 * n_tensors + t, (step == 0).to(ACC))
@@ -154,6 +154,8 @@ def _lars_coefs(table, n_chunks, n_tensors, partial, coefs, lr: "fp64", lr_ptr,
             count = tl.load(skip_ptr) == 0
         if count:
             tl.store(step_ptr, step + 1.0)
+    elif HAS_MOMENTUM:  # zero-initialised buffers: m * 0 + d is already the first step
+        tl.store(coefs + 2 * n_tensors + t, tl.zeros([], ACC))
 
 
 @triton.jit
@@ -251,8 +253,8 @@ def _l2norm(xs: list[torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def _check_lars_args(params, grads, momentum_buffers, steps, exclude, momentum, momentum_style,
-                     lr_tensor, grad_scale, found_inf) -> None:
+def _check_lars_args(params, grads, momentum_buffers, steps, exclude, momentum, dampening,
+                     momentum_style, lr_tensor, grad_scale, found_inf) -> None:
     """The reference's checks (same messages), plus what the kernels assume of steps."""
     check_tensor_lists(
         params,
@@ -261,8 +263,11 @@ def _check_lars_args(params, grads, momentum_buffers, steps, exclude, momentum, 
         flags={"exclude": exclude},
     )
     if momentum != 0.0:
-        if len(momentum_buffers) != len(params) or len(steps) != len(params):
-            raise ValueError("momentum != 0 needs one momentum buffer and one step per param")
+        if len(momentum_buffers) != len(params):
+            raise ValueError(f"momentum_buffers has {len(momentum_buffers)} entries but params has {len(params)}")
+        if dampening != 0.0 and len(steps) != len(params):
+            raise ValueError(f"steps has {len(steps)} entries but params has {len(params)} "
+                             "(dampening != 0 needs a step counter per param)")
         check_tensor_lists(params, same_shape={"momentum_buffers": momentum_buffers})
         for i, s in enumerate(steps):
             if s.numel() != 1 or s.dtype != torch.float32:
@@ -279,13 +284,14 @@ def _check_lars_args(params, grads, momentum_buffers, steps, exclude, momentum, 
 def _lars_sgd(params, grads, momentum_buffers, steps, exclude, lr, lr_tensor, momentum,
               dampening, weight_decay, nesterov, trust_coefficient, eps, clip, zero_norm_decay,
               momentum_style, grad_scale, found_inf) -> None:
-    _check_lars_args(params, grads, momentum_buffers, steps, exclude, momentum, momentum_style,
-                     lr_tensor, grad_scale, found_inf)
+    _check_lars_args(params, grads, momentum_buffers, steps, exclude, momentum, dampening,
+                     momentum_style, lr_tensor, grad_scale, found_inf)
     if not params:
         return
     device = params[0].device
     _check_runnable(device)
     has_momentum = momentum != 0.0
+    has_steps = has_momentum and len(steps) > 0
     lr_tensor = mt.scalar_on(lr_tensor, device)
     grad_scale = mt.scalar_on(grad_scale, device)
     found_inf = mt.scalar_on(found_inf, device)
@@ -298,7 +304,7 @@ def _lars_sgd(params, grads, momentum_buffers, steps, exclude, lr, lr_tensor, mo
             b = staging.follow(momentum_buffers[i], w, written=True) if has_momentum else None
             entries.append(mt.Entry(
                 w.data_ptr(), g.data_ptr(), 0 if b is None else b.data_ptr(),
-                steps[i].data_ptr() if has_momentum else 0, w.numel(), bool(exclude[i]), i))
+                steps[i].data_ptr() if has_steps else 0, w.numel(), bool(exclude[i]), i))
         tab = mt.table(entries, params[index[0]].element_size(), device)
         acc_torch, acc = _acc(dtype)
         partial = torch.empty(2 * max(1, tab.n_chunks), dtype=acc_torch, device=device)
@@ -318,7 +324,7 @@ def _lars_sgd(params, grads, momentum_buffers, steps, exclude, lr, lr_tensor, mo
             float(weight_decay), float(trust_coefficient), float(eps), skip_arg,
             ACC=acc, RBLOCK=_RBLOCK, CLIP=bool(clip), ZERO_NORM_DECAY=bool(zero_norm_decay),
             HAS_LR_TENSOR=lr_tensor is not None, HAS_MOMENTUM=has_momentum,
-            num_warps=_NUM_WARPS, **flags)
+            HAS_STEPS=has_steps, num_warps=_NUM_WARPS, **flags)
         if tab.n_chunks:
             _lars_update[(tab.n_chunks,)](
                 tab.data, tab.n_chunks, tab.n_tensors, coefs, float(lr), lr_arg, scale_arg,
