@@ -63,7 +63,7 @@ class ShiftedMomentumSGD(FusedOptimizer):
 
     Every step is one fused ``lbkernels.ops.lars_sgd_`` call per (group, device) on the
     selected worker's buffers, so every backend serves it. The round-robin position
-    counts the updates applied; it is part of :meth:`state_dict`. A step that a
+    counts the steps taken, with or without ``worker=``; it is part of :meth:`state_dict`. A step that a
     ``torch.amp.GradScaler`` skips changes no tensor and leaves the position where it was;
     knowing that costs one read of the scaler's ``found_inf`` flag (4 bytes from the
     device) per step under a scaler, and nothing without one.
