@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from lbkernels.train import checkpoint, data
+from lbkernels.train.models import MODELS, build_model
 from lbkernels.train.__main__ import main
 from lbkernels.train.cli import parse_args
 
@@ -301,3 +302,20 @@ def test_crop_flip_and_cutout():
     assert torch.equal(shifted[1, 0, :, :3], x[1, 0, :, 1:]) and (shifted[1, 0, :, 3] == 0).all()
     holes = data.cutout(torch.ones(1, 2, 6, 6), torch.tensor([0]), torch.tensor([3]), 2)
     assert holes.sum() == 2 * (36 - 2) and holes[0, :, 0, 2:4].eq(0).all()
+
+
+# -- models ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("shape", [(1, 8, 8), (3, 32, 32)], ids=["digits", "cifar"])
+def test_every_model_takes_digits_and_cifar_shapes(name, shape):
+    model = build_model(name, shape, 7, width=0.25)
+    out = model(torch.randn(2, *shape))
+    assert out.shape == (2, 7) and out.isfinite().all()
+    narrower = sum(p.numel() for p in build_model(name, shape, 7, width=0.125).parameters())
+    assert narrower < sum(p.numel() for p in model.parameters())
+
+
+def test_resnet_parameter_counts_match_the_papers():
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert count(build_model("resnet20", (3, 32, 32), 10, 1.0)) == 269_722
+    assert round(count(build_model("resnet9", (3, 32, 32), 10, 1.0)) / 1e6, 1) == 6.6

@@ -249,8 +249,8 @@ class TrainBatches:
         state = self.sampler.state_dict()
         return state["step"] if state["epoch"] == epoch else 0
 
-    def epoch(self, epoch: int) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, int]]:
-        """(step, inputs, labels, global batch size) from the sampler's position on."""
+    def epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+        """(inputs, labels, global batch size) from the sampler's position on."""
         self.sampler.set_epoch(epoch)
         sizes = self.sampler.global_batch_sizes(epoch)
         device = self.dataset.train_labels.device
@@ -259,7 +259,7 @@ class TrainBatches:
             total = sizes[step]
             lo = sum(split_evenly(total, self.world_size)[: self.rank])
             x, y = self.dataset.train_sample(torch.tensor(indices, device=device))
-            yield step, self._transform(x, total, lo), y, total
+            yield self._transform(x, total, lo), y, total
 
     def _transform(self, x: torch.Tensor, total: int, lo: int) -> torch.Tensor:
         # Drawn for the whole global batch, in a fixed order, then sliced to this share.

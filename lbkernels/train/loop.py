@@ -124,7 +124,7 @@ class Trainer:
         steps = self.batches.num_batches(epoch)
         report.start_epoch(epoch, args.epochs, steps, self.batches.taken(epoch))
         samples, t0 = 0, time.perf_counter()
-        for _, x, y, total in self.batches.epoch(epoch):
+        for x, y, total in self.batches.epoch(epoch):
             self._step(x, y, total)
             samples += total
             loss_sum, correct, count = self.epoch_sums
