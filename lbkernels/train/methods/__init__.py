@@ -3,7 +3,9 @@
 A method is a name, its own command-line options and a factory that turns the run's
 options and model into a :class:`Recipe`: the optimizer and learning-rate schedule, and
 optionally a DDP comm hook, a global batch size per epoch, a different update step and
-hooks at epoch boundaries. To add one, write its factory here and register it::
+hooks at epoch boundaries. ``sgd`` and ``lars`` live here; every other method is one
+module of this package, imported at the bottom. To add one, write its factory in a new
+module and register it::
 
     def build_mine(ctx: Context) -> Recipe:
         opt = MyOptimizer(ctx.model.parameters(), lr=peak_lr(ctx.args))
@@ -28,10 +30,10 @@ from torch import nn
 from lbkernels.optim import LARS, lars_param_groups
 from lbkernels.schedules import linear_scaled_lr, warmup_multistep
 
-from .argtypes import positive_float
+from ..argtypes import positive_float
 
 if TYPE_CHECKING:
-    from .loop import Trainer
+    from ..loop import Trainer
 
 
 @dataclass
@@ -176,3 +178,6 @@ register(Method(
     "lars", "LARS, layer-wise adaptive rates (You et al. 2017), fused kernels of lbkernels.optim",
     build_lars, _lars_arguments,
 ))
+
+
+# -- the other methods, one module each (each registers itself on import) ---------------------
