@@ -112,6 +112,7 @@ class Trainer:
                 if done or (args.checkpoint_every and self.epoch % args.checkpoint_every == 0):
                     self.save()
         finally:
+            self.recipe.on_train_end(self)
             report.close()
             report.plot(self.history, f"{args.method} / {args.model} / {args.data}, "
                                       f"batch {args.batch_size}")
@@ -156,22 +157,16 @@ class Trainer:
     def _step(self, x: torch.Tensor, y: torch.Tensor, total: int) -> None:
         """One step on this process's share (x, y) of a global batch of ``total``."""
         self.recipe.optimizer.zero_grad(set_to_none=True)
-        with self._autocast():
-            out = self.net(x)
-        loss_sum = F.cross_entropy(out.float(), y, reduction="sum")
+        loss_sum, correct = self.recipe.forward_backward(self, x, y, total)
         # Every process agrees on the global loss before anyone steps: one process with a
         # non-finite loss makes them all skip, and the metrics are those of the whole batch.
-        stats = torch.stack([loss_sum.detach().double(), (out.argmax(1) == y).sum().double()])
-        loss_total, correct = self.runtime.sum(stats).tolist()
+        loss_total, correct = self.runtime.sum(torch.stack([loss_sum.double(), correct.double()])).tolist()
         self.steps += 1
         if not math.isfinite(loss_total):
+            self.recipe.optimizer.zero_grad(set_to_none=True)
             self._skip(loss_total)
             return
         self.bad_in_row = 0
-        # DDP averages gradients over the K processes: scaling each share's summed loss
-        # by K / total makes that average the mean gradient of the global batch, also
-        # when the shares differ in size.
-        self.scaler.scale(loss_sum * (self.runtime.world_size / total)).backward()
         self.recipe.step(self.scaler)
         self.updates += 1
         sums = self.epoch_sums
@@ -197,7 +192,7 @@ class Trainer:
         self.model.eval()
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         for x, y in test_batches(self.dataset, EVAL_BATCH, self.runtime.rank, self.runtime.world_size):
-            with self._autocast():
+            with self.autocast():
                 out = self.model(x)
             sums[0] += F.cross_entropy(out.float(), y, reduction="sum").double()
             sums[1] += (out.argmax(1) == y).sum()
@@ -206,7 +201,7 @@ class Trainer:
         loss, correct, count = self.runtime.sum(sums).tolist()
         return loss / count, correct / count
 
-    def _autocast(self) -> torch.autocast:
+    def autocast(self) -> torch.autocast:
         amp = self.args.amp
         return torch.autocast(self.device.type, dtype=_AMP_DTYPES.get(amp), enabled=amp != "none")
 

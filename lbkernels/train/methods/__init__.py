@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lbkernels.optim import LARS, lars_param_groups
@@ -69,6 +70,21 @@ class Recipe:
         """The global batch of ``epoch`` (0-based)."""
         return self._batch_size
 
+    def forward_backward(self, trainer: Trainer, x: torch.Tensor, y: torch.Tensor,
+                         total: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward and backward on this process's share (x, y) of a global batch of
+        ``total`` samples; returns the share's summed loss and correct count (detached).
+
+        DDP averages gradients over the K processes: scaling each share's summed loss by
+        K / total makes that average the mean gradient of the global batch, also when
+        the shares differ in size.
+        """
+        with trainer.autocast():
+            out = trainer.net(x)
+        loss_sum = F.cross_entropy(out.float(), y, reduction="sum")
+        trainer.scaler.scale(loss_sum * (trainer.runtime.world_size / total)).backward()
+        return loss_sum.detach(), (out.argmax(1) == y).sum()
+
     def step(self, scaler: torch.amp.GradScaler) -> None:
         """One update from the gradients of the current batch (already averaged over
         processes by DDP or the comm hook)."""
@@ -81,6 +97,10 @@ class Recipe:
 
     def on_epoch_end(self, trainer: Trainer, epoch: int) -> None:
         """After the last step of ``epoch``, before it is evaluated."""
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        """After the last epoch, or when the run stops early (before the process group
+        is destroyed)."""
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a checkpoint needs to continue the method exactly."""
