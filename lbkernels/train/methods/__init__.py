@@ -201,3 +201,4 @@ register(Method(
 
 
 # -- the other methods, one module each (each registers itself on import) ---------------------
+from . import delayed  # noqa: F401
