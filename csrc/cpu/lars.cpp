@@ -31,7 +31,7 @@ int64_t block_bytes() {
 }
 
 at::Tensor multi_tensor_l2norm_cpu(at::TensorList xs) {
-  check_param_list(xs, "xs");
+  check_list(xs, "xs", c10::DeviceType::CPU);
   const int64_t n = static_cast<int64_t>(xs.size());
   at::Tensor out = at::empty({n}, at::TensorOptions().dtype(at::kFloat));
   std::vector<double> sums(static_cast<size_t>(n), 0.0);
@@ -65,24 +65,16 @@ void lars_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
                   const std::optional<at::Tensor>& grad_scale,
                   const std::optional<at::Tensor>& found_inf) {
   // -- every check before the first write
-  check_param_list(params);
+  check_list(params, "params", c10::DeviceType::CPU);
   check_aligned(params, grads, "grads");
   const bool has_momentum = momentum != 0.0;
   if (has_momentum) {
     check_aligned(params, momentum_buffers, "momentum_buffers");
-    // Buffers start at zero, so only dampening needs to know the first step.
-    TORCH_CHECK_VALUE(steps.size() == params.size() || (steps.empty() && dampening == 0.0),
-                      "steps has ", steps.size(), " entries but params has ", params.size(),
-                      " (dampening != 0 needs a step counter per param)");
-    for (size_t i = 0; i < steps.size(); ++i)
-      TORCH_CHECK_VALUE(steps[i].numel() == 1 && steps[i].scalar_type() == at::kFloat &&
-                            steps[i].device().is_cpu(),
-                        "steps[", i, "] must be a one-element float32 CPU tensor");
+    check_steps(params, steps, dampening);
   }
   TORCH_CHECK_VALUE(exclude.size() == params.size(), "exclude has ", exclude.size(),
                     " entries but params has ", params.size());
-  TORCH_CHECK_VALUE(momentum_style == "torch" || momentum_style == "paper",
-                    "momentum_style must be 'torch' or 'paper', got '", momentum_style, "'");
+  check_momentum_style(momentum_style);
   const double lr_v = lr_tensor.has_value() ? scalar_value(lr_tensor, "lr_tensor") : lr;
   SgdParams sp;
   if (grad_scale.has_value()) {

@@ -1,4 +1,4 @@
-// Host-side machinery shared by the CPU multi-tensor ops: argument checks, flat views
+// Host-side machinery of the CPU multi-tensor ops: flat views
 // of tensor lists (with a copy-in/copy-out fallback for layouts the loops cannot walk),
 // chunking, and the per-capability kernel table.
 #pragma once
@@ -14,6 +14,7 @@
 #include <utility>
 #include <vector>
 
+#include <lbkernels/host.h>
 #include <lbkernels/cpu_kernels.h>
 
 namespace lbkernels::cpu {
@@ -39,39 +40,6 @@ inline const KernelTable& kernels() {
     return LBK_KERNEL_TABLE(DEFAULT);
   }();
   return table;
-}
-
-inline bool supported_dtype(c10::ScalarType t) {
-  return t == c10::kFloat || t == c10::kDouble || t == c10::kHalf || t == c10::kBFloat16;
-}
-
-// Checks shared by every op over aligned lists; all run before any tensor is written.
-inline void check_param_list(at::TensorList params, const char* name = "params") {
-  for (size_t i = 0; i < params.size(); ++i) {
-    const at::Tensor& p = params[i];
-    TORCH_CHECK_TYPE(p.layout() == c10::kStrided, name, "[", i, "] must be a dense tensor");
-    TORCH_CHECK_TYPE(supported_dtype(p.scalar_type()), name, "[", i, "] has dtype ",
-                     p.scalar_type(), "; expected a floating dtype");
-    TORCH_CHECK_VALUE(p.device().is_cpu(), name, "[", i, "] is on ", p.device(),
-                      " but this is the CPU kernel");
-  }
-}
-
-inline void check_aligned(at::TensorList params, at::TensorList xs, const char* name) {
-  TORCH_CHECK_VALUE(xs.size() == params.size(), name, " has ", xs.size(),
-                    " entries but params has ", params.size());
-  for (size_t i = 0; i < xs.size(); ++i) {
-    const at::Tensor& x = xs[i];
-    const at::Tensor& p = params[i];
-    TORCH_CHECK_TYPE(x.layout() == c10::kStrided, name, "[", i,
-                     "] must be dense; sparse tensors are not supported");
-    TORCH_CHECK_VALUE(x.device() == p.device(), name, "[", i, "] is on ", x.device(),
-                      " but params[", i, "] is on ", p.device());
-    TORCH_CHECK_TYPE(x.scalar_type() == p.scalar_type(), name, "[", i, "] has dtype ",
-                     x.scalar_type(), " but params[", i, "] has ", p.scalar_type());
-    TORCH_CHECK_VALUE(x.sizes() == p.sizes(), name, "[", i, "] has shape ", x.sizes(),
-                      " but params[", i, "] has ", p.sizes());
-  }
 }
 
 inline double scalar_value(const std::optional<at::Tensor>& t, const char* name) {
@@ -123,23 +91,6 @@ class FlatLists {
   std::vector<std::pair<at::Tensor, at::Tensor>> pending_;
   std::vector<at::Tensor> keep_;
 };
-
-// Indices of `params` grouped by dtype, in order: one parallel sweep per dtype.
-inline std::vector<std::pair<c10::ScalarType, std::vector<int64_t>>> group_by_dtype(
-    at::TensorList params) {
-  std::vector<std::pair<c10::ScalarType, std::vector<int64_t>>> groups;
-  for (size_t i = 0; i < params.size(); ++i) {
-    const auto t = params[i].scalar_type();
-    auto it = groups.begin();
-    while (it != groups.end() && it->first != t) ++it;
-    if (it == groups.end()) {
-      groups.emplace_back(t, std::vector<int64_t>{});
-      it = groups.end() - 1;
-    }
-    it->second.push_back(static_cast<int64_t>(i));
-  }
-  return groups;
-}
 
 // Appends the chunks of tensor `t` (position in the flat lists) with `numel` elements.
 inline void append_chunks(std::vector<Chunk>& chunks, int64_t t, int64_t numel) {

@@ -12,6 +12,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <lbkernels/host.h>
+
 #include <optional>
 #include <utility>
 #include <vector>
@@ -21,40 +23,6 @@
 namespace lbkernels::cuda {
 namespace {
 
-bool supported_dtype(c10::ScalarType t) {
-  return t == c10::kFloat || t == c10::kDouble || t == c10::kHalf || t == c10::kBFloat16;
-}
-
-// Checks shared by both ops; all run before any tensor is written.
-void check_list(at::TensorList xs, const char* name) {
-  for (size_t i = 0; i < xs.size(); ++i) {
-    const at::Tensor& x = xs[i];
-    TORCH_CHECK_TYPE(x.layout() == c10::kStrided, name, "[", i, "] must be a dense tensor");
-    TORCH_CHECK_TYPE(supported_dtype(x.scalar_type()), name, "[", i, "] has dtype ",
-                     x.scalar_type(), "; expected a floating dtype");
-    TORCH_CHECK_VALUE(x.device() == xs[0].device(), name, "[", i, "] is on ", x.device(),
-                      " but ", name, "[0] is on ", xs[0].device());
-    TORCH_CHECK_VALUE(x.is_cuda(), name, "[", i, "] is on ", x.device(),
-                      " but this is the CUDA kernel");
-  }
-}
-
-void check_aligned(at::TensorList params, at::TensorList xs, const char* name) {
-  TORCH_CHECK_VALUE(xs.size() == params.size(), name, " has ", xs.size(),
-                    " entries but params has ", params.size());
-  for (size_t i = 0; i < xs.size(); ++i) {
-    const at::Tensor& x = xs[i];
-    const at::Tensor& p = params[i];
-    TORCH_CHECK_TYPE(x.layout() == c10::kStrided, name, "[", i,
-                     "] must be dense; sparse tensors are not supported");
-    TORCH_CHECK_VALUE(x.device() == p.device(), name, "[", i, "] is on ", x.device(),
-                      " but params[", i, "] is on ", p.device());
-    TORCH_CHECK_TYPE(x.scalar_type() == p.scalar_type(), name, "[", i, "] has dtype ",
-                     x.scalar_type(), " but params[", i, "] has ", p.scalar_type());
-    TORCH_CHECK_VALUE(x.sizes() == p.sizes(), name, "[", i, "] has shape ", x.sizes(),
-                      " but params[", i, "] has ", p.sizes());
-  }
-}
 
 // A one-element tensor argument read on the device. A CPU tensor is read on the host
 // (no device sync); other dtypes are converted on the device (stream-ordered).
@@ -113,17 +81,6 @@ class Staging {
   std::vector<at::Tensor> keep_;
 };
 
-std::vector<std::pair<c10::ScalarType, std::vector<int64_t>>> group_by_dtype(at::TensorList xs) {
-  std::vector<std::pair<c10::ScalarType, std::vector<int64_t>>> groups;
-  for (size_t i = 0; i < xs.size(); ++i) {
-    auto it = groups.begin();
-    while (it != groups.end() && it->first != xs[i].scalar_type()) ++it;
-    if (it == groups.end()) it = groups.insert(groups.end(), {xs[i].scalar_type(), {}});
-    it->second.push_back(static_cast<int64_t>(i));
-  }
-  return groups;
-}
-
 template <typename F>
 void by_dtype(c10::ScalarType t, const F& f) {
   switch (t) {
@@ -140,7 +97,7 @@ c10::ScalarType acc_dtype(c10::ScalarType t) {
 }
 
 at::Tensor multi_tensor_l2norm_cuda(at::TensorList xs) {
-  check_list(xs, "xs");
+  check_list(xs, "xs", c10::DeviceType::CUDA);
   if (xs.empty()) return at::empty({0}, at::TensorOptions().dtype(at::kFloat));
   const c10::cuda::CUDAGuard guard(xs[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -179,26 +136,16 @@ void lars_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
                    const std::optional<at::Tensor>& grad_scale,
                    const std::optional<at::Tensor>& found_inf) {
   // -- every check before the first write
-  check_list(params, "params");
+  check_list(params, "params", c10::DeviceType::CUDA);
   check_aligned(params, grads, "grads");
   const bool has_momentum = momentum != 0.0;
   if (has_momentum) {
     check_aligned(params, momentum_buffers, "momentum_buffers");
-    // Buffers start at zero, so only dampening needs to know the first step.
-    TORCH_CHECK_VALUE(steps.size() == params.size() || (steps.empty() && dampening == 0.0),
-                      "steps has ", steps.size(), " entries but params has ", params.size(),
-                      " (dampening != 0 needs a step counter per param)");
-    for (size_t i = 0; i < steps.size(); ++i) {
-      TORCH_CHECK_TYPE(steps[i].numel() == 1 && steps[i].scalar_type() == at::kFloat,
-                       "steps[", i, "] must be a one-element float32 tensor");
-      TORCH_CHECK_VALUE(steps[i].device() == params[i].device(), "steps[", i, "] is on ",
-                        steps[i].device(), " but params[", i, "] is on ", params[i].device());
-    }
+    check_steps(params, steps, dampening);
   }
   TORCH_CHECK_VALUE(exclude.size() == params.size(), "exclude has ", exclude.size(),
                     " entries but params has ", params.size());
-  TORCH_CHECK_VALUE(momentum_style == "torch" || momentum_style == "paper",
-                    "momentum_style must be 'torch' or 'paper', got '", momentum_style, "'");
+  check_momentum_style(momentum_style);
   if (params.empty()) return;
   const c10::Device dev = params[0].device();
   const c10::cuda::CUDAGuard guard(dev);
