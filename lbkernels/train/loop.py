@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
 from lbkernels.data import ScheduledBatchSampler
+from lbkernels.schedules import noise_scale
 
 from . import checkpoint
 from .cli import CHECKPOINT_NAME, ConfigError, resolved
@@ -140,10 +141,15 @@ class Trainer:
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
             test_loss, test_acc = self.evaluate()
         loss_sum, correct, count = self.epoch_sums
+        group, batch_size = self.recipe.optimizer.param_groups[0], self.recipe.batch_size(epoch)
         row = {
             "epoch": epoch + 1, "step": self.steps, "updates": self.updates,
-            "lr": self.recipe.optimizer.param_groups[0]["lr"],
-            "batch_size": self.recipe.batch_size(epoch),
+            "lr": group["lr"], "batch_size": batch_size,
+            # SGD's noise scale lr / (1 - m) * (N / B - 1) at the epoch's last update: what
+            # decaying the rate and growing the batch both lower (m = 0 for optimizers
+            # without momentum).
+            "noise_scale": noise_scale(group["lr"], self.dataset.train_size, batch_size,
+                                       group.get("momentum", 0.0)),
             "train_loss": loss_sum / count if count else None,
             "train_acc": correct / count if count else None,
             "test_loss": test_loss, "test_acc": test_acc,

@@ -14,8 +14,8 @@ from tqdm import tqdm
 
 from .plots import plot_curves
 
-COLUMNS = ("epoch", "step", "updates", "lr", "batch_size", "train_loss", "train_acc",
-           "test_loss", "test_acc", "wall_time")
+COLUMNS = ("epoch", "step", "updates", "lr", "batch_size", "noise_scale", "train_loss",
+           "train_acc", "test_loss", "test_acc", "wall_time")
 
 
 class Report:
@@ -89,5 +89,9 @@ class Report:
 
 
 def _csv_row(row: dict) -> dict:
-    return {k: ("" if row[k] is None or (isinstance(row[k], float) and math.isnan(row[k])) else row[k])
-            for k in COLUMNS}
+    # A column the row lacks (a run resumed from a checkpoint written before the column
+    # existed) is left empty, as a missing value is.
+    def cell(value: Any) -> Any:
+        return "" if value is None or (isinstance(value, float) and math.isnan(value)) else value
+
+    return {k: cell(row.get(k)) for k in COLUMNS}

@@ -1,0 +1,171 @@
+"""``--method growing-batch``: grow the batch instead of decaying the learning rate
+(Smith, Kindermans, Le, ICLR 2018).
+
+The step schedule of ``--decay step --decay-epochs E1 E2 .. --decay-gamma G`` is read as
+"divide the SGD noise scale ``lr * N / (B * (1 - m))`` by ``1/G`` at every milestone";
+``--batch-schedule`` says how (:class:`lbkernels.schedules.BatchSizeSchedule`):
+
+- ``decay-lr``: the learning rate falls by ``G`` at every milestone (plain step decay);
+- ``increase``: the batch grows by ``1/G`` instead, up to ``--max-batch``; past the cap
+  the learning rate takes the rest of the decay;
+- ``hybrid``: the batch grows at the first milestone, the learning rate decays after.
+
+``--batch-size`` is the batch before the first milestone and ``--lr`` (scaled from
+``--base-batch-size`` by the linear rule) its learning rate. The learning rate and the
+batch are pure functions of the epoch (and of the position in the epoch during
+warm-up), so a resumed run needs nothing but the optimizer's state.
+
+The batch a process can hold is bounded: ``--max-micro-batch`` splits this process's
+share of a large global batch into micro-batches whose gradients add up before the one
+update (synchronised across processes once, after the last), and ``--ghost-batch``
+normalises BatchNorm over fixed-size ghost batches, so that the normalisation does not
+change with the batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from lbkernels.distributed import accumulate_gradients
+from lbkernels.nn import convert_to_ghost_bn
+from lbkernels.optim import LARS, lars_param_groups
+from lbkernels.schedules import BatchSizeSchedule
+
+from ..argtypes import nonnegative_int
+from . import Context, Method, Recipe, _groups, peak_lr, register
+
+if TYPE_CHECKING:
+    from ..loop import Trainer
+
+_MODES = {"increase": "increase_batch", "hybrid": "hybrid", "decay-lr": "decay_lr"}
+
+
+def _arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--batch-schedule", choices=list(_MODES), default="increase",
+                       help="what happens at each of --decay-epochs (with --decay step): the batch "
+                            "grows by 1/--decay-gamma (increase), it grows at the first and the "
+                            "learning rate decays at the others (hybrid), or only the learning "
+                            "rate decays (decay-lr)")
+    group.add_argument("--max-batch", type=nonnegative_int, default=0, metavar="B",
+                       help="cap of the growing global batch; past it the learning rate decays "
+                            "instead (0: only the training set size caps it)")
+    group.add_argument("--ghost-batch", type=nonnegative_int, default=0, metavar="SAMPLES",
+                       help="ghost batch normalisation: BatchNorm statistics over chunks of this "
+                            "many samples, whatever the batch (0: off)")
+    group.add_argument("--max-micro-batch", type=nonnegative_int, default=0, metavar="SAMPLES",
+                       help="most samples per forward/backward in a process; larger shares of "
+                            "the batch accumulate gradients over micro-batches (0: off)")
+    group.add_argument("--batch-lars", action="store_true", default=False,
+                       help="LARS (with --trust-coefficient, --lars-clip) instead of momentum SGD "
+                            "(with --nesterov)")
+
+
+class GrowingBatchRecipe(Recipe):
+    """Momentum SGD (or LARS) whose learning rate and batch follow a BatchSizeSchedule."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, schedule: BatchSizeSchedule, *,
+                 warmup_epochs: float, max_micro_batch: int):
+        super().__init__(optimizer, None, schedule.batch_size)  # type: ignore[arg-type]
+        self.schedule = schedule
+        self.warmup_epochs = warmup_epochs
+        self.max_micro_batch = max_micro_batch
+
+    def batch_size(self, epoch: int) -> int:
+        return self.schedule.at(epoch)[1]
+
+    def lr(self, epoch: float) -> float:
+        """The learning rate at ``epoch`` (fractional: the position within the epoch):
+        the schedule's, ramped linearly from 0 over the warm-up epochs."""
+        lr = self.schedule.at(int(epoch))[0]
+        if epoch < self.warmup_epochs:
+            lr *= epoch / self.warmup_epochs
+        return lr
+
+    def forward_backward(self, trainer: Trainer, x: torch.Tensor, y: torch.Tensor,
+                         total: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # The rate of this update, from where the batch sits in the run: the sampler has
+        # just handed it out, so `taken` counts it.
+        epoch = trainer.epoch
+        position = epoch + (trainer.batches.taken(epoch) - 1) / trainer.batches.num_batches(epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr(position)
+
+        if not self.max_micro_batch or len(x) <= self.max_micro_batch:
+            return super().forward_backward(trainer, x, y, total)
+        # Each micro-batch's mean loss is weighted by its size * K / total, as the whole
+        # share's summed loss would be: DDP's average over the K processes is then the
+        # mean gradient over the global batch. Only the last backward synchronises.
+        with trainer.autocast():
+            stats = accumulate_gradients(
+                trainer.net, x, y, lambda out, target: F.cross_entropy(out.float(), target),
+                self.max_micro_batch, global_batch_size=total,
+                world_size=trainer.runtime.world_size, scaler=trainer.scaler)
+        return (torch.tensor(stats.loss_sum, dtype=torch.float64, device=x.device),
+                torch.tensor(stats.correct, dtype=torch.int64, device=x.device))
+
+    def step(self, scaler: torch.amp.GradScaler) -> None:
+        scaler.step(self.optimizer)
+        scaler.update()
+
+    def state_dict(self) -> dict[str, Any]:
+        # The schedule is a function of the epoch: the optimizer's state is all there is.
+        return {"optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+
+
+def _schedule(ctx: Context) -> BatchSizeSchedule:
+    from ..cli import ConfigError  # the options module imports the registry: not at import time
+
+    args = ctx.args
+    if args.decay != "step":
+        raise ConfigError("--decay: --method growing-batch follows a step schedule: give --decay step "
+                          "with --decay-epochs and --decay-gamma (the noise scale falls by "
+                          "1/gamma at each of those epochs)")
+    if not args.decay_gamma < 1:
+        raise ConfigError(f"--decay-gamma: expected a factor below 1 (0.2: the noise scale falls "
+                          f"5-fold at each milestone), got {args.decay_gamma}")
+    if args.max_batch and args.max_batch < args.batch_size:
+        raise ConfigError(f"--max-batch: {args.max_batch} is less than --batch-size {args.batch_size}")
+    schedule = BatchSizeSchedule(peak_lr(args), args.batch_size, args.decay_epochs,
+                                 1.0 / args.decay_gamma, max_batch=args.max_batch or None,
+                                 mode=_MODES[args.batch_schedule])
+    for phase in schedule.phases:
+        try:
+            ctx.steps_per_epoch(phase.batch_size)
+        except ConfigError as e:
+            why = str(e).split(": ", 1)[-1]
+            raise ConfigError(f"--max-batch: the batch grows to {phase.batch_size} at epoch "
+                              f"{phase.start_epoch}: {why}; cap it with --max-batch") from None
+    return schedule
+
+
+def build_growing_batch(ctx: Context) -> Recipe:
+    args = ctx.args
+    if args.ghost_batch:
+        # In place: the trainer's model is this object, and the parameters are the same
+        # tensors (checkpoints of either kind load into the other).
+        convert_to_ghost_bn(ctx.model, args.ghost_batch)
+    schedule = _schedule(ctx)
+    if args.batch_lars:
+        optimizer: torch.optim.Optimizer = LARS(
+            lars_param_groups(ctx.model, args.weight_decay), lr=schedule.lr, momentum=args.momentum,
+            trust_coefficient=args.trust_coefficient, clip=args.lars_clip)
+    else:
+        optimizer = torch.optim.SGD(_groups(ctx.model, args.weight_decay), lr=schedule.lr,
+                                    momentum=args.momentum, nesterov=args.nesterov and args.momentum > 0)
+    return GrowingBatchRecipe(optimizer, schedule, warmup_epochs=args.warmup_epochs,
+                              max_micro_batch=args.max_micro_batch)
+
+
+register(Method(
+    "growing-batch",
+    "grow the batch instead of decaying the learning rate (Smith, Kindermans, Le 2018): "
+    "--batch-schedule, --max-batch, --ghost-batch, --max-micro-batch",
+    build_growing_batch, _arguments,
+))
