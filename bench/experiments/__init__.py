@@ -1,0 +1,1 @@
+"""Experiments that reproduce results of the training methods (one module each)."""
