@@ -12,6 +12,7 @@ momentum (one buffer per worker) and a learning rate scaled down for the delay
 from __future__ import annotations
 
 import argparse
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -116,8 +117,14 @@ class DelayedRecipe(Recipe):
 
     def step(self, scaler: torch.amp.GradScaler) -> None:
         self._queued_unstepped = False
-        self.delayed.step(self.optimizer)
-        self.scheduler.step()
+        if self.delayed.step(self.optimizer):
+            self.scheduler.step()
+            return
+        # Nothing applied (the queue is filling): the schedule advances all the same, and
+        # torch's warning that the optimizer has not stepped yet is expected.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
+            self.scheduler.step()
 
     def on_train_end(self, trainer: Trainer) -> None:
         # The all-reduces in flight must finish before the process group goes away.
