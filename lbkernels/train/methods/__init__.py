@@ -202,3 +202,4 @@ register(Method(
 
 # -- the other methods, one module each (each registers itself on import) ---------------------
 from . import delayed  # noqa: F401
+from . import growing_batch  # noqa: F401
