@@ -38,7 +38,7 @@ LR0 = 0.1
 TAU = 8
 COMMON = ["--data", "digits", "--model", "mlp", "--batch-size", "32", "--base-batch-size", "32",
           "--lr", str(LR0), "--momentum", "0.9", "--warmup-epochs", "1", "--method", "async-sim",
-          "--quiet"]
+          "--checkpoint-every", "0", "--quiet"]  # the runs never resume: one checkpoint, at the end
 # name -> (flags, epochs)
 RUNS = {
     "sync": (["--delay", "0", "--momentum-kind", "standard"], 20),
