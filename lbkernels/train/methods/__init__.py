@@ -53,13 +53,15 @@ class Recipe:
     more than an optimizer and a schedule subclasses and overrides what it changes.
 
     Args:
-        optimizer, scheduler: stepped once per update (the scheduler counts updates).
+        optimizer, scheduler: stepped once per update (the scheduler counts updates);
+            no scheduler when the method sets the learning rate itself.
         batch_size: the global batch, constant; override :meth:`batch_size` to vary it.
         comm_hook: ``(state, hook)`` for ``DistributedDataParallel.register_comm_hook``,
             used when the run is distributed.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+    def __init__(self, optimizer: torch.optim.Optimizer,
+                 scheduler: torch.optim.lr_scheduler.LRScheduler | None,
                  batch_size: int, comm_hook: tuple[Any, Callable] | None = None):
         self.optimizer = optimizer
         self.scheduler = scheduler
@@ -90,7 +92,8 @@ class Recipe:
         processes by DDP or the comm hook)."""
         scaler.step(self.optimizer)
         scaler.update()
-        self.scheduler.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
 
     def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
         """Before the first step of ``epoch`` (also when a run resumes inside it)."""
@@ -104,11 +107,15 @@ class Recipe:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a checkpoint needs to continue the method exactly."""
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        state = {"optimizer": self.optimizer.state_dict()}
+        if self.scheduler is not None:
+            state["scheduler"] = self.scheduler.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ change with the batch.
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +69,7 @@ class GrowingBatchRecipe(Recipe):
 
     def __init__(self, optimizer: torch.optim.Optimizer, schedule: BatchSizeSchedule, *,
                  warmup_epochs: float, max_micro_batch: int):
-        super().__init__(optimizer, None, schedule.batch_size)  # type: ignore[arg-type]
+        super().__init__(optimizer, None, schedule.batch_size)
         self.schedule = schedule
         self.warmup_epochs = warmup_epochs
         self.max_micro_batch = max_micro_batch
@@ -106,17 +106,6 @@ class GrowingBatchRecipe(Recipe):
                 world_size=trainer.runtime.world_size, scaler=trainer.scaler)
         return (torch.tensor(stats.loss_sum, dtype=torch.float64, device=x.device),
                 torch.tensor(stats.correct, dtype=torch.int64, device=x.device))
-
-    def step(self, scaler: torch.amp.GradScaler) -> None:
-        scaler.step(self.optimizer)
-        scaler.update()
-
-    def state_dict(self) -> dict[str, Any]:
-        # The schedule is a function of the epoch: the optimizer's state is all there is.
-        return {"optimizer": self.optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
 
 
 def _schedule(ctx: Context) -> BatchSizeSchedule:
