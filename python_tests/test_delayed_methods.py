@@ -52,6 +52,9 @@ def test_method_trains_end_to_end(tmp_path, method, extra):
     # Far better than chance (10%) after two epochs, stale gradients or not.
     assert rows[-1]["test_acc"] > 0.5
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
+    # Updates count what changed the weights: the delayed queue's first tau steps do not.
+    applied_nothing = 2 if method == "delayed" else 0
+    assert rows[-1]["updates"] == rows[-1]["step"] - applied_nothing
 
 
 @pytest.mark.parametrize("method", ["async-sim", "delayed"])

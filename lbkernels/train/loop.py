@@ -173,8 +173,8 @@ class Trainer:
             self._skip(loss_total)
             return
         self.bad_in_row = 0
-        self.recipe.step(self.scaler)
-        self.updates += 1
+        if self.recipe.step(self.scaler):
+            self.updates += 1
         sums = self.epoch_sums
         sums[0], sums[1], sums[2] = sums[0] + loss_total, sums[1] + correct, sums[2] + total
 

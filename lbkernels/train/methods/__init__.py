@@ -87,13 +87,15 @@ class Recipe:
         trainer.scaler.scale(loss_sum * (trainer.runtime.world_size / total)).backward()
         return loss_sum.detach(), (out.argmax(1) == y).sum()
 
-    def step(self, scaler: torch.amp.GradScaler) -> None:
+    def step(self, scaler: torch.amp.GradScaler) -> bool:
         """One update from the gradients of the current batch (already averaged over
-        processes by DDP or the comm hook)."""
+        processes by DDP or the comm hook); False when it applied nothing, so that the
+        metrics count parameter updates, not steps."""
         scaler.step(self.optimizer)
         scaler.update()
         if self.scheduler is not None:
             self.scheduler.step()
+        return True
 
     def on_epoch_start(self, trainer: Trainer, epoch: int) -> None:
         """Before the first step of ``epoch`` (also when a run resumes inside it)."""

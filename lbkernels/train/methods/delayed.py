@@ -115,16 +115,17 @@ class DelayedRecipe(Recipe):
         self._queued_unstepped = True
         return result
 
-    def step(self, scaler: torch.amp.GradScaler) -> None:
+    def step(self, scaler: torch.amp.GradScaler) -> bool:
         self._queued_unstepped = False
         if self.delayed.step(self.optimizer):
             self.scheduler.step()
-            return
+            return True
         # Nothing applied (the queue is filling): the schedule advances all the same, and
         # torch's warning that the optimizer has not stepped yet is expected.
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)`")
             self.scheduler.step()
+        return False
 
     def on_train_end(self, trainer: Trainer) -> None:
         # The all-reduces in flight must finish before the process group goes away.
@@ -189,8 +190,9 @@ class AsyncSimRecipe(Recipe):
             pass  # the loop sees the loss and skips the step
         return outputs["loss"], outputs["correct"]
 
-    def step(self, scaler: torch.amp.GradScaler) -> None:
-        self.scheduler.step()
+    def step(self, scaler: torch.amp.GradScaler) -> bool:
+        self.scheduler.step()  # the simulator stepped the optimizer in forward_backward
+        return True
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "simulator": self.simulator.state_dict()}
