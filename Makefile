@@ -13,7 +13,7 @@ BENCH_ENV := OMP_NUM_THREADS=2 MALLOC_MMAP_THRESHOLD_=65536
 all: test
 
 deps:
-	$(PIP) install -q "setuptools>=70.1" wheel
+	$(PIP) install -q "setuptools>=77" wheel
 	$(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q numpy pytest pytest-benchmark pytest-timeout scikit-learn matplotlib tqdm pyyaml
 	$(PIP) install -q "$(TRITON_SPEC)" || echo "triton unavailable here: its tests will be skipped"
