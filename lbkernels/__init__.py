@@ -8,6 +8,7 @@ kernels serve every op, and ``impl="native"`` says what is missing.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 
@@ -16,22 +17,24 @@ from . import _library  # noqa: F401  (defines the ops before the compiled kerne
 __version__ = "0.1.0"
 
 
-def _load_compiled() -> str | None:
-    """Import the compiled kernels; returns why they are unavailable, or None."""
+def _load_compiled() -> tuple[str | None, bool]:
+    """Import the compiled kernels. Returns why they are unavailable (None when loaded)
+    and whether that is a fault worth a warning (a built library that fails to load)."""
     if os.environ.get("LBK_DISABLE_NATIVE") == "1":
-        return "disabled by LBK_DISABLE_NATIVE=1"
+        return "disabled by LBK_DISABLE_NATIVE=1", False
+    if importlib.util.find_spec(__name__ + "._C") is None:
+        return "the C++ extension is not built (a pure-Python install, LBK_SKIP_CPP=1)", False
     try:
         from . import _C  # noqa: F401
     except ImportError as e:
-        return str(e)
-    return None
+        return f"the C++ extension failed to load: {e}", True
+    return None, False
 
 
-native_unavailable_reason = _load_compiled()
-if native_unavailable_reason is not None and os.environ.get("LBK_SKIP_CPP") != "1":
+native_unavailable_reason, _faulty = _load_compiled()
+if _faulty:
     warnings.warn(
-        "lbkernels: compiled kernels not loaded (" + native_unavailable_reason + "); "
-        "the pure-PyTorch reference kernels are used.",
+        f"lbkernels: {native_unavailable_reason}; the pure-PyTorch reference kernels are used.",
         RuntimeWarning,
         stacklevel=2,
     )
