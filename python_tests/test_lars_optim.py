@@ -278,3 +278,19 @@ def test_compiled_step_matches_eager():
             step()
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_momentum_buffers_share_one_allocation_per_dtype():
+    """Buffers of contiguous params are views of one buffer (streaming, not scattered);
+    a non-contiguous param keeps its own buffer in its layout."""
+    m = net()
+    t = torch.nn.Parameter(torch.randn(7, 5).t())  # non-contiguous leaf
+    opt = LARS([*m.parameters(), t], lr=0.1, momentum=0.9)
+    steps(m, opt, 1)
+    t.grad = torch.ones_like(t)
+    opt.step()
+    bufs = [opt.state[p]["momentum_buffer"] for p in m.parameters()]
+    assert len({b.untyped_storage().data_ptr() for b in bufs}) == 1
+    assert all(b.shape == p.shape for b, p in zip(bufs, m.parameters()))
+    tb = opt.state[t]["momentum_buffer"]
+    assert tb.stride() == t.stride() and tb.untyped_storage().data_ptr() != bufs[0].untyped_storage().data_ptr()

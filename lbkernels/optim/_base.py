@@ -32,6 +32,14 @@ def check_nonnegative(group: dict, *names: str) -> None:
             raise ValueError(f"Invalid {name}: {value} (must be >= 0)")
 
 
+def zeros_state(p: torch.Tensor) -> torch.Tensor:
+    """Zero state shaped like ``p`` (momentum buffers); see ``_make_flat_state``."""
+    return torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+zeros_state.flat_zeros = True  # may be allocated as views of one buffer per bucket
+
+
 class _Bucket:
     """The params of one group on one device that have grads, and their state tensors."""
 
@@ -135,17 +143,48 @@ class FusedOptimizer(Optimizer):
                 by_device.setdefault(p.device, []).append(i)
         buckets = []
         for index in by_device.values():
+            ps = [params[i] for i in index]
+            # Other state first, so that its factories see which params are fresh.
+            for p in ps:
+                for name, make in spec.items():
+                    if not getattr(make, "flat_zeros", False) and self.state[p].get(name) is None:
+                        self.state[p][name] = make(p)
+            self._make_flat_state(spec, ps)
             state_lists: dict[str, list[torch.Tensor]] = {name: [] for name in spec}
-            for i in index:
-                st = self.state[params[i]]
+            for p in ps:
+                st = self.state[p]
                 for name, make in spec.items():
                     if st.get(name) is None:
-                        st[name] = make(params[i])
+                        st[name] = make(p)
                     state_lists[name].append(st[name])
             full = len(index) == len(params)
-            buckets.append(_Bucket(None if full else index, [params[i] for i in index], state_lists))
+            buckets.append(_Bucket(None if full else index, ps, state_lists))
         cache[key] = (list(has_grad), buckets)
         return buckets
+
+    def _make_flat_state(self, spec: dict, params: list[torch.Tensor]) -> None:
+        """Creates the missing zero-initialised state of ``params`` as views of one
+        buffer per dtype (factories marked ``flat_zeros``).
+
+        Separately allocated small tensors land all over the heap, and a step over many
+        of them becomes bound by memory latency rather than bandwidth: 2000 momentum
+        buffers of 1000 floats took a LARS step from 1.7 to 2.0 ms when allocated one by
+        one. Only contiguous params get views (a view keeps their layout); the state_dict
+        is unchanged (each entry is a tensor of the param's shape).
+        """
+        for name, make in spec.items():
+            if not getattr(make, "flat_zeros", False):
+                continue
+            missing: dict[torch.dtype, list[torch.Tensor]] = {}
+            for p in params:
+                if self.state[p].get(name) is None and p.is_contiguous():
+                    missing.setdefault(p.dtype, []).append(p)
+            for dtype, ps in missing.items():
+                if len(ps) < 2:
+                    continue
+                flat = torch.zeros(sum(p.numel() for p in ps), dtype=dtype, device=ps[0].device)
+                for p, view in zip(ps, flat.split([p.numel() for p in ps])):
+                    self.state[p][name] = view.view_as(p)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:

@@ -7,13 +7,9 @@ from typing import Any
 import torch
 
 from .. import ops
-from ._base import FusedOptimizer, _Bucket, check_nonnegative
+from ._base import FusedOptimizer, _Bucket, check_nonnegative, zeros_state
 
 _MOMENTUM_STYLES = ("torch", "paper")
-
-
-def _zeros(p: torch.Tensor) -> torch.Tensor:
-    return torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 class LARS(FusedOptimizer):
@@ -109,8 +105,8 @@ class LARS(FusedOptimizer):
         if group["momentum"] == 0:
             return {}
         if group["dampening"] == 0:
-            return {"momentum_buffer": _zeros}
-        return {"step": self._step_counter, "momentum_buffer": _zeros}  # step made first
+            return {"momentum_buffer": zeros_state}
+        return {"step": self._step_counter, "momentum_buffer": zeros_state}
 
     def _step_counter(self, p: torch.Tensor) -> torch.Tensor:
         # A param that already has a buffer (dampening turned on mid-run, or a checkpoint

@@ -9,11 +9,7 @@ from typing import Any
 import torch
 
 from .. import ops
-from ._base import FusedOptimizer, _Bucket, check_nonnegative
-
-
-def _zeros(p: torch.Tensor) -> torch.Tensor:
-    return torch.zeros_like(p, memory_format=torch.preserve_format)
+from ._base import FusedOptimizer, _Bucket, check_nonnegative, zeros_state
 
 
 def _check_delay(delay: Any) -> int:
@@ -116,7 +112,7 @@ class ShiftedMomentumSGD(FusedOptimizer):
         # Buffers start at zero, so a worker's first step (v_k = d) needs no step counter.
         if group["momentum"] == 0:
             return {}
-        return {f"momentum_buffer_{k}": _zeros for k in range(self.delay + 1)}
+        return {f"momentum_buffer_{k}": zeros_state for k in range(self.delay + 1)}
 
     def _check_worker(self, worker: Any) -> int:
         if isinstance(worker, bool) or not isinstance(worker, int):
