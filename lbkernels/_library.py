@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from .reference import average as _ref_average
 from .reference import lars as _ref_lars
 
 NAMESPACE = "lbkernels"
@@ -28,11 +29,16 @@ SCHEMAS = {
         "bool zero_norm_decay=True, str momentum_style=\"torch\", "
         "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()"
     ),
+    "average_": (
+        "(Tensor(a!)[] averages, Tensor[] params, Tensor(b!)? count=None, *, "
+        "str method=\"swa\", float decay=0.999, Tensor? found_inf=None) -> ()"
+    ),
 }
 
 REFERENCE = {
     "multi_tensor_l2norm": _ref_lars.multi_tensor_l2norm,
     "lars_sgd_": _ref_lars.lars_sgd_,
+    "average_": _ref_average.average_,
 }
 
 
@@ -45,7 +51,7 @@ def _fake_inplace(*args, **kwargs):
     return None
 
 
-FAKE = {"multi_tensor_l2norm": _fake_l2norm, "lars_sgd_": _fake_inplace}
+FAKE = {"multi_tensor_l2norm": _fake_l2norm, "lars_sgd_": _fake_inplace, "average_": _fake_inplace}
 
 for _name, _schema in SCHEMAS.items():
     _lib.define(_name + _schema)

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from . import _library
+from .reference import average as _ref_average
 from .reference import lars as _ref_lars
 
 IMPLS = ("auto", "reference", "native", "triton")
@@ -23,6 +24,7 @@ IMPLS = ("auto", "reference", "native", "triton")
 _REFERENCE: dict[str, Callable] = {
     "multi_tensor_l2norm": _ref_lars.multi_tensor_l2norm,
     "lars_sgd_": _ref_lars.lars_sgd_,
+    "average_": _ref_average.average_,
 }
 
 
@@ -124,4 +126,27 @@ def lars_sgd_(
         momentum_style=momentum_style,
         grad_scale=grad_scale,
         found_inf=found_inf,
+    )
+
+
+def average_(
+    averages: Sequence[torch.Tensor],
+    params: Sequence[torch.Tensor],
+    count: torch.Tensor | None = None,
+    *,
+    method: str = "swa",
+    decay: float = 0.999,
+    found_inf: torch.Tensor | None = None,
+    impl: str = "auto",
+) -> None:
+    """One fused weight-averaging update in place (ALGORITHMS.md section 4).
+
+    ``avg += r * (w - avg)`` per element with ``r = 1 / (count + 1)`` (``method="swa"``,
+    the running mean) or ``r = 1 - decay`` (``method="ema"``); then ``count += 1``.
+    ``averages`` are fp32 for fp16/bf16/fp32 params and fp64 for fp64 params;
+    ``count`` is a one-element int64 tensor on the params' device (required for SWA,
+    optional for EMA). With ``found_inf != 0`` nothing changes.
+    """
+    resolve("average_", impl, params)(
+        _as_list(averages), _as_list(params), count, method=method, decay=decay, found_inf=found_inf
     )

@@ -5,7 +5,7 @@
 #     __half and __nv_bfloat16) to PTX for sm_80 and sm_90, every nvcc warning an error;
 #     then ptxas on that PTX, where a register spill or any local memory is an error
 #     (the 3.5 KB argument struct copied to local memory would be one).
-#  2. The host/registration file lars.cu, compiled to an object against the installed
+#  2. The host/registration files (lars.cu, average.cu), compiled to an object against the installed
 #     torch's headers with the flags torch's CUDAExtension uses, when torch imports.
 #     A CPU-only torch ships the c10/cuda headers but not the CMake-generated
 #     c10/cuda/impl/cuda_cmake_macros.h (export macros only); the check then defines
@@ -55,5 +55,7 @@ fi
 # torch's headers need C++20 (the extension build passes -std=c++20 as well).
 "$NVCC" -std=c++20 -O3 "${TORCH_NVCC_FLAGS[@]}" "${STRICT[@]}" -Icsrc/include "${host_flags[@]}" \
   -arch=sm_90 -c -o "$out/lars.o" csrc/cuda/lars.cu
-echo "host file: csrc/cuda/lars.cu compiled against torch $("$PYTHON" -c 'import torch; print(torch.__version__)')"
+"$NVCC" -std=c++20 -O3 "${TORCH_NVCC_FLAGS[@]}" "${STRICT[@]}" -Icsrc/include "${host_flags[@]}" \
+  -arch=sm_90 -c -o "$out/average.o" csrc/cuda/average.cu
+echo "host files: csrc/cuda/lars.cu, csrc/cuda/average.cu compiled against torch $("$PYTHON" -c 'import torch; print(torch.__version__)')"
 echo "CUDA compile check passed"

@@ -390,7 +390,10 @@ def _(params, grads, momentum_buffers, steps, exclude, lr, lr_tensor=None, momen
     return None
 
 
+from . import average as _average  # noqa: E402  (registers lbkernels::triton_average_)
+
 OPS = {
     "multi_tensor_l2norm": torch.ops.lbkernels.triton_multi_tensor_l2norm,
     "lars_sgd_": torch.ops.lbkernels.triton_lars_sgd_,
+    "average_": torch.ops.lbkernels.triton_average_,
 }

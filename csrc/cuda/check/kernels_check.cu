@@ -4,6 +4,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "../average_kernels.cuh"
 #include "../lars_kernels.cuh"
 
 namespace lbkernels::cuda {
@@ -27,12 +28,18 @@ namespace lbkernels::cuda {
   template cudaError_t multi_tensor_apply<1, LarsCoefs<T>>(                               \
       const std::vector<TensorArgs<1>>&, Blocks, int, cudaStream_t, const LarsCoefs<T>&); \
   template cudaError_t multi_tensor_apply<3, LarsUpdate<T>>(                              \
-      const std::vector<TensorArgs<3>>&, Blocks, int, cudaStream_t, const LarsUpdate<T>&);
+      const std::vector<TensorArgs<3>>&, Blocks, int, cudaStream_t, const LarsUpdate<T>&); \
+  template __global__ void multi_tensor_kernel<2, AverageUpdate<T>>(TensorListMeta<2>,    \
+                                                                    AverageUpdate<T>);    \
+  template cudaError_t multi_tensor_apply<2, AverageUpdate<T>>(                           \
+      const std::vector<TensorArgs<2>>&, Blocks, int, cudaStream_t, const AverageUpdate<T>&);
 
 LBK_INSTANTIATE(float)
 LBK_INSTANTIATE(double)
 LBK_INSTANTIATE(__half)
 LBK_INSTANTIATE(__nv_bfloat16)
+
+template __global__ void average_count_kernel<int64_t>(int64_t*, DeviceScalar);
 
 #undef LBK_INSTANTIATE
 

@@ -71,6 +71,14 @@ inline void lars_coefs(double sum_w2, double sum_g2, const LarsParams& lp, const
   c.lr = lp.paper ? 1.0 : lp.lr;
 }
 
+// Weight of the new snapshot in one averaging update, rounded once to each arithmetic
+// type on the host (the reference rounds it the same way): fp32 averages use r32,
+// fp64 averages r64.
+struct AverageParams {
+  double r64;
+  float r32;
+};
+
 #define LBK_DECLARE_CPU_KERNELS(NS)                                                        \
   namespace NS {                                                                           \
   /* out[2*c] = sum(w^2), out[2*c+1] = sum(g^2) over chunk c. */                           \
@@ -83,6 +91,10 @@ inline void lars_coefs(double sum_w2, double sum_g2, const LarsParams& lp, const
   void lars_whole(c10::ScalarType dtype, const TensorPtrs* tensors, const Chunk* chunks,   \
                   int64_t c0, int64_t c1, TensorCoefs* coefs, const LarsParams& lp,        \
                   const SgdParams& p);                                                     \
+  /* avg += r * (w - avg) over chunks [c0, c1): TensorPtrs.w is the average (fp32, or  \
+     fp64 for fp64 params), TensorPtrs.g the param, of dtype param_dtype. */           \
+  void average_update(c10::ScalarType param_dtype, const TensorPtrs* tensors,             \
+                      const Chunk* chunks, int64_t c0, int64_t c1, const AverageParams& p); \
   }
 
 LBK_DECLARE_CPU_KERNELS(DEFAULT)

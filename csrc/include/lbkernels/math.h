@@ -65,4 +65,12 @@ LBK_HD void sgd_update(V& w, V& buf, V g, const SgdCoefs<V>& c, bool has_scale,
   w = w - c.lr * u;
 }
 
+// One weight-averaging update (ALGORITHMS.md section 4): avg + r * (w - avg), with
+// r = 1 / (n + 1) for the running mean (SWA) and r = 1 - decay for the EMA. V is the
+// averages' type (fp32, or fp64 for fp64 params); w is already converted to it.
+template <typename V>
+LBK_HD V average_update(V avg, V w, V r) {
+  return avg + r * (w - avg);
+}
+
 }  // namespace lbkernels

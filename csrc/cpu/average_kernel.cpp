@@ -1,0 +1,75 @@
+// Vectorised CPU loop of average_ (ALGORITHMS.md section 4): avg += r * (w - avg). This
+// file is compiled once per CPU capability (DEFAULT, AVX2, AVX512) like lars_kernel.cpp.
+//
+// The update reads w and avg and writes avg: 12 bytes per fp32 parameter, memory-bound,
+// so the loop only has to keep full vectors in flight; it allocates nothing.
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <type_traits>
+
+#include <lbkernels/cpu_kernels.h>
+#include <lbkernels/math.h>
+
+#ifndef CPU_CAPABILITY
+#error "CPU_CAPABILITY must be defined (DEFAULT, AVX2 or AVX512)"
+#endif
+
+namespace lbkernels::cpu::CPU_CAPABILITY {
+namespace {
+
+using at::vec::Vectorized;
+
+// fp32 params into fp32 averages, fp64 into fp64: full vectors, then a scalar tail with
+// the same expression.
+template <typename T>
+void average_same(T* avg, const T* w, int64_t n, T r) {
+  using V = Vectorized<T>;
+  const V rv(r);
+  int64_t i = 0;
+  for (; i + V::size() <= n; i += V::size())
+    lbkernels::average_update(V::loadu(avg + i), V::loadu(w + i), rv).store(avg + i);
+  for (; i < n; ++i) avg[i] = lbkernels::average_update(avg[i], w[i], r);
+}
+
+// fp16/bf16 params into fp32 averages: widen, then the fp32 expression (scalar; the
+// compiler vectorises the conversions where it can).
+template <typename T>
+void average_widened(float* avg, const T* w, int64_t n, float r) {
+  for (int64_t i = 0; i < n; ++i) avg[i] = lbkernels::average_update(avg[i], static_cast<float>(w[i]), r);
+}
+
+template <typename T>
+void average_impl(const TensorPtrs* t, const Chunk* chunks, int64_t c0, int64_t c1,
+                  const AverageParams& p) {
+  for (int64_t c = c0; c < c1; ++c) {
+    const Chunk& ch = chunks[c];
+    const TensorPtrs& tp = t[ch.tensor];
+    const T* w = static_cast<const T*>(tp.g) + ch.begin;
+    const int64_t n = ch.end - ch.begin;
+    if constexpr (std::is_same_v<T, double>) {
+      average_same(static_cast<double*>(tp.w) + ch.begin, w, n, p.r64);
+    } else if constexpr (std::is_same_v<T, float>) {
+      average_same(static_cast<float*>(tp.w) + ch.begin, w, n, p.r32);
+    } else {
+      average_widened(static_cast<float*>(tp.w) + ch.begin, w, n, p.r32);
+    }
+  }
+}
+
+}  // namespace
+
+void average_update(c10::ScalarType param_dtype, const TensorPtrs* tensors, const Chunk* chunks,
+                    int64_t c0, int64_t c1, const AverageParams& p) {
+  switch (param_dtype) {
+    case c10::ScalarType::Float: return average_impl<float>(tensors, chunks, c0, c1, p);
+    case c10::ScalarType::Double: return average_impl<double>(tensors, chunks, c0, c1, p);
+    case c10::ScalarType::Half: return average_impl<c10::Half>(tensors, chunks, c0, c1, p);
+    case c10::ScalarType::BFloat16:
+      return average_impl<c10::BFloat16>(tensors, chunks, c0, c1, p);
+    default: return;  // rejected by the host code before any kernel runs
+  }
+}
+
+}  // namespace lbkernels::cpu::CPU_CAPABILITY

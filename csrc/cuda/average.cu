@@ -1,0 +1,134 @@
+// CUDA kernel of average_ (ALGORITHMS.md sections 4 and 6): argument checks, one launch
+// per param dtype over all of its tensors (average_kernels.cuh), then the count update.
+// Nothing is read back to the host unless count or found_inf live on the CPU, so an
+// update never synchronises and can be captured in a CUDA graph.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <lbkernels/host.h>
+
+#include <optional>
+#include <utility>
+#include <vector>
+
+#include "average_kernels.cuh"
+
+namespace lbkernels::cuda {
+namespace {
+
+c10::ScalarType average_dtype(c10::ScalarType param) {
+  return param == c10::kDouble ? c10::kDouble : c10::kFloat;
+}
+
+// Same checks and messages as lbkernels/reference/average.py.
+void check_average_args(at::TensorList averages, at::TensorList params,
+                        const std::optional<at::Tensor>& count, c10::string_view method,
+                        const std::optional<at::Tensor>& found_inf) {
+  TORCH_CHECK_VALUE(method == "swa" || method == "ema",
+                    "method must be one of ('swa', 'ema'), got '", method, "'");
+  TORCH_CHECK_VALUE(averages.size() == params.size(), "averages has ", averages.size(),
+                    " entries but params has ", params.size());
+  check_list(params, "params", c10::DeviceType::CUDA);
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& a = averages[i];
+    const at::Tensor& p = params[i];
+    TORCH_CHECK_TYPE(a.layout() == c10::kStrided, "params[", i, "] and averages[", i,
+                     "] must be dense tensors");
+    TORCH_CHECK_VALUE(a.device() == p.device(), "averages[", i, "] is on ", a.device(),
+                      " but params[0] is on ", p.device());
+    TORCH_CHECK_TYPE(a.scalar_type() == average_dtype(p.scalar_type()), "averages[", i,
+                     "] has dtype ", a.scalar_type(), " but params[", i, "] (",
+                     p.scalar_type(), ") is averaged in ", average_dtype(p.scalar_type()));
+    TORCH_CHECK_VALUE(a.sizes() == p.sizes(), "averages[", i, "] has shape ", a.sizes(),
+                      " but params[", i, "] has ", p.sizes());
+  }
+  if (!count.has_value()) {
+    TORCH_CHECK_VALUE(method != "swa", "method='swa' needs count (a one-element int64 tensor)");
+  } else {
+    TORCH_CHECK_TYPE(count->numel() == 1 && count->scalar_type() == at::kLong,
+                     "count must be a one-element int64 tensor, got ", count->scalar_type(),
+                     " of shape ", count->sizes());
+    TORCH_CHECK_VALUE(params.empty() || count->device() == params[0].device(), "count is on ",
+                      count->device(), " but params[0] is on ", params[0].device());
+  }
+  if (found_inf.has_value())
+    TORCH_CHECK_VALUE(found_inf->numel() == 1, "found_inf must hold exactly one element, got shape ",
+                      found_inf->sizes());
+}
+
+template <typename F>
+void by_dtype(c10::ScalarType t, const F& f) {
+  switch (t) {
+    case c10::kFloat: return f(float{});
+    case c10::kDouble: return f(double{});
+    case c10::kHalf: return f(__half{});
+    case c10::kBFloat16: return f(__nv_bfloat16{});
+    default: TORCH_CHECK_TYPE(false, "unsupported dtype ", t);  // rejected earlier
+  }
+}
+
+void average_cuda(at::TensorList averages, at::TensorList params,
+                  const std::optional<at::Tensor>& count, c10::string_view method, double decay,
+                  const std::optional<at::Tensor>& found_inf) {
+  check_average_args(averages, params, count, method, found_inf);
+  if (params.empty()) return;
+  const c10::Device dev = params[0].device();
+  const c10::cuda::CUDAGuard guard(dev);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+
+  DeviceScalar inf;
+  at::Tensor inf_keep;
+  if (found_inf.has_value()) {
+    if (!found_inf->is_cuda()) {
+      if (found_inf->item<double>() != 0.0) return;  // a CPU flag: decided on the host
+    } else {
+      inf_keep = found_inf->device() == dev ? found_inf->to(c10::kDouble) : found_inf->to(dev, c10::kDouble);
+      inf = {inf_keep.const_data_ptr(), ScalarKind::kDouble};
+    }
+  }
+  const bool swa = method == "swa";
+  int64_t* count_ptr = count.has_value() ? count->mutable_data_ptr<int64_t>() : nullptr;
+
+  std::vector<std::pair<at::Tensor, at::Tensor>> pending;
+  std::vector<at::Tensor> keep;
+  for (const auto& [dtype, index] : group_by_dtype(params)) {
+    std::vector<TensorArgs<2>> tensors;
+    int64_t total = 0;
+    for (const int64_t i : index) {
+      at::Tensor a = averages[i];
+      if (!a.is_non_overlapping_and_dense()) {
+        at::Tensor tmp = a.contiguous();
+        pending.emplace_back(a, tmp);
+        a = tmp;
+      }
+      at::Tensor w = params[i];
+      if (!(w.is_non_overlapping_and_dense() && w.strides() == a.strides()))
+        w = at::empty_like(a, w.options()).copy_(w);
+      keep.push_back(a);
+      keep.push_back(w);
+      tensors.push_back({{a.data_ptr(), const_cast<void*>(w.const_data_ptr())}, a.numel(), total,
+                         static_cast<int32_t>(i), 0});
+      total += num_chunks(a.numel());
+    }
+    by_dtype(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      C10_CUDA_CHECK(multi_tensor_apply<2>(tensors, Blocks::kPerChunk, kChunkThreads, stream,
+                                           AverageUpdate<T>{count_ptr, 1.0 - decay, inf, swa}));
+    });
+  }
+  for (auto& [orig, tmp] : pending) orig.copy_(tmp);
+  if (count_ptr != nullptr) {
+    average_count_kernel<<<1, 1, 0, stream>>>(count_ptr, inf);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lbkernels, CUDA, m) { m.impl("average_", &average_cuda); }
+
+}  // namespace lbkernels::cuda
