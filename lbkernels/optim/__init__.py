@@ -1,6 +1,7 @@
 """Fused optimizers (drop-in ``torch.optim.Optimizer`` subclasses)."""
 
+from .averaging import WeightAverager
 from .lars import LARS, lars_param_groups
 from .shifted_momentum import ShiftedMomentumSGD
 
-__all__ = ["LARS", "lars_param_groups", "ShiftedMomentumSGD"]
+__all__ = ["LARS", "lars_param_groups", "ShiftedMomentumSGD", "WeightAverager"]

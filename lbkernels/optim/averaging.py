@@ -1,0 +1,207 @@
+"""Weight averaging of a model's parameters: SWA running mean and EMA, one fused op.
+
+See :class:`WeightAverager`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from .. import ops
+from ..reference.average import METHODS, average_dtype
+
+
+class _Applied:
+    """Handle returned by :meth:`WeightAverager.apply_to`: restores on ``__exit__``."""
+
+    def __init__(self, averager: WeightAverager) -> None:
+        self._averager = averager
+
+    def __enter__(self) -> WeightAverager:
+        return self._averager
+
+    def __exit__(self, *exc: Any) -> None:
+        self._averager.restore()
+
+
+class WeightAverager:
+    r"""Running average of parameters, updated in place by one fused op per call.
+
+    ``mode="swa"`` (stochastic weight averaging) keeps the arithmetic mean of the
+    snapshots passed to :meth:`update`: with ``n`` snapshots already averaged,
+
+    .. math::  \bar w \leftarrow \bar w + \frac{w - \bar w}{n + 1}, \qquad n \leftarrow n + 1,
+
+    so after ``k`` updates :math:`\bar w = \frac1k \sum_{j=1}^k w_j` (the averages start
+    at zero and the first update sets them to the weights exactly).
+
+    ``mode="ema"`` keeps an exponential moving average, starting from the parameters
+    at construction (:math:`\bar w_0 = w_0`):
+
+    .. math::  \bar w \leftarrow \bar w + (1 - \beta)(w - \bar w), \qquad
+               \bar w_k = \beta^k w_0 + (1 - \beta) \sum_{j=1}^k \beta^{k-j} w_j
+
+    with :math:`\beta` = ``decay`` in ``[0, 1)``.
+
+    Averages are kept in fp32 for fp16/bf16/fp32 parameters (fp64 for fp64 ones): a
+    16-bit running mean would drop the late snapshots' contributions. The update count
+    is an int64 tensor on the parameters' device, so :meth:`update` never synchronises
+    with the host; :attr:`n_averaged` reads it (a sync). Only parameters are averaged;
+    batch-norm statistics of the averaged model are recomputed with
+    :func:`lbkernels.averaging.update_bn`.
+
+    Args:
+        model_or_params: a ``torch.nn.Module`` (its ``parameters()``) or an iterable of
+            tensors, all on one device.
+        mode: ``"swa"`` or ``"ema"``.
+        decay: the EMA decay :math:`\beta`, in ``[0, 1)`` (ignored by SWA).
+        impl: the kernel backend, as for every op in :mod:`lbkernels.ops`.
+
+    Evaluating the averaged model: ``with averager.apply_to(model): evaluate(model)``
+    swaps the averages into the parameters and back (bitwise); ``apply_to`` and
+    :meth:`restore` can also be called separately.
+
+    Folding the averaging into an optimizer step (so that it costs no extra read of the
+    weights) is not implemented here. The seam for it is :meth:`op_arguments`: the exact
+    arguments of ``lbkernels.ops.average_`` that :meth:`update` passes, which a fused
+    step would consume in place of calling :meth:`update`.
+    """
+
+    def __init__(self, model_or_params: torch.nn.Module | Iterable[torch.Tensor],
+                 mode: str = "swa", decay: float = 0.999, impl: str = "auto") -> None:
+        if mode not in METHODS:
+            raise ValueError(f"mode must be one of {METHODS}, got {mode!r}")
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)):
+            raise TypeError(f"decay must be a number, got {type(decay).__name__}")
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        ops.check_impl(impl)
+        if isinstance(model_or_params, torch.nn.Module):
+            params = list(model_or_params.parameters())
+        elif isinstance(model_or_params, torch.Tensor):
+            raise TypeError("pass a module or an iterable of tensors, not a single tensor")
+        else:
+            params = list(model_or_params)
+        if not params:
+            raise ValueError("no parameters to average")
+        for i, p in enumerate(params):
+            if not isinstance(p, torch.Tensor) or not p.is_floating_point():
+                raise TypeError(f"parameter {i} is not a floating-point tensor")
+            if p.device != params[0].device:
+                raise ValueError(f"parameter {i} is on {p.device} but parameter 0 is on "
+                                 f"{params[0].device}; average each device separately")
+        self.mode = mode
+        self.decay = float(decay)
+        self.impl = impl
+        self._params = [p.detach() for p in params]
+        with torch.no_grad():
+            if mode == "ema":
+                self._averages = [p.to(average_dtype(p.dtype), copy=True) for p in self._params]
+            else:
+                self._averages = [torch.zeros_like(p, dtype=average_dtype(p.dtype))
+                                  for p in self._params]
+        self._count = torch.zeros((), dtype=torch.int64, device=params[0].device)
+        self._backup: list[torch.Tensor] | None = None
+        self._applied_to: list[torch.Tensor] | None = None
+
+    # ------------------------------------------------------------------ averaging
+
+    def op_arguments(self) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` of the ``ops.average_`` call that :meth:`update` makes."""
+        return ((self._averages, self._params, self._count),
+                {"method": self.mode, "decay": self.decay, "impl": self.impl})
+
+    @torch.no_grad()
+    def update(self, found_inf: torch.Tensor | None = None) -> None:
+        """Average the current parameters in (one fused op call).
+
+        ``found_inf`` (the AMP grad scaler's flag): when nonzero nothing changes.
+        """
+        if self._backup is not None:
+            raise RuntimeError("update() while the averages are applied to the model; "
+                               "call restore() first")
+        args, kwargs = self.op_arguments()
+        ops.average_(*args, found_inf=found_inf, **kwargs)
+
+    @property
+    def n_averaged(self) -> int:
+        """Number of updates made so far (reads the device counter: a host sync)."""
+        return int(self._count.item())
+
+    @property
+    def averages(self) -> list[torch.Tensor]:
+        """The averages, aligned with the parameters (fp32, or fp64 for fp64 params)."""
+        return list(self._averages)
+
+    # ------------------------------------------------------- swapping into a model
+
+    def _targets(self, model: torch.nn.Module | Iterable[torch.Tensor] | None) -> list[torch.Tensor]:
+        if model is None:
+            return self._params
+        params = list(model.parameters() if isinstance(model, torch.nn.Module) else model)
+        if len(params) != len(self._averages):
+            raise ValueError(f"the model has {len(params)} parameters but {len(self._averages)} "
+                             "are averaged")
+        for i, (p, a) in enumerate(zip(params, self._averages)):
+            if p.shape != a.shape:
+                raise ValueError(f"parameter {i} has shape {tuple(p.shape)} but its average "
+                                 f"has {tuple(a.shape)}")
+        return [p.detach() for p in params]
+
+    @torch.no_grad()
+    def apply_to(self, model: torch.nn.Module | Iterable[torch.Tensor] | None = None) -> _Applied:
+        """Copy the averages into ``model``'s parameters (default: the averaged ones),
+        keeping the weights for :meth:`restore`. Usable as a context manager.
+
+        The averages are rounded to each parameter's dtype.
+        """
+        if self._backup is not None:
+            raise RuntimeError("the averages are already applied; call restore() first")
+        targets = self._targets(model)
+        self._backup = [p.clone() for p in targets]
+        for p, a in zip(targets, self._averages):
+            p.copy_(a)
+        self._applied_to = targets
+        return _Applied(self)
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        """Put back the weights that :meth:`apply_to` replaced (bitwise)."""
+        if self._backup is None:
+            raise RuntimeError("restore() without apply_to(): nothing to restore")
+        for p, b in zip(self._applied_to, self._backup):
+            p.copy_(b)
+        self._backup = None
+        self._applied_to = None
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """Averages and update count (tensors, not copies), with mode and decay."""
+        return {"mode": self.mode, "decay": self.decay, "averages": list(self._averages),
+                "count": self._count}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` into this averager's tensors (devices kept)."""
+        if state.get("mode") != self.mode:
+            raise ValueError(f"the state is for mode={state.get('mode')!r}, this averager "
+                             f"has mode={self.mode!r}")
+        averages = state["averages"]
+        if len(averages) != len(self._averages):
+            raise ValueError(f"the state has {len(averages)} averages, this averager "
+                             f"{len(self._averages)}")
+        for i, (mine, theirs) in enumerate(zip(self._averages, averages)):
+            if mine.shape != theirs.shape or mine.dtype != theirs.dtype:
+                raise ValueError(f"average {i}: {theirs.dtype} {tuple(theirs.shape)} in the "
+                                 f"state, {mine.dtype} {tuple(mine.shape)} expected")
+        decay = float(state["decay"])
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay}")
+        for mine, theirs in zip(self._averages, averages):
+            mine.copy_(theirs)
+        self._count.copy_(torch.as_tensor(state["count"], dtype=torch.int64).reshape(()))
+        self.decay = decay
