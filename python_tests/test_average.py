@@ -144,3 +144,18 @@ def test_opcheck():
         torch.library.opcheck(torch.ops.lbkernels.average_.default,
                               (a, p, torch.zeros((), dtype=torch.int64)),
                               {"method": method, "decay": 0.9, "found_inf": torch.zeros(())})
+
+
+@pytest.mark.parametrize("impl,device", [p for p in BACKENDS if p.values[0] == "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_chunk_boundaries(impl, device, dtype, monkeypatch):
+    # Small chunks put chunk boundaries inside small tensors (and make the fp16 params'
+    # offsets differ from their fp32 averages' at every chunk but the first).
+    from lbkernels.triton import multi_tensor
+
+    monkeypatch.setattr(multi_tensor, "CHUNK_SIZE", 256)
+    shapes = [(255,), (256,), (257,), (1000,), (0,), ()]
+    avg, count = run(impl, shapes, dtype, device, "swa", updates=3)
+    ref_avg, _ = run("reference", shapes, dtype, "cpu", "swa", updates=3)
+    assert count.item() == 4
+    assert_close_lists(avg, ref_avg, **TOL[torch.float32])

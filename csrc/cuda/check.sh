@@ -57,5 +57,7 @@ fi
   -arch=sm_90 -c -o "$out/lars.o" csrc/cuda/lars.cu
 "$NVCC" -std=c++20 -O3 "${TORCH_NVCC_FLAGS[@]}" "${STRICT[@]}" -Icsrc/include "${host_flags[@]}" \
   -arch=sm_90 -c -o "$out/average.o" csrc/cuda/average.cu
-echo "host files: csrc/cuda/lars.cu, csrc/cuda/average.cu compiled against torch $("$PYTHON" -c 'import torch; print(torch.__version__)')"
+torch_version=$("$PYTHON" -c 'import torch; print(torch.__version__)')
+echo "host file: csrc/cuda/lars.cu compiled against torch $torch_version"
+echo "host file: csrc/cuda/average.cu compiled against torch $torch_version"
 echo "CUDA compile check passed"
