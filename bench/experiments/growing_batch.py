@@ -67,7 +67,7 @@ def run_all(seeds: list[int], out_dir: Path) -> dict[str, list[list[dict]]]:
 
 
 def summarise(runs: dict[str, list[list[dict]]]) -> tuple[str, bool]:
-    """The Markdown table and whether the issue's criterion holds."""
+    """The Markdown table and whether the acceptance criterion holds."""
     lines = ["| schedule | final test accuracy (%): mean ± sd [min, max] | updates | wall time (s), median |",
              "|---|---|---|---|"]
     means, updates = {}, {}
