@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from .reference import average as _ref_average
+from .reference import extrap as _ref_extrap
 from .reference import lars as _ref_lars
 
 NAMESPACE = "lbkernels"
@@ -33,12 +34,33 @@ SCHEMAS = {
         "(Tensor(a!)[] averages, Tensor[] params, Tensor(b!)? count=None, *, "
         "str method=\"swa\", float decay=0.999, Tensor? found_inf=None) -> ()"
     ),
+    "worker_mean_": "(Tensor(a!)[] params, Tensor flat_sum, int world_size) -> ()",
+    "extrap_sgd_": (
+        "(Tensor(a!)[] params, Tensor(b!)[] anchors, Tensor(c!)[] momentum_buffers, "
+        "Tensor[] grads, Tensor[] local_grads, bool[] exclude, *, float lr, "
+        "Tensor? lr_tensor=None, float extrap_lr=0., Tensor? extrap_lr_tensor=None, "
+        "float momentum=0., float weight_decay=0., bool nesterov=False, bool lars=False, "
+        "float trust_coefficient=0.001, float eps=1e-8, bool clip=False, "
+        "str extrapolation=\"past_grad\", float noise_scale=0., int seed=0, int offset=0, "
+        "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()"
+    ),
+    "extrap_adam_": (
+        "(Tensor(a!)[] params, Tensor(b!)[] anchors, Tensor(c!)[] exp_avgs, "
+        "Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] steps, Tensor[] grads, Tensor[] local_grads, *, "
+        "float lr, Tensor? lr_tensor=None, float extrap_lr=0., Tensor? extrap_lr_tensor=None, "
+        "float beta1=0.9, float beta2=0.999, float eps=1e-8, float weight_decay=0., "
+        "bool decoupled_weight_decay=False, Tensor? grad_scale=None, "
+        "Tensor? found_inf=None) -> ()"
+    ),
 }
 
 REFERENCE = {
     "multi_tensor_l2norm": _ref_lars.multi_tensor_l2norm,
     "lars_sgd_": _ref_lars.lars_sgd_,
     "average_": _ref_average.average_,
+    "worker_mean_": _ref_average.worker_mean_,
+    "extrap_sgd_": _ref_extrap.extrap_sgd_,
+    "extrap_adam_": _ref_extrap.extrap_adam_,
 }
 
 
@@ -52,6 +74,8 @@ def _fake_inplace(*args, **kwargs):
 
 
 FAKE = {"multi_tensor_l2norm": _fake_l2norm, "lars_sgd_": _fake_inplace, "average_": _fake_inplace}
+FAKE["worker_mean_"] = _fake_inplace
+FAKE.update({"extrap_sgd_": _fake_inplace, "extrap_adam_": _fake_inplace})
 
 for _name, _schema in SCHEMAS.items():
     _lib.define(_name + _schema)

@@ -17,6 +17,7 @@ import torch
 
 from . import _library
 from .reference import average as _ref_average
+from .reference import extrap as _ref_extrap
 from .reference import lars as _ref_lars
 
 IMPLS = ("auto", "reference", "native", "triton")
@@ -25,6 +26,9 @@ _REFERENCE: dict[str, Callable] = {
     "multi_tensor_l2norm": _ref_lars.multi_tensor_l2norm,
     "lars_sgd_": _ref_lars.lars_sgd_,
     "average_": _ref_average.average_,
+    "worker_mean_": _ref_average.worker_mean_,
+    "extrap_sgd_": _ref_extrap.extrap_sgd_,
+    "extrap_adam_": _ref_extrap.extrap_adam_,
 }
 
 
@@ -149,4 +153,116 @@ def average_(
     """
     resolve("average_", impl, params)(
         _as_list(averages), _as_list(params), count, method=method, decay=decay, found_inf=found_inf
+    )
+
+
+def worker_mean_(
+    params: Sequence[torch.Tensor],
+    flat_sum: torch.Tensor,
+    world_size: int,
+    *,
+    impl: str = "auto",
+) -> None:
+    """Write the cross-worker mean ``w = sum / K`` into ``params`` (ALGORITHMS.md section 4).
+
+    ``flat_sum`` is the all-reduced (summed) flat buffer of ``params``, all of its dtype
+    and device, each param's elements in row-major order; ``world_size`` is ``K``. The
+    division runs in fp32 (fp64 for fp64 params), rounded once to the params' dtype.
+    ``lbkernels.distributed.average_parameters`` packs, reduces and calls this.
+    """
+    resolve("worker_mean_", impl, [flat_sum])(_as_list(params), flat_sum, int(world_size))
+
+
+def _scalar_arg(x: float | torch.Tensor) -> tuple[float, torch.Tensor | None]:
+    """(float, tensor) schema pair of an argument given as a float or one-element tensor."""
+    if isinstance(x, torch.Tensor):
+        return 1.0, x
+    return float(x), None
+
+
+def extrap_sgd_(
+    params: Sequence[torch.Tensor],
+    anchors: Sequence[torch.Tensor],
+    momentum_buffers: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    local_grads: Sequence[torch.Tensor],
+    exclude: Sequence[bool],
+    *,
+    lr: float | torch.Tensor,
+    extrap_lr: float | torch.Tensor = 0.0,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    nesterov: bool = False,
+    lars: bool = False,
+    trust_coefficient: float = 0.001,
+    eps: float = 1e-8,
+    clip: bool = False,
+    extrapolation: str = "past_grad",
+    noise_scale: float = 0.0,
+    seed: int = 0,
+    offset: int = 0,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    impl: str = "auto",
+) -> None:
+    """One fused extrapolated-SGD step in place (ALGORITHMS.md sections 2 and 2.1).
+
+    Updates the anchors ``x`` (the real iterate) with momentum SGD (optionally LARS-scaled)
+    from ``grads`` and writes the next extrapolated point into ``params``:
+    ``w = x - extrap_lr * local_grad`` (``extrapolation="past_grad"``; an empty
+    ``local_grads`` means the all-reduced gradient) or ``w = x + noise``
+    (``"gaussian" | "uniform" | "weight" | "filter"``, scale ``noise_scale``, random
+    numbers keyed by ``(seed, offset)``: pass a new ``offset`` each step).
+    ``momentum_buffers`` (zero-initialised) may be empty when ``momentum == 0``;
+    ``lr`` and ``extrap_lr`` may be one-element tensors on the params' device.
+    """
+    lr_value, lr_tensor = _scalar_arg(lr)
+    elr_value, elr_tensor = _scalar_arg(extrap_lr)
+    resolve("extrap_sgd_", impl, params)(
+        _as_list(params), _as_list(anchors), _as_list(momentum_buffers), _as_list(grads),
+        _as_list(local_grads), _as_list(exclude),
+        lr=lr_value, lr_tensor=lr_tensor, extrap_lr=elr_value, extrap_lr_tensor=elr_tensor,
+        momentum=momentum, weight_decay=weight_decay, nesterov=nesterov, lars=lars,
+        trust_coefficient=trust_coefficient, eps=eps, clip=clip, extrapolation=extrapolation,
+        noise_scale=noise_scale, seed=seed, offset=offset, grad_scale=grad_scale,
+        found_inf=found_inf,
+    )
+
+
+def extrap_adam_(
+    params: Sequence[torch.Tensor],
+    anchors: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    steps: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    local_grads: Sequence[torch.Tensor],
+    *,
+    lr: float | torch.Tensor,
+    extrap_lr: float | torch.Tensor = 0.0,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = False,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    impl: str = "auto",
+) -> None:
+    """One fused extrap-Adam step in place (ALGORITHMS.md section 2.2).
+
+    torch.optim.Adam (amsgrad=False, maximize=False) on the anchors, then
+    ``w = x - extrap_lr * local_grad / (sqrt(v_hat) + eps)``. ``steps`` are 0-dim fp32
+    counters on the params' device, incremented first; ``lr`` and ``extrap_lr`` may be
+    one-element tensors on the params' device.
+    """
+    lr_value, lr_tensor = _scalar_arg(lr)
+    elr_value, elr_tensor = _scalar_arg(extrap_lr)
+    resolve("extrap_adam_", impl, params)(
+        _as_list(params), _as_list(anchors), _as_list(exp_avgs), _as_list(exp_avg_sqs),
+        _as_list(steps), _as_list(grads), _as_list(local_grads),
+        lr=lr_value, lr_tensor=lr_tensor, extrap_lr=elr_value, extrap_lr_tensor=elr_tensor,
+        beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+        decoupled_weight_decay=decoupled_weight_decay, grad_scale=grad_scale,
+        found_inf=found_inf,
     )

@@ -94,3 +94,49 @@ def average_(
         a.copy_(new)
     if count is not None:
         count.add_(1 if skip is None else (~skip).to(count.device, count.dtype))
+
+
+def check_worker_mean_args(params, flat_sum, world_size) -> None:
+    """Every check of ``worker_mean_``, before any write (the C++ kernels make the same)."""
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
+    if flat_sum.layout != torch.strided or flat_sum.dim() != 1 or not flat_sum.is_contiguous():
+        raise TypeError(f"flat_sum must be a contiguous 1-D tensor, got shape "
+                        f"{tuple(flat_sum.shape)} and strides {flat_sum.stride()}")
+    if flat_sum.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"flat_sum has dtype {flat_sum.dtype}; expected a floating dtype")
+    total = 0
+    for i, p in enumerate(params):
+        if p.layout != torch.strided:
+            raise TypeError(f"params[{i}] has layout {p.layout}; expected a dense tensor")
+        if p.dtype != flat_sum.dtype:
+            raise TypeError(f"params[{i}] has dtype {p.dtype} but flat_sum has {flat_sum.dtype} "
+                            "(pack one flat buffer per dtype)")
+        if p.device != flat_sum.device:
+            raise ValueError(f"params[{i}] is on {p.device} but flat_sum is on {flat_sum.device}")
+        total += p.numel()
+    if flat_sum.numel() != total:
+        raise ValueError(f"flat_sum has {flat_sum.numel()} elements but the params have {total}")
+
+
+def worker_mean_(params: list[torch.Tensor], flat_sum: torch.Tensor, world_size: int) -> None:
+    """The cross-worker mean written back into ``params``: ``w = sum / K`` per element.
+
+    ``flat_sum`` holds, for every param in order, the sum over the ``K = world_size``
+    workers of that param's elements in row-major (logical) order, as
+    ``torch.cat([p.reshape(-1) for p in params])`` packs them. The division runs in
+    fp32 for fp16/bf16/fp32 params (fp64 for fp64) and is rounded once to the param's
+    dtype. A true division, not a multiplication by ``1 / K``: for ``K = 3`` the two
+    differ in the last bit, and every backend computes the same quotient.
+    """
+    check_worker_mean_args(params, flat_sum, world_size)
+    acc = average_dtype(flat_sum.dtype)
+    # A 0-dim tensor on the device, not a Python number: CUDA turns division by a host
+    # scalar into a multiplication by its reciprocal.
+    k = torch.tensor(world_size, dtype=acc, device=flat_sum.device)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        mean = flat_sum[offset:offset + n].to(acc) / k
+        p.copy_(mean.view(p.shape))
+        offset += n
