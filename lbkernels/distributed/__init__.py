@@ -7,3 +7,6 @@ from .delayed import DelayedGradients, delayed_allreduce_hook
 
 __all__ = ["StepStats", "accumulate_gradients", "AsyncSimulator", "DelayedGradients", "delayed_allreduce_hook"]
 __all__ += ["average_parameters"]
+from .post_local import PostLocalSGD, post_local_hook  # noqa: E402
+
+__all__ += ["PostLocalSGD", "post_local_hook"]
