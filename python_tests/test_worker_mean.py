@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import backend_params
 from lbkernels import ops
 from lbkernels.reference.average import average_dtype
 
-IMPLS = [pytest.param("reference", "cpu", id="reference")]
+IMPLS = backend_params() + [pytest.param("reference", "cpu", id="reference")]
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # 1, a chunk, chunk + 1, an odd prime, empty, 0-dim, 2-D, and a model of small layers.
@@ -59,7 +60,7 @@ def test_bad_arguments_change_nothing(impl, device):
     cases = [
         ((params, flat, 0), ValueError, "world_size"),
         ((params, flat[:-1], 2), ValueError, "has 6 elements but the params have 7"),
-        ((params, flat.double(), 2), TypeError, r"params\[0\] has dtype torch.float32"),
+        ((params, flat.double(), 2), TypeError, r"params\[0\] has dtype \S+ but flat_sum has"),
         ((params, flat.view(7, 1), 2), TypeError, "1-D"),
         ((params, flat[::2], 2), TypeError, "contiguous"),
         (([params[0], params[1].double()], flat, 2), TypeError, r"params\[1\]"),

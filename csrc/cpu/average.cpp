@@ -115,8 +115,71 @@ void average_cpu(at::TensorList averages, at::TensorList params,
   if (count.has_value()) *count->mutable_data_ptr<int64_t>() += 1;
 }
 
+// Same checks and messages as check_worker_mean_args in lbkernels/reference/average.py.
+void check_worker_mean_args(at::TensorList params, const at::Tensor& flat_sum, int64_t world_size,
+                            c10::DeviceType device_type) {
+  TORCH_CHECK_VALUE(world_size >= 1, "world_size must be an integer >= 1, got ", world_size);
+  TORCH_CHECK_TYPE(flat_sum.layout() == c10::kStrided && flat_sum.dim() == 1 &&
+                       flat_sum.is_contiguous(),
+                   "flat_sum must be a contiguous 1-D tensor, got shape ", flat_sum.sizes(),
+                   " and strides ", flat_sum.strides());
+  TORCH_CHECK_TYPE(supported_dtype(flat_sum.scalar_type()), "flat_sum has dtype ",
+                   flat_sum.scalar_type(), "; expected a floating dtype");
+  TORCH_CHECK_VALUE(flat_sum.device().type() == device_type, "flat_sum is on ",
+                    flat_sum.device(), " but this is the ", c10::DeviceTypeName(device_type),
+                    " kernel");
+  int64_t total = 0;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& p = params[i];
+    TORCH_CHECK_TYPE(p.layout() == c10::kStrided, "params[", i, "] has layout ", p.layout(),
+                     "; expected a dense tensor");
+    TORCH_CHECK_TYPE(p.scalar_type() == flat_sum.scalar_type(), "params[", i, "] has dtype ",
+                     p.scalar_type(), " but flat_sum has ", flat_sum.scalar_type(),
+                     " (pack one flat buffer per dtype)");
+    TORCH_CHECK_VALUE(p.device() == flat_sum.device(), "params[", i, "] is on ", p.device(),
+                      " but flat_sum is on ", flat_sum.device());
+    total += p.numel();
+  }
+  TORCH_CHECK_VALUE(flat_sum.numel() == total, "flat_sum has ", flat_sum.numel(),
+                    " elements but the params have ", total);
+}
+
+// One parallel region over the chunks of every param. A param is written in place when
+// it is contiguous (its memory order is the flat buffer's row-major order); any other
+// layout goes through a contiguous temporary, copied back after the region.
+void worker_mean_cpu(at::TensorList params, const at::Tensor& flat_sum, int64_t world_size) {
+  check_worker_mean_args(params, flat_sum, world_size, c10::DeviceType::CPU);
+  std::vector<TensorPtrs> ptrs;
+  std::vector<Chunk> chunks;
+  std::vector<std::pair<at::Tensor, at::Tensor>> pending;  // (param, temporary)
+  ptrs.reserve(params.size());
+  const char* sum = static_cast<const char*>(flat_sum.const_data_ptr());
+  const int64_t elem = flat_sum.element_size();
+  int64_t offset = 0;
+  for (const at::Tensor& p : params) {
+    at::Tensor w = p;
+    if (!p.is_contiguous()) {
+      w = at::empty(p.sizes(), p.options());
+      pending.emplace_back(p, w);
+    }
+    ptrs.push_back(TensorPtrs{w.data_ptr(), sum + offset * elem, nullptr, p.numel()});
+    append_chunks(chunks, static_cast<int64_t>(ptrs.size()) - 1, p.numel());
+    offset += p.numel();
+  }
+  const auto& K = kernels();
+  const c10::ScalarType dtype = flat_sum.scalar_type();
+  const double k = static_cast<double>(world_size);
+  parallel_chunks(static_cast<int64_t>(chunks.size()), [&](int64_t c0, int64_t c1) {
+    K.worker_mean(dtype, ptrs.data(), chunks.data(), c0, c1, k);
+  });
+  for (auto& [orig, tmp] : pending) orig.copy_(tmp);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lbkernels, CPU, m) { m.impl("average_", &average_cpu); }
+TORCH_LIBRARY_IMPL(lbkernels, CPU, m) {
+  m.impl("average_", &average_cpu);
+  m.impl("worker_mean_", &worker_mean_cpu);
+}
 
 }  // namespace lbkernels::cpu

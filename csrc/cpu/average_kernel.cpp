@@ -1,5 +1,6 @@
-// Vectorised CPU loop of average_ (ALGORITHMS.md section 4): avg += r * (w - avg). This
-// file is compiled once per CPU capability (DEFAULT, AVX2, AVX512) like lars_kernel.cpp.
+// Vectorised CPU loops of average_ (ALGORITHMS.md section 4): avg += r * (w - avg), and
+// of worker_mean_: w = sum / k. This file is compiled once per CPU capability (DEFAULT,
+// AVX2, AVX512) like lars_kernel.cpp.
 //
 // The update reads w and avg and writes avg: 12 bytes per fp32 parameter, memory-bound,
 // so the loop only has to keep full vectors in flight; it allocates nothing.
@@ -58,7 +59,54 @@ void average_impl(const TensorPtrs* t, const Chunk* chunks, int64_t c0, int64_t 
   }
 }
 
+// w = sum / k: full vectors for fp32/fp64, then a scalar tail with the same expression.
+template <typename T>
+void mean_same(T* w, const T* sum, int64_t n, T k) {
+  using V = Vectorized<T>;
+  const V kv(k);
+  int64_t i = 0;
+  for (; i + V::size() <= n; i += V::size())
+    lbkernels::worker_mean(V::loadu(sum + i), kv).store(w + i);
+  for (; i < n; ++i) w[i] = lbkernels::worker_mean(sum[i], k);
+}
+
+// fp16/bf16: the quotient in fp32, rounded once to T.
+template <typename T>
+void mean_widened(T* w, const T* sum, int64_t n, float k) {
+  for (int64_t i = 0; i < n; ++i)
+    w[i] = static_cast<T>(lbkernels::worker_mean(static_cast<float>(sum[i]), k));
+}
+
+template <typename T>
+void worker_mean_impl(const TensorPtrs* t, const Chunk* chunks, int64_t c0, int64_t c1,
+                      double k) {
+  for (int64_t c = c0; c < c1; ++c) {
+    const Chunk& ch = chunks[c];
+    const TensorPtrs& tp = t[ch.tensor];
+    T* w = static_cast<T*>(tp.w) + ch.begin;
+    const T* sum = static_cast<const T*>(tp.g) + ch.begin;
+    const int64_t n = ch.end - ch.begin;
+    if constexpr (std::is_same_v<T, double> || std::is_same_v<T, float>) {
+      mean_same<T>(w, sum, n, static_cast<T>(k));
+    } else {
+      mean_widened<T>(w, sum, n, static_cast<float>(k));
+    }
+  }
+}
+
 }  // namespace
+
+void worker_mean(c10::ScalarType dtype, const TensorPtrs* tensors, const Chunk* chunks, int64_t c0,
+                 int64_t c1, double k) {
+  switch (dtype) {
+    case c10::ScalarType::Float: return worker_mean_impl<float>(tensors, chunks, c0, c1, k);
+    case c10::ScalarType::Double: return worker_mean_impl<double>(tensors, chunks, c0, c1, k);
+    case c10::ScalarType::Half: return worker_mean_impl<c10::Half>(tensors, chunks, c0, c1, k);
+    case c10::ScalarType::BFloat16:
+      return worker_mean_impl<c10::BFloat16>(tensors, chunks, c0, c1, k);
+    default: return;  // rejected by the host code before any kernel runs
+  }
+}
 
 void average_update(c10::ScalarType param_dtype, const TensorPtrs* tensors, const Chunk* chunks,
                     int64_t c0, int64_t c1, const AverageParams& p) {

@@ -25,10 +25,11 @@ struct KernelTable {
   decltype(&DEFAULT::sgd_update) sgd_update;
   decltype(&DEFAULT::lars_whole) lars_whole;
   decltype(&DEFAULT::average_update) average_update;
+  decltype(&DEFAULT::worker_mean) worker_mean;
 };
 
 #define LBK_KERNEL_TABLE(NS) KernelTable{#NS, &NS::sum_squares, &NS::sgd_update, &NS::lars_whole, \
-                                        &NS::average_update}
+                                        &NS::average_update, &NS::worker_mean}
 
 // The loops built for the best capability this CPU has, as ATen itself decides it
 // (so ATEN_CPU_CAPABILITY=default|avx2|avx512 selects ours too).

@@ -95,6 +95,10 @@ struct AverageParams {
      fp64 for fp64 params), TensorPtrs.g the param, of dtype param_dtype. */           \
   void average_update(c10::ScalarType param_dtype, const TensorPtrs* tensors,             \
                       const Chunk* chunks, int64_t c0, int64_t c1, const AverageParams& p); \
+  /* w = sum / k over chunks [c0, c1): TensorPtrs.w the param, TensorPtrs.g its segment \
+     of the flat sum, both of dtype `dtype`; arithmetic in fp32 (fp64 for fp64). */      \
+  void worker_mean(c10::ScalarType dtype, const TensorPtrs* tensors, const Chunk* chunks, \
+                   int64_t c0, int64_t c1, double k);                                      \
   }
 
 LBK_DECLARE_CPU_KERNELS(DEFAULT)

@@ -73,4 +73,12 @@ LBK_HD V average_update(V avg, V w, V r) {
   return avg + r * (w - avg);
 }
 
+// The cross-worker mean written back after the all-reduce (ALGORITHMS.md section 4):
+// sum / k, a true division (not a multiplication by 1 / k, which differs in the last bit
+// for k = 3), in the arithmetic type (fp32, or fp64 for fp64 params).
+template <typename V>
+LBK_HD V worker_mean(V sum, V k) {
+  return sum / k;
+}
+
 }  // namespace lbkernels
