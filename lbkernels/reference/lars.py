@@ -31,6 +31,32 @@ def multi_tensor_l2norm(xs: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(norms)
 
 
+def trust_ratio(
+    w: torch.Tensor,
+    g: torch.Tensor,
+    lr: float | torch.Tensor,
+    weight_decay: float,
+    trust_coefficient: float,
+    eps: float,
+    clip: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LARS trust ratio ``r`` of one tensor and whether both norms are non-zero.
+
+    ``w`` and ``g`` are already in the arithmetic dtype (``g`` unscaled)::
+
+        r = tc * ||w|| / (||g|| + wd * ||w|| + eps)   (1 if either norm is 0)
+        r = min(r / lr, 1)                              if clip
+    """
+    n_w = torch.linalg.vector_norm(w)
+    n_g = torch.linalg.vector_norm(g)
+    valid = (n_w > 0) & (n_g > 0)
+    r = trust_coefficient * n_w / (n_g + n_w * weight_decay + eps)
+    r = torch.where(valid, r, 1.0)
+    if clip:
+        r = torch.clamp(r / lr, max=1.0)
+    return r, valid
+
+
 def lars_sgd_(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
@@ -96,13 +122,7 @@ def lars_sgd_(
         lr_i = lr if lr_tensor is None else lr_tensor.to(w.device, ct)
         d = g32.add(w32, alpha=weight_decay)
         if not exclude[i]:
-            n_w = torch.linalg.vector_norm(w32)
-            n_g = torch.linalg.vector_norm(g32)
-            valid = (n_w > 0) & (n_g > 0)
-            r = trust_coefficient * n_w / (n_g + n_w * weight_decay + eps)
-            r = torch.where(valid, r, 1.0)
-            if clip:
-                r = torch.clamp(r / lr_i, max=1.0)
+            r, valid = trust_ratio(w32, g32, lr_i, weight_decay, trust_coefficient, eps, clip)
             d = d.mul(r)
             if not zero_norm_decay:
                 d = torch.where(valid, d, g32)
