@@ -3,6 +3,7 @@
 // Nothing is read back to the host unless count or found_inf live on the CPU, so an
 // update never synchronises and can be captured in a CUDA graph.
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -127,8 +128,70 @@ void average_cuda(at::TensorList averages, at::TensorList params,
   }
 }
 
+// Same checks and messages as check_worker_mean_args in lbkernels/reference/average.py.
+void check_worker_mean_args(at::TensorList params, const at::Tensor& flat_sum, int64_t world_size) {
+  TORCH_CHECK_VALUE(world_size >= 1, "world_size must be an integer >= 1, got ", world_size);
+  TORCH_CHECK_TYPE(flat_sum.layout() == c10::kStrided && flat_sum.dim() == 1 &&
+                       flat_sum.is_contiguous(),
+                   "flat_sum must be a contiguous 1-D tensor, got shape ", flat_sum.sizes(),
+                   " and strides ", flat_sum.strides());
+  TORCH_CHECK_TYPE(supported_dtype(flat_sum.scalar_type()), "flat_sum has dtype ",
+                   flat_sum.scalar_type(), "; expected a floating dtype");
+  TORCH_CHECK_VALUE(flat_sum.is_cuda(), "flat_sum is on ", flat_sum.device(),
+                    " but this is the CUDA kernel");
+  int64_t total = 0;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& p = params[i];
+    TORCH_CHECK_TYPE(p.layout() == c10::kStrided, "params[", i, "] has layout ", p.layout(),
+                     "; expected a dense tensor");
+    TORCH_CHECK_TYPE(p.scalar_type() == flat_sum.scalar_type(), "params[", i, "] has dtype ",
+                     p.scalar_type(), " but flat_sum has ", flat_sum.scalar_type(),
+                     " (pack one flat buffer per dtype)");
+    TORCH_CHECK_VALUE(p.device() == flat_sum.device(), "params[", i, "] is on ", p.device(),
+                      " but flat_sum is on ", flat_sum.device());
+    total += p.numel();
+  }
+  TORCH_CHECK_VALUE(flat_sum.numel() == total, "flat_sum has ", flat_sum.numel(),
+                    " elements but the params have ", total);
+}
+
+// One launch (more only when the argument struct fills up) over every param. A param
+// that is not contiguous (its memory order differs from the flat buffer's row-major
+// order) is written through a contiguous temporary, copied back in stream order.
+void worker_mean_cuda(at::TensorList params, const at::Tensor& flat_sum, int64_t world_size) {
+  check_worker_mean_args(params, flat_sum, world_size);
+  if (params.empty()) return;
+  const c10::cuda::CUDAGuard guard(flat_sum.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  std::vector<TensorArgs<2>> tensors;
+  std::vector<std::pair<at::Tensor, at::Tensor>> pending;  // (param, temporary)
+  const char* sum = static_cast<const char*>(flat_sum.const_data_ptr());
+  const int64_t elem = flat_sum.element_size();
+  int64_t offset = 0, total = 0;
+  for (size_t i = 0; i < params.size(); ++i) {
+    at::Tensor w = params[i];
+    if (!w.is_contiguous()) {
+      w = at::empty(w.sizes(), w.options());
+      pending.emplace_back(params[i], w);
+    }
+    tensors.push_back({{w.data_ptr(), const_cast<char*>(sum + offset * elem)}, w.numel(), total,
+                       static_cast<int32_t>(i), 0});
+    offset += w.numel();
+    total += num_chunks(w.numel());
+  }
+  by_dtype(flat_sum.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    C10_CUDA_CHECK(multi_tensor_apply<2>(tensors, Blocks::kPerChunk, kChunkThreads, stream,
+                                         WorkerMean<T>{static_cast<double>(world_size)}));
+  });
+  for (auto& [orig, tmp] : pending) orig.copy_(tmp);
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lbkernels, CUDA, m) { m.impl("average_", &average_cuda); }
+TORCH_LIBRARY_IMPL(lbkernels, CUDA, m) {
+  m.impl("average_", &average_cuda);
+  m.impl("worker_mean_", &worker_mean_cuda);
+}
 
 }  // namespace lbkernels::cuda

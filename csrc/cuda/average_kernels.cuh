@@ -1,4 +1,5 @@
-// CUDA functors of average_ (ALGORITHMS.md section 4): avg += r * (w - avg), one block
+// CUDA functors of average_ (ALGORITHMS.md section 4) and worker_mean_ (w = sum / k, the
+// write-back of the cross-worker mean): avg += r * (w - avg), one block
 // per 65,536-element chunk, with r = 1 / (n + 1) (SWA, n read on the device) or
 // 1 - decay (EMA). The count is incremented by a one-thread kernel queued after every
 // update launch of the call, so each block reads the count of before the call. The
@@ -37,6 +38,27 @@ struct AverageUpdate {
     const T* w = static_cast<const T*>(meta.addresses[1][slot]) + begin;
     for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
       avg[i] = average_update<A>(avg[i], static_cast<A>(load_acc(w + i)), r);
+  }
+};
+
+// worker_mean_: addresses[0] the param (T, written), addresses[1] its segment of the
+// all-reduced flat sum (T). w = sum / k in opmath_t<T>, rounded once to T.
+template <typename T>
+struct WorkerMean {
+  using A = opmath_t<T>;
+  double k;  // the world size
+
+  __device__ __forceinline__ void operator()(const TensorListMeta<2>& meta, int slot,
+                                             int64_t chunk) const {
+    const int64_t begin = chunk * kChunkSize;
+    const int64_t n = min(kChunkSize, meta.numel[slot] - begin);
+    T* w = static_cast<T*>(meta.addresses[0][slot]) + begin;
+    const T* sum = static_cast<const T*>(meta.addresses[1][slot]) + begin;
+    // k is exact in A (a world size below 2^24); the division is the IEEE one (nvcc's
+    // default -prec-div=true, and torch's build does not pass --use_fast_math).
+    const A kv = static_cast<A>(k);
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
+      store_acc(w + i, worker_mean<A>(load_acc(sum + i), kv));
   }
 };
 

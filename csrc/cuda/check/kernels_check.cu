@@ -32,7 +32,11 @@ namespace lbkernels::cuda {
   template __global__ void multi_tensor_kernel<2, AverageUpdate<T>>(TensorListMeta<2>,    \
                                                                     AverageUpdate<T>);    \
   template cudaError_t multi_tensor_apply<2, AverageUpdate<T>>(                           \
-      const std::vector<TensorArgs<2>>&, Blocks, int, cudaStream_t, const AverageUpdate<T>&);
+      const std::vector<TensorArgs<2>>&, Blocks, int, cudaStream_t, const AverageUpdate<T>&); \
+  template __global__ void multi_tensor_kernel<2, WorkerMean<T>>(TensorListMeta<2>,        \
+                                                                 WorkerMean<T>);          \
+  template cudaError_t multi_tensor_apply<2, WorkerMean<T>>(                              \
+      const std::vector<TensorArgs<2>>&, Blocks, int, cudaStream_t, const WorkerMean<T>&);
 
 LBK_INSTANTIATE(float)
 LBK_INSTANTIATE(double)
