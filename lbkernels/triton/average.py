@@ -1,4 +1,5 @@
-"""Triton weight averaging (ALGORITHMS.md section 4): ``avg += r * (w - avg)``.
+"""Triton weight averaging (ALGORITHMS.md section 4): ``avg += r * (w - avg)``, and the
+write-back of the cross-worker mean, ``w = sum / k`` (``worker_mean_``).
 
 One launch per param dtype covers every tensor of that dtype: a table of chunk rows
 (average address, param address, element count) in the style of ``multi_tensor.py``,
@@ -20,9 +21,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference.average import check_average_args
+from ..reference.average import check_average_args, check_worker_mean_args
 from . import multi_tensor as mt
-from .math import div
+from .math import div, to_elem, worker_mean
 
 _ELEM = {torch.float32: tl.float32, torch.float64: tl.float64, torch.float16: tl.float16,
          torch.bfloat16: tl.bfloat16}
@@ -148,4 +149,65 @@ def triton_average_(
 
 @triton_average_.register_fake
 def _(averages, params, count=None, method="swa", decay=0.999, found_inf=None):
+    return None
+
+
+@triton.jit
+def _worker_mean(table, n_chunks, k: "fp64", ELEM: tl.constexpr, ACC: tl.constexpr,
+                 BLOCK: tl.constexpr, SOFT_BF16: tl.constexpr):
+    c = tl.program_id(0)
+    w_ptr = tl.load(table + c).to(tl.pointer_type(ELEM))
+    s_ptr = tl.load(table + n_chunks + c).to(tl.pointer_type(ELEM))
+    n = tl.load(table + 2 * n_chunks + c)
+    kv = tl.full([], k, ACC)
+    offs = tl.arange(0, BLOCK)
+    for s in range(0, n, BLOCK):
+        mask = s + offs < n
+        total = tl.load(s_ptr + s + offs, mask=mask, other=0.0).to(ACC)
+        tl.store(w_ptr + s + offs, to_elem(worker_mean(total, kv), ELEM, SOFT_BF16), mask=mask)
+
+
+def _worker_mean_impl(params, flat_sum, world_size) -> None:
+    check_worker_mean_args(params, flat_sum, world_size)
+    if not params:
+        return
+    device = flat_sum.device
+    from . import available
+
+    ok, why = available(device.type)
+    if not ok:
+        raise RuntimeError(f"the Triton kernels cannot run on {device.type} tensors here: {why}")
+    # Rows (param address, address of its segment of the flat sum, count); a param that
+    # is not contiguous (memory order unlike the flat buffer's row-major order) is
+    # written through a contiguous temporary.
+    rows, pending = [], []
+    elem = flat_sum.element_size()
+    base, offset = flat_sum.data_ptr(), 0
+    for p in params:
+        w = p
+        if not p.is_contiguous():
+            w = torch.empty(p.shape, dtype=p.dtype, device=device)
+            pending.append((p, w))
+        rows.append((w.data_ptr(), base + offset * elem, p.numel()))
+        offset += p.numel()
+    data, n_chunks = _table(rows, elem, elem, device)
+    if n_chunks:
+        dtype = flat_sum.dtype
+        acc = tl.float64 if dtype == torch.float64 else tl.float32
+        _worker_mean[(n_chunks,)](data, n_chunks, float(world_size), ELEM=_ELEM[dtype], ACC=acc,
+                                  BLOCK=_block(),
+                                  SOFT_BF16=dtype == torch.bfloat16 and mt.interpreting(),
+                                  num_warps=_NUM_WARPS)
+    for p, w in pending:
+        p.copy_(w)
+
+
+@torch.library.custom_op("lbkernels::triton_worker_mean_", mutates_args=("params",))
+def triton_worker_mean_(params: list[torch.Tensor], flat_sum: torch.Tensor, world_size: int) -> None:
+    """``w = sum / k`` into every param; the contract of ``lbkernels.reference.average.worker_mean_``."""
+    _worker_mean_impl(params, flat_sum, world_size)
+
+
+@triton_worker_mean_.register_fake
+def _(params, flat_sum, world_size):
     return None

@@ -28,6 +28,7 @@ import triton.language as tl
 from .._validate import check_scalar_tensor, check_tensor_lists
 from . import multi_tensor as mt
 from .math import div, lars_scale, sgd_update, sqrt
+from .math import to_elem as _to_elem
 
 _ELEM = {torch.float32: tl.float32, torch.float64: tl.float64, torch.float16: tl.float16,
          torch.bfloat16: tl.bfloat16}
@@ -52,23 +53,6 @@ def _acc(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
 
 
 # --------------------------------------------------------------------------- kernels
-
-
-@triton.jit
-def _to_elem(x, ELEM: tl.constexpr, SOFT_BF16: tl.constexpr):
-    """x (fp32 or fp64) rounded to the storage dtype, to nearest even.
-
-    Triton's interpreter truncates fp32 -> bf16 (compiled kernels round), so there the
-    rounding is done on the bits: add 0x7fff plus the lowest kept bit, drop 16 bits.
-    """
-    if SOFT_BF16:
-        bits = x.to(tl.uint32, bitcast=True)
-        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16)
-        rounded = tl.where(x != x, 0x7FC0, rounded).to(tl.uint16)  # NaN stays a quiet NaN
-        return rounded.to(tl.bfloat16, bitcast=True)
-    else:
-        return x.to(ELEM)
-
 
 
 @triton.jit
@@ -396,4 +380,5 @@ OPS = {
     "multi_tensor_l2norm": torch.ops.lbkernels.triton_multi_tensor_l2norm,
     "lars_sgd_": torch.ops.lbkernels.triton_lars_sgd_,
     "average_": torch.ops.lbkernels.triton_average_,
+    "worker_mean_": torch.ops.lbkernels.triton_worker_mean_,
 }

@@ -70,3 +70,25 @@ def sgd_update(w, buf, g, scale, wd, r, pre, m, damp, lr, first, HAS_SCALE: tl.c
         else:
             u = buf
     return w - lr * u, buf
+
+
+@triton.jit
+def to_elem(x, ELEM: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """x (fp32 or fp64) rounded to the storage dtype, to nearest even.
+
+    Triton's interpreter truncates fp32 -> bf16 (compiled kernels round), so there the
+    rounding is done on the bits: add 0x7fff plus the lowest kept bit, drop 16 bits.
+    """
+    if SOFT_BF16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).to(tl.uint16)
+        rounded = tl.where(x != x, 0x7FC0, rounded).to(tl.uint16)  # NaN stays a quiet NaN
+        return rounded.to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(ELEM)
+
+
+@triton.jit
+def worker_mean(total, k):
+    """math.h's worker_mean: the cross-worker mean sum / k, an IEEE division."""
+    return div(total, k)
