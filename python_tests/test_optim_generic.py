@@ -169,10 +169,13 @@ def test_grad_scaler_skip_leaves_everything_bitwise_unchanged(entry, skip_first)
     scaler.update()
     assert scaler.get_scale() < 2.0**10 or not skip_first
     assert params_equal(a, before[0])
+    params = [p for g in oa.param_groups for p in g["params"]]
     for k, s in oa.state_dict()["state"].items():
         for n, v in s.items():
             ref = before[1]["state"].get(k, {}).get(n)
-            if ref is None:  # lazily created on the skipped first step: must be initial state
+            if ref is None and n in entry.copy_state_keys:  # lazily created: a copy of the param
+                assert torch.equal(v, params[k])
+            elif ref is None:  # lazily created on the skipped first step: must be initial state
                 assert torch.count_nonzero(v) == 0
             else:
                 assert torch.equal(v, ref)

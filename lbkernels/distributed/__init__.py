@@ -10,3 +10,6 @@ __all__ += ["average_parameters"]
 from .post_local import PostLocalSGD, post_local_hook  # noqa: E402
 
 __all__ += ["PostLocalSGD", "post_local_hook"]
+from .extrap import extrap_allreduce_hook  # noqa: E402
+
+__all__ += ["extrap_allreduce_hook"]

@@ -40,6 +40,18 @@ def zeros_state(p: torch.Tensor) -> torch.Tensor:
 zeros_state.flat_zeros = True  # may be allocated as views of one buffer per bucket
 
 
+def copy_state(p: torch.Tensor) -> torch.Tensor:
+    """State initialised as a copy of ``p`` (anchor weights); see ``_make_flat_state``."""
+    return p.detach().clone(memory_format=torch.preserve_format)
+
+
+copy_state.flat_copy = True  # may be allocated as views of one buffer per bucket
+
+
+def _flat(make: Callable) -> bool:
+    return getattr(make, "flat_zeros", False) or getattr(make, "flat_copy", False)
+
+
 class _Bucket:
     """The params of one group on one device that have grads, and their state tensors."""
 
@@ -147,7 +159,7 @@ class FusedOptimizer(Optimizer):
             # Other state first, so that its factories see which params are fresh.
             for p in ps:
                 for name, make in spec.items():
-                    if not getattr(make, "flat_zeros", False) and self.state[p].get(name) is None:
+                    if not _flat(make) and self.state[p].get(name) is None:
                         self.state[p][name] = make(p)
             self._make_flat_state(spec, ps)
             state_lists: dict[str, list[torch.Tensor]] = {name: [] for name in spec}
@@ -163,8 +175,9 @@ class FusedOptimizer(Optimizer):
         return buckets
 
     def _make_flat_state(self, spec: dict, params: list[torch.Tensor]) -> None:
-        """Creates the missing zero-initialised state of ``params`` as views of one
-        buffer per dtype (factories marked ``flat_zeros``).
+        """Creates the missing zero-initialised state of ``params`` (factories marked
+        ``flat_zeros``), or state that starts as a copy of the param (``flat_copy``), as
+        views of one buffer per dtype.
 
         Separately allocated small tensors land all over the heap, and a step over many
         of them becomes bound by memory latency rather than bandwidth: 2000 momentum
@@ -173,7 +186,7 @@ class FusedOptimizer(Optimizer):
         is unchanged (each entry is a tensor of the param's shape).
         """
         for name, make in spec.items():
-            if not getattr(make, "flat_zeros", False):
+            if not _flat(make):
                 continue
             missing: dict[torch.dtype, list[torch.Tensor]] = {}
             for p in params:
@@ -182,9 +195,13 @@ class FusedOptimizer(Optimizer):
             for dtype, ps in missing.items():
                 if len(ps) < 2:
                     continue
-                flat = torch.zeros(sum(p.numel() for p in ps), dtype=dtype, device=ps[0].device)
+                copy = getattr(make, "flat_copy", False)
+                alloc = torch.empty if copy else torch.zeros
+                flat = alloc(sum(p.numel() for p in ps), dtype=dtype, device=ps[0].device)
                 for p, view in zip(ps, flat.split([p.numel() for p in ps])):
                     self.state[p][name] = view.view_as(p)
+                    if copy:
+                        self.state[p][name].copy_(p.detach())
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
