@@ -382,3 +382,10 @@ OPS = {
     "average_": torch.ops.lbkernels.triton_average_,
     "worker_mean_": torch.ops.lbkernels.triton_worker_mean_,
 }
+
+from . import extrap as _extrap  # noqa: E402  (registers lbkernels::triton_extrap_*)
+
+OPS.update({
+    "extrap_sgd_": torch.ops.lbkernels.triton_extrap_sgd_,
+    "extrap_adam_": torch.ops.lbkernels.triton_extrap_adam_,
+})

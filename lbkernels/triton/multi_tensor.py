@@ -140,8 +140,10 @@ class Staging:
         # until the kernels that read them are queued (the allocator is stream-ordered).
         self._keep: list[torch.Tensor] = []
 
-    def lead(self, w: torch.Tensor, written: bool) -> torch.Tensor:
-        if dense(w):
+    def lead(self, w: torch.Tensor, written: bool, contiguous: bool = False) -> torch.Tensor:
+        """w itself when the kernel can walk it: dense, or row-major when ``contiguous``
+        (kernels that index by row-major position, e.g. element-keyed random numbers)."""
+        if w.is_contiguous() if contiguous else dense(w):
             return w
         return self._stage(w, w.contiguous(), written)
 
