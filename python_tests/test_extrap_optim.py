@@ -190,6 +190,8 @@ def test_multi_worker_step_needs_local_gradients():
     opt.step()
     with pytest.raises(RuntimeError, match="no local"):  # the capture was consumed
         opt.step()
+    opt.zero_grad()
+    opt.step()  # no gradients: nothing to step, nothing needed
     # Noise extrapolation and a zero extrapolation rate read no local gradient.
     ExtrapSGD(m.parameters(), lr=0.1, world_size=2, extrapolation="uniform", noise_scale=0.1).step()
     ExtrapSGD(m.parameters(), lr=0.1, world_size=2, extrap_lr=0.0).step()
@@ -209,6 +211,33 @@ def test_captured_local_gradient_is_the_extrapolation_direction():
         opt.capture_local_grads([m[0].weight], [torch.zeros(3)])
     with pytest.raises(ValueError, match="grads has 1 entries but params has 2"):
         opt.capture_local_grads([m[0].weight, m[0].bias], [m[0].weight.grad])
+
+
+def test_grad_scaler_unscales_the_captured_local_gradients():
+    def run(scaled):
+        m = model()
+        opt = ExtrapSGD(m.parameters(), lr=0.1, weight_decay=1e-3)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+        for t in range(3):
+            m.zero_grad()
+            loss = nn.functional.cross_entropy(m(batch(t)[0]), batch(t)[1])
+            (scaler.scale(loss) if scaled else loss).backward()
+            # a local gradient unlike the (would-be all-reduced) p.grad
+            opt.capture_local_grads(list(m.parameters()), [p.grad * 0.5 for p in m.parameters()])
+            scaler.step(opt) if scaled else opt.step()
+            if scaled:
+                scaler.update()
+        return m, opt, scaler
+
+    (a, _, _), (b, ob, scaler) = run(False), run(True)
+    # Scaling by 2^12 and dividing by it again is exact: bitwise equal.
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    ob.zero_grad()
+    scaler.scale(nn.functional.cross_entropy(b(batch(9)[0]), batch(9)[1])).backward()
+    ob.capture_local_grads()
+    scaler.unscale_(ob)
+    with pytest.raises(RuntimeError, match="unscale_"):
+        scaler.step(ob)
 
 
 def test_noise_anneals_is_reproducible_and_independent_across_groups():

@@ -24,6 +24,15 @@ EXTRAPOLATIONS = ("past_grad", "gaussian", "uniform", "weight", "filter")
 # a_t = a * (1 + t)^(-0.55 / 2): the annealing exponent of the extrapolated-SGD framework.
 NOISE_ANNEAL_POWER = -0.55 / 2
 
+# The noise offset of step t on a device is t + (device key << 40): a group spread over
+# several devices draws independent numbers on each (tensor positions restart per device),
+# and 2^40 steps never reach the device bits.
+DEVICE_OFFSET_SHIFT = 40
+
+
+def _device_key(device: torch.device) -> int:
+    return 0 if device.type == "cpu" else 1 + (device.index or 0)
+
 
 def _check_world_size(world_size: Any) -> int | None:
     if world_size is None:
@@ -159,11 +168,19 @@ class _Extrapolated(FusedOptimizer):
         return isinstance(gamma, torch.Tensor) or (gamma != 0 and group.get("extrap_scale", 1.0) != 0)
 
     def _check_local_grads(self) -> None:
-        """Before any tensor changes: a multi-worker step needs the captured g^k."""
+        """Before any tensor changes: a multi-worker step needs the captured g^k, and they
+        must be scaled as the gradients are."""
         if self._captured:
+            if getattr(self, "found_inf", None) is not None and getattr(self, "grad_scale", None) is None:
+                raise RuntimeError(
+                    f"{type(self).__name__}: GradScaler.unscale_() unscaled p.grad but not the "
+                    "captured local gradients; step without unscale_() (the fused step unscales "
+                    "both), or clip the gradients without a scaler")
             return
         world_size = self.resolved_world_size()
-        if world_size == 1 or not any(self._extrapolates_from_grads(g) for g in self.param_groups):
+        if world_size == 1 or not any(
+                self._extrapolates_from_grads(g) and any(p.grad is not None for p in g["params"])
+                for g in self.param_groups):
             return
         raise RuntimeError(
             f"{type(self).__name__}: the gradients are averaged over K={world_size} workers "
@@ -284,9 +301,10 @@ class ExtrapSGD(_Extrapolated):
     ``eps_t = a N(0,1)``; ``"uniform"`` ``a U(-1,1)``; ``"weight"`` ``a U(-1,1) |x|``;
     ``"filter"`` (SmoothOut) ``a r_j / (||r_j|| + 1e-6) ||x_j||`` per output filter ``j``
     (dim 0), ``r ~ U(-1,1)``. The random numbers are keyed by the group's ``seed`` (default:
-    ``seed`` plus the group's position, so groups draw independent noise) and the step
-    count ``t``, which is part of :meth:`state_dict`: a run is reproducible and resumes
-    bit for bit on the same backend.
+    ``seed`` plus the group's position, so groups draw independent noise), the step count
+    ``t`` (the op's ``offset``; a step the GradScaler skips draws nothing), the device and
+    the tensor's position in its group. ``t`` is part of :meth:`state_dict`: a run is
+    reproducible and resumes bit for bit on the same backend.
 
     Data parallel: ``optimizer.attach(ddp_model)`` registers the comm hook that captures
     ``g^k`` (:func:`lbkernels.distributed.extrap_allreduce_hook`); stepping a
@@ -419,7 +437,7 @@ class ExtrapSGD(_Extrapolated):
             extrapolation=group["extrapolation"],
             noise_scale=a,
             seed=group["seed"],
-            offset=self._rng_step,
+            offset=self._rng_step + (_device_key(bucket.params[0].device) << DEVICE_OFFSET_SHIFT),
             grad_scale=grad_scale,
             found_inf=found_inf,
             impl=group["impl"],
