@@ -26,10 +26,13 @@ struct KernelTable {
   decltype(&DEFAULT::lars_whole) lars_whole;
   decltype(&DEFAULT::average_update) average_update;
   decltype(&DEFAULT::worker_mean) worker_mean;
+  decltype(&DEFAULT::extrap_sgd) extrap_sgd;
+  decltype(&DEFAULT::extrap_adam) extrap_adam;
 };
 
 #define LBK_KERNEL_TABLE(NS) KernelTable{#NS, &NS::sum_squares, &NS::sgd_update, &NS::lars_whole, \
-                                        &NS::average_update, &NS::worker_mean}
+                                        &NS::average_update, &NS::worker_mean, \
+                                        &NS::extrap_sgd, &NS::extrap_adam}
 
 // The loops built for the best capability this CPU has, as ATen itself decides it
 // (so ATEN_CPU_CAPABILITY=default|avx2|avx512 selects ours too).

@@ -95,8 +95,7 @@ def noise(x: torch.Tensor, extrapolation: str, a: float, gen: torch.Generator) -
     if extrapolation == "weight":
         return a * r * x.abs()
     # "filter": per output filter j (dim 0; a 0-d/1-d tensor is one filter)
-    rows = x.shape[0] if x.dim() >= 2 else 1
-    r2, x2 = r.reshape(rows, -1), x.reshape(rows, -1)
+    r2, x2 = (r.flatten(1), x.flatten(1)) if x.dim() >= 2 else (r.reshape(1, -1), x.reshape(1, -1))
     n_r = torch.linalg.vector_norm(r2, dim=1, keepdim=True)
     n_x = torch.linalg.vector_norm(x2, dim=1, keepdim=True)
     return (a * r2 / (n_r + FILTER_EPS) * n_x).reshape(x.shape)

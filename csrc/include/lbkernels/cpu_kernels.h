@@ -107,4 +107,62 @@ LBK_DECLARE_CPU_KERNELS(AVX2)
 LBK_DECLARE_CPU_KERNELS(AVX512)
 #endif
 
+// --- extrap_sgd_ / extrap_adam_ (ALGORITHMS.md section 2) ---------------------------------
+
+// Raw view of one tensor of an extrapolated step; every pointer addresses `numel`
+// elements laid out identically (row-major for the noise variants).
+struct ExtrapPtrs {
+  void* w;         // params: the extrapolated point (written)
+  void* x;         // anchors (written)
+  void* s1;        // momentum buffer / exp_avg (null without momentum)
+  void* s2;        // exp_avg_sq (extrap_adam_ only)
+  const void* g;   // all-reduced gradient
+  const void* gk;  // local gradient (null: g)
+  int64_t numel;
+  int64_t row;     // elements per output filter ("filter" variant; numel for 0-d/1-d)
+  uint32_t index;  // position in the op's lists: the Philox stream of the tensor
+};
+
+enum class Extrapolation : int { PastGrad, Gaussian, Uniform, Weight, Filter };
+
+struct ExtrapParams {
+  SgdParams sgd;  // grad_scale, momentum, nesterov (dampening 0)
+  double extrap_lr = 0;
+  Extrapolation kind = Extrapolation::PastGrad;
+  double noise_scale = 0;
+  uint64_t seed = 0, offset = 0;
+  bool has_local = false;
+};
+
+// Per-tensor constants of extrap_adam_, from its step counter (double, as torch's floats).
+struct AdamTensorCoefs {
+  double step_size;  // lr / (1 - beta1^t)
+  double bc2_sqrt;   // sqrt(1 - beta2^t)
+};
+
+struct AdamParams {
+  double grad_scale = 1, weight_decay = 0, decay = 1, beta1 = 0.9, beta2 = 0.999, eps = 1e-8,
+         extrap_lr = 0;
+  bool has_scale = false, has_local = false, decoupled = false;
+};
+
+#define LBK_DECLARE_EXTRAP_CPU_KERNELS(NS)                                                  \
+  namespace NS {                                                                           \
+  /* extrap_sgd_ over chunks [c0, c1). A chunk of a filter-variant tensor holds whole   \
+     filters. whole: every chunk is a whole tensor whose LARS coefficients (when not    \
+     excluded) are computed here from its norms; else coefs are ready. */               \
+  void extrap_sgd(c10::ScalarType dtype, const ExtrapPtrs* tensors, const Chunk* chunks,   \
+                  int64_t c0, int64_t c1, TensorCoefs* coefs, const LarsParams& lp,        \
+                  const ExtrapParams& p, bool whole);                                      \
+  /* extrap_adam_ over chunks [c0, c1). */                                                 \
+  void extrap_adam(c10::ScalarType dtype, const ExtrapPtrs* tensors, const Chunk* chunks,  \
+                   int64_t c0, int64_t c1, const AdamTensorCoefs* coefs, const AdamParams& p); \
+  }
+
+LBK_DECLARE_EXTRAP_CPU_KERNELS(DEFAULT)
+#if defined(LBK_CPU_X86)
+LBK_DECLARE_EXTRAP_CPU_KERNELS(AVX2)
+LBK_DECLARE_EXTRAP_CPU_KERNELS(AVX512)
+#endif
+
 }  // namespace lbkernels::cpu
