@@ -13,3 +13,6 @@ __all__ += ["PostLocalSGD", "post_local_hook"]
 from .extrap import extrap_allreduce_hook  # noqa: E402
 
 __all__ += ["extrap_allreduce_hook"]
+from .swap import SWAP  # noqa: E402
+
+__all__ += ["SWAP"]

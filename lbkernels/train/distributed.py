@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -20,9 +21,15 @@ from .cli import ConfigError
 
 @dataclass
 class Runtime:
+    """This process among those it trains with: ``rank`` of ``world_size``, whose
+    collectives span ``group`` (None: every process of the job). A method that trains
+    in sub-groups (SWAP's phase 2) gives the trainer a view made by :meth:`within`."""
+
     rank: int
     world_size: int
     device: torch.device
+    group: Any = None
+    job_rank: int | None = None  # rank in the whole job; None: ``rank``
 
     @property
     def distributed(self) -> bool:
@@ -30,13 +37,21 @@ class Runtime:
 
     @property
     def is_main(self) -> bool:
-        return self.rank == 0
+        """The job's first process: the one that reports and writes the checkpoint."""
+        return (self.rank if self.job_rank is None else self.job_rank) == 0
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` summed over the processes."""
         if self.distributed:
-            dist.all_reduce(t)
+            dist.all_reduce(t, group=self.group)
         return t
+
+    def within(self, group: Any, rank: int, world_size: int) -> Runtime:
+        """This process as rank ``rank`` of the ``world_size`` processes of ``group``:
+        collectives, data shares and test shares become the group's; the job's first
+        process stays the one that reports."""
+        job_rank = self.rank if self.job_rank is None else self.job_rank
+        return Runtime(rank, world_size, self.device, group, job_rank)
 
     def close(self) -> None:
         if dist.is_initialized():

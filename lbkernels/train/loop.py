@@ -87,13 +87,19 @@ class Trainer:
         self.elapsed = 0.0  # training seconds of earlier processes of this run
         self.epoch_sums = [0.0, 0.0, 0.0]  # loss sum, correct, samples of the epoch so far
         self.history: list[dict] = []
+        self.recipe.attach(self)
         if resume is not None:
+            if resume.get("per_process") and not runtime.is_main:
+                resume = self._own_checkpoint(resume)
             self._restore(resume)
 
+        # Data-parallel over the processes of the runtime, which a method's attach or
+        # load_state_dict may have narrowed to a sub-group (self.runtime, not runtime).
         self.net: torch.nn.Module = self.model
-        if runtime.distributed:
+        if self.runtime.distributed:
             self.net = DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                process_group=self.runtime.group)
             if self.recipe.comm_hook is not None:
                 self.net.register_comm_hook(*self.recipe.comm_hook)
 
@@ -107,9 +113,9 @@ class Trainer:
         report.write_metrics(self.history)
         self._started = time.perf_counter()
         try:
-            while self.epoch < args.epochs:
+            while self.epoch < self.recipe.num_epochs(args.epochs):
                 self._run_epoch(self.epoch)
-                done = self.epoch == args.epochs
+                done = self.epoch == self.recipe.num_epochs(args.epochs)
                 if done or (args.checkpoint_every and self.epoch % args.checkpoint_every == 0):
                     self.save()
         finally:
@@ -124,7 +130,7 @@ class Trainer:
         self.recipe.on_epoch_start(self, epoch)
         self.net.train()
         steps = self.batches.num_batches(epoch)
-        report.start_epoch(epoch, args.epochs, steps, self.batches.taken(epoch))
+        report.start_epoch(epoch, self.recipe.num_epochs(args.epochs), steps, self.batches.taken(epoch))
         samples, t0 = 0, time.perf_counter()
         for x, y, total in self.batches.epoch(epoch):
             self._step(x, y, total)
@@ -136,9 +142,10 @@ class Trainer:
                 self.save()
         throughput = samples / max(time.perf_counter() - t0, 1e-9)
         self.recipe.on_epoch_end(self, epoch)
+        epochs = self.recipe.num_epochs(args.epochs)
 
         test_loss = test_acc = None
-        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs:
+        if (epoch + 1) % args.eval_every == 0 or epoch + 1 == epochs:
             test_loss, test_acc = self.evaluate()
         loss_sum, correct, count = self.epoch_sums
         group, batch_size = self.recipe.optimizer.param_groups[0], self.recipe.batch_size(epoch)
@@ -154,10 +161,11 @@ class Trainer:
             "train_acc": correct / count if count else None,
             "test_loss": test_loss, "test_acc": test_acc,
             "wall_time": round(self.wall_time(), 3),
+            **self.recipe.metrics(self, epoch),
         }
         self.history.append(row)
         report.append_metrics(row)
-        report.end_epoch(row, args.epochs, throughput)
+        report.end_epoch(row, epochs, throughput)
         self.epoch, self.epoch_sums = epoch + 1, [0.0, 0.0, 0.0]
 
     def _step(self, x: torch.Tensor, y: torch.Tensor, total: int) -> None:
@@ -190,9 +198,14 @@ class Trainer:
                 f"the run diverged: lower --lr or lengthen --warmup-epochs. Its last state is in "
                 f"{self.checkpoint_path}")
 
-    @torch.no_grad()
     def evaluate(self) -> tuple[float, float]:
-        """Mean loss and accuracy on the test set (each process takes a share)."""
+        """Mean loss and accuracy on the test set (each process takes a share), of the
+        weights the method evaluates (:meth:`Recipe.eval_context`)."""
+        with self.recipe.eval_context(self):
+            return self._evaluate()
+
+    @torch.no_grad()
+    def _evaluate(self) -> tuple[float, float]:
         # The bare model: processes may hold different numbers of test batches, and DDP's
         # forward would wait for the others at every batch.
         self.model.eval()
@@ -217,14 +230,22 @@ class Trainer:
 
     # -- checkpoints ----------------------------------------------------------------------------
     def save(self) -> None:
-        """Checkpoint the run (from the first process; the others hold the same state)."""
-        if not self.runtime.is_main:
+        """Checkpoint the run: the first process writes it. While the method says the
+        processes hold different states (:meth:`Recipe.shared_state`), every other
+        process also writes its own, ``checkpoint.rank<R>.pt``, which it resumes from."""
+        shared = self.recipe.shared_state()
+        if not (self.runtime.is_main or not shared):
             return
+        # The method's state first: its eval_context may change the weights for a while.
+        method_state = self.recipe.state_dict()
+        with self.recipe.eval_context(self):
+            # The weights the method evaluates, copied: those in the block are transient.
+            model_state = {k: v.clone() for k, v in self.model.state_dict().items()}
         state = {
             "format": CHECKPOINT_FORMAT,
             "config": resolved(self.args),
-            "model": self.model.state_dict(),
-            "method": self.recipe.state_dict(),
+            "model": model_state,
+            "method": method_state,
             "scaler": self.scaler.state_dict(),
             "data": self.batches.state_dict(),
             "rng": checkpoint.rng_state(self.device),
@@ -234,8 +255,28 @@ class Trainer:
                 "epoch_sums": list(self.epoch_sums),
             },
             "history": self.history,
+            "per_process": not shared,
         }
-        checkpoint.save(self.checkpoint_path, state)
+        if self.runtime.is_main:
+            checkpoint.save(self.checkpoint_path, state)
+        else:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            checkpoint.save(self._own_checkpoint_path(), state)
+
+    def _own_checkpoint_path(self) -> Path:
+        rank = self.runtime.rank if self.runtime.job_rank is None else self.runtime.job_rank
+        return self.out_dir / f"checkpoint.rank{rank}.pt"
+
+    def _own_checkpoint(self, main: dict[str, Any]) -> dict[str, Any]:
+        """This process's checkpoint, written beside the first process's ``main``."""
+        path = self._own_checkpoint_path()
+        own = checkpoint.load(path)
+        if own.get("progress", {}).get("steps") != main["progress"]["steps"]:
+            raise checkpoint.CheckpointError(
+                f"{path}: written at step {own.get('progress', {}).get('steps')}, but "
+                f"{self.checkpoint_path} at step {main['progress']['steps']}: the run stopped "
+                f"while its processes were writing; it cannot be resumed exactly")
+        return own
 
     def _restore(self, state: dict[str, Any]) -> None:
         if state.get("format") != CHECKPOINT_FORMAT:

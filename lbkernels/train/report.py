@@ -15,7 +15,7 @@ from tqdm import tqdm
 from .plots import plot_curves
 
 COLUMNS = ("epoch", "step", "updates", "lr", "batch_size", "noise_scale", "train_loss",
-           "train_acc", "test_loss", "test_acc", "wall_time")
+           "train_acc", "test_loss", "test_acc", "wall_time", "phase")
 
 
 class Report:

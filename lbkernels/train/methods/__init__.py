@@ -20,6 +20,7 @@ a method reads its own from ``ctx.args``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -106,6 +107,32 @@ class Recipe:
     def on_train_end(self, trainer: Trainer) -> None:
         """After the last epoch, or when the run stops early (before the process group
         is destroyed)."""
+
+    def eval_context(self, trainer: Trainer) -> contextlib.AbstractContextManager:
+        """A context in which the model holds the weights to evaluate and checkpoint
+        (extrapolated SGD: the anchors, while the parameters hold the extrapolated
+        point); the weights trained on are back when it exits."""
+        return contextlib.nullcontext()
+
+    def attach(self, trainer: Trainer) -> None:
+        """Once the trainer has built its model, data and runtime, before a resumed run's
+        state is restored and the model is wrapped for data parallelism: a method that
+        swaps in other batches or a sub-group runtime keeps the trainer here."""
+
+    def num_epochs(self, epochs: int) -> int:
+        """Epochs of the run (``epochs`` is --epochs); asked again after every epoch, so
+        a method whose length depends on the run (SWAP) can change it."""
+        return epochs
+
+    def metrics(self, trainer: Trainer, epoch: int) -> dict[str, Any]:
+        """Extra columns of ``epoch``'s metrics row (``phase``), after it is evaluated."""
+        return {}
+
+    def shared_state(self) -> bool:
+        """Whether every process holds the same weights and state, so that the first
+        process's checkpoint is everyone's; False (SWAP's phase 2): each process also
+        writes and resumes from its own."""
+        return True
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a checkpoint needs to continue the method exactly."""
@@ -212,3 +239,4 @@ register(Method(
 # -- the other methods, one module each (each registers itself on import) ---------------------
 from . import delayed  # noqa: F401
 from . import growing_batch  # noqa: F401
+from . import swap  # noqa: F401
