@@ -278,6 +278,7 @@ BAD = [
     (dict(lr=0.1, noise_scale=-0.1), ValueError, "noise_scale"),
     (dict(lr=0.1, noise_anneal=1), TypeError, "noise_anneal"),
     (dict(lr=0.1, seed=-1), ValueError, "seed"),
+    (dict(lr=0.1, seed=2**63), ValueError, "seed"),
     (dict(lr=0.1, lars="yes"), TypeError, "lars"),
     (dict(lr=0.1, trust_coefficient=-1.0), ValueError, "trust_coefficient"),
     (dict(lr=0.1, impl="cuda"), ValueError, "impl"),

@@ -383,7 +383,8 @@ class ExtrapSGD(_Extrapolated):
                              "pass nesterov=False for plain SGD")
         if group["extrapolation"] not in EXTRAPOLATIONS:
             raise ValueError(f"extrapolation must be one of {EXTRAPOLATIONS}, got {group['extrapolation']!r}")
-        _check_int("seed", group["seed"])
+        if _check_int("seed", group["seed"]) >= 2**63:  # the op's seed is an int64
+            raise ValueError(f"Invalid seed: {group['seed']} (must be < 2**63)")
 
     def _state_spec(self, group: dict) -> dict:
         spec = {"anchor": copy_state}
