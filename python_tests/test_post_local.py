@@ -119,6 +119,8 @@ def test_state_dict_carries_the_step_count():
     assert not fresh.local or fresh.step_count == 0
     fresh.load_state_dict(state)
     assert fresh.step_count == 3 and not fresh.local
+    # The wrapper's groups are the loaded ones (load_state_dict replaces the inner list).
+    assert fresh.param_groups is fresh.optimizer.param_groups
     for p in state["state"]:
         assert torch.equal(fresh.state_dict()["state"][p]["momentum_buffer"],
                            state["state"][p]["momentum_buffer"])

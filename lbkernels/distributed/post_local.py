@@ -89,12 +89,21 @@ class PostLocalSGD(torch.optim.Optimizer):
         # Not Optimizer.__init__: the param groups and state are the wrapped optimizer's own
         # objects, so that LR schedulers and GradScaler act on them.
         self.optimizer = optimizer
-        self.param_groups = optimizer.param_groups
         self.group = group
         self.step_count = 0  # steps taken (``t``)
         self._inner_hook: tuple[Any, Callable] | None = None
 
     # -- torch.optim.Optimizer ---------------------------------------------------------------
+    @property
+    def param_groups(self) -> list[dict]:  # type: ignore[override]
+        # Looked up each time: Optimizer.load_state_dict replaces the wrapped optimizer's
+        # list, and a copy taken here would go stale.
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, groups: list[dict]) -> None:
+        self.optimizer.param_groups = groups
+
     @property
     def state(self):  # type: ignore[override]
         return self.optimizer.state

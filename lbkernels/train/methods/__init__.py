@@ -240,3 +240,4 @@ register(Method(
 from . import delayed  # noqa: F401
 from . import growing_batch  # noqa: F401
 from . import swap  # noqa: F401
+from . import extrap  # noqa: F401
