@@ -127,10 +127,11 @@ def _worker(rank: int, world_size: int, store: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
     try:
         results = {}
-        for kind in ("sgd", "adam"):
+        for kind, as_view in (("sgd", False), ("sgd", True), ("adam", False)):
             m = model()
             # ~1 KB buckets: one bucket at the first iteration, several once DDP rebuilds them.
-            ddp = nn.parallel.DistributedDataParallel(m, bucket_cap_mb=0.001)
+            # As views, p.grad is the bucket itself: the copy must precede the all-reduce.
+            ddp = nn.parallel.DistributedDataParallel(m, bucket_cap_mb=0.001, gradient_as_bucket_view=as_view)
             opt = make_opt(kind, m.parameters())
             opt.attach(ddp)
             sched = torch.optim.lr_scheduler.ExponentialLR(opt, LR_DECAY)
@@ -148,7 +149,7 @@ def _worker(rank: int, world_size: int, store: str, out: str) -> None:
                 loss_of(ddp, *shard(t, rank, world_size)).backward()
                 opt.step()
                 sched.step()
-            results[kind] = (anchors(opt, m), [p.detach().clone() for p in m.parameters()], calls,
+            results[kind, as_view] = (anchors(opt, m), [p.detach().clone() for p in m.parameters()], calls,
                              opt.resolved_world_size())
         # DDP without the hook: the gradients are averaged, no g^k was captured.
         m = model()
@@ -171,10 +172,10 @@ def _worker(rank: int, world_size: int, store: str, out: str) -> None:
 def test_two_gloo_ranks_follow_the_rule(tmp_path):
     mp.spawn(_worker, args=(K, str(tmp_path / "store"), str(tmp_path / "out")), nprocs=K)
     n_params = len(list(model().parameters()))
-    for kind in ("sgd", "adam"):
+    for kind, as_view in (("sgd", False), ("sgd", True), ("adam", False)):
         x, ws = simulate(kind, K)
         for rank in range(K):
-            got_x, got_w, calls, world = torch.load(tmp_path / f"out.{rank}", weights_only=False)[kind]
+            got_x, got_w, calls, world = torch.load(tmp_path / f"out.{rank}", weights_only=False)[kind, as_view]
             assert world == K
             assert_close(got_x, x)
             assert_close(got_w, ws[rank])
