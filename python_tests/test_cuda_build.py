@@ -30,10 +30,13 @@ def test_cuda_sources_compile():
     assert result.returncode == 0, result.stdout + result.stderr
     for arch in ("80", "90"):
         # 7 kernels (2 norm passes, 3 LARS passes, the averaging update, the worker-mean
-        # write-back) x 4 dtypes per architecture, plus the averaging count update.
-        assert f"kernels: PTX and SASS for sm_{arch} OK (29 kernels)" in result.stdout
+        # write-back) and 5 extrapolation kernels (SGD update, 3 filter passes, Adam
+        # update) x 4 dtypes per architecture, plus the averaging count update and the
+        # extrap-Adam step counters.
+        assert f"kernels: PTX and SASS for sm_{arch} OK (50 kernels)" in result.stdout
     assert "host file: csrc/cuda/lars.cu compiled" in result.stdout
     assert "host file: csrc/cuda/average.cu compiled" in result.stdout
+    assert "host file: csrc/cuda/extrap.cu compiled" in result.stdout
     assert result.stdout.rstrip().endswith("CUDA compile check passed")
 
 

@@ -5,8 +5,9 @@
 #     __half and __nv_bfloat16) to PTX for sm_80 and sm_90, every nvcc warning an error;
 #     then ptxas on that PTX, where a register spill or any local memory is an error
 #     (the 3.5 KB argument struct copied to local memory would be one).
-#  2. The host/registration files (lars.cu, average.cu), compiled to an object against the installed
-#     torch's headers with the flags torch's CUDAExtension uses, when torch imports.
+#  2. The host/registration files (lars.cu, average.cu, extrap.cu), compiled to an
+#     object against the installed torch's headers with the flags torch's
+#     CUDAExtension uses, when torch imports.
 #     A CPU-only torch ships the c10/cuda headers but not the CMake-generated
 #     c10/cuda/impl/cuda_cmake_macros.h (export macros only); the check then defines
 #     C10_CUDA_NO_CMAKE_CONFIGURE_FILE to do without it.
@@ -57,7 +58,10 @@ fi
   -arch=sm_90 -c -o "$out/lars.o" csrc/cuda/lars.cu
 "$NVCC" -std=c++20 -O3 "${TORCH_NVCC_FLAGS[@]}" "${STRICT[@]}" -Icsrc/include "${host_flags[@]}" \
   -arch=sm_90 -c -o "$out/average.o" csrc/cuda/average.cu
+"$NVCC" -std=c++20 -O3 "${TORCH_NVCC_FLAGS[@]}" "${STRICT[@]}" -Icsrc/include "${host_flags[@]}" \
+  -arch=sm_90 -c -o "$out/extrap.o" csrc/cuda/extrap.cu
 torch_version=$("$PYTHON" -c 'import torch; print(torch.__version__)')
 echo "host file: csrc/cuda/lars.cu compiled against torch $torch_version"
 echo "host file: csrc/cuda/average.cu compiled against torch $torch_version"
+echo "host file: csrc/cuda/extrap.cu compiled against torch $torch_version"
 echo "CUDA compile check passed"

@@ -35,6 +35,12 @@ template <>
 struct MetaCapacity<2> { static constexpr int tensors = 64, blocks = 256; };
 template <>
 struct MetaCapacity<3> { static constexpr int tensors = 48, blocks = 256; };
+// Depths 5 and 6 (the extrapolated-SGD and -Adam updates): 36 * 61 and 32 * 69 bytes of
+// tensors plus 256 * 5 of blocks are 3476 and 3488 bytes.
+template <>
+struct MetaCapacity<5> { static constexpr int tensors = 36, blocks = 256; };
+template <>
+struct MetaCapacity<6> { static constexpr int tensors = 32, blocks = 256; };
 
 template <int DEPTH>
 struct TensorListMeta {

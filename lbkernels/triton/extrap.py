@@ -109,8 +109,19 @@ def chunk_table(addresses: list[tuple[int, ...]], numels: list[int], element_siz
     return _upload(key, build, device), n_chunks
 
 
+def block_for(longest: int) -> int:
+    """Elements per loop iteration for a launch whose longest run (chunk or filter) is
+    ``longest``: the usual block, or the next power of two above ``longest`` when that is
+    smaller, so that a group of small tensors does not pay for masked-off lanes (the
+    interpreter's 65,536-element block over a 300-element tensor is 200x the work)."""
+    return max(16, min(_block(), triton.next_power_of_2(max(1, longest))))
+
+
 def filter_size(x: torch.Tensor) -> int:
-    """Elements per output filter: dim 0 for ndim >= 2; a 0-d or 1-d tensor is one filter."""
+    """Elements per output filter: dim 0 for ndim >= 2; a 0-d or 1-d tensor is one filter
+    (1 for an empty tensor, which has no filters to draw for)."""
+    if x.numel() == 0:
+        return 1
     return x.numel() // x.shape[0] if x.dim() >= 2 else x.numel()
 
 
@@ -428,7 +439,7 @@ def _extrap_sgd(params, anchors, momentum_buffers, grads, local_grads, exclude, 
             numels.append(w.numel())
             norm_entries.append(mt.Entry(x.data_ptr(), g.data_ptr(), 0, 0, w.numel(),
                                          bool(exclude[i]), i))
-            f = max(1, filter_size(w))
+            f = filter_size(w)
             f_sizes.append(f)
             first_filters.append(n_filters)
             if filter_mode and w.numel():
@@ -436,6 +447,7 @@ def _extrap_sgd(params, anchors, momentum_buffers, grads, local_grads, exclude, 
                 n_filters += w.numel() // f
         elem = params[index[0]].element_size()
         tab, n_chunks = chunk_table(addresses, numels, elem, [index, f_sizes, first_filters], device)
+        block = block_for(min(max(numels), int(mt.CHUNK_SIZE)))
         acc_torch, acc = _acc(dtype)
         lr_arg = tab if lr_tensor is None else lr_tensor
         elr_arg = tab if extrap_lr_tensor is None else extrap_lr_tensor
@@ -450,7 +462,7 @@ def _extrap_sgd(params, anchors, momentum_buffers, grads, local_grads, exclude, 
             if norm_tab.n_chunks:
                 _sum_squares[(norm_tab.n_chunks,)](
                     norm_tab.data, norm_tab.n_chunks, norm_tab.n_tensors, partial, scale_arg,
-                    skip_arg, ELEM=_ELEM[dtype], ACC=acc, BLOCK=_block(), WITH_G=True,
+                    skip_arg, ELEM=_ELEM[dtype], ACC=acc, BLOCK=block, WITH_G=True,
                     HAS_SCALE=grad_scale is not None, HAS_SKIP=has_skip, num_warps=_NUM_WARPS)
             # zero_norm_decay: a zero norm sets r = 1 and keeps the weight decay.
             _lars_coefs[(norm_tab.n_tensors,)](
@@ -464,7 +476,7 @@ def _extrap_sgd(params, anchors, momentum_buffers, grads, local_grads, exclude, 
             _sgd_update[(n_chunks,)](
                 tab, n_chunks, coefs, float(lr), lr_arg, float(extrap_lr), elr_arg, scale_arg,
                 skip_arg, float(momentum), float(weight_decay), float(noise_scale), key, off_lo,
-                ELEM=_ELEM[dtype], ACC=acc, BLOCK=_block(), MODE=mode,
+                ELEM=_ELEM[dtype], ACC=acc, BLOCK=block, MODE=mode,
                 HAS_SCALE=grad_scale is not None, HAS_MOMENTUM=has_momentum,
                 NESTEROV=bool(nesterov) and has_momentum, LARS=bool(lars), HAS_LOCAL=has_local,
                 HAS_LR_TENSOR=lr_tensor is not None, HAS_ELR_TENSOR=extrap_lr_tensor is not None,
@@ -474,11 +486,12 @@ def _extrap_sgd(params, anchors, momentum_buffers, grads, local_grads, exclude, 
             factors = torch.empty(n_filters, dtype=acc_torch, device=device)
             _filter_norms[(n_filters,)](
                 ftab, n_filters, factors, skip_arg, float(noise_scale), key, off_lo,
-                ELEM=_ELEM[dtype], ACC=acc, BLOCK=_block(), HAS_SKIP=has_skip,
+                ELEM=_ELEM[dtype], ACC=acc, BLOCK=block_for(max(f for _, _, f, _ in filter_rows)),
+                HAS_SKIP=has_skip,
                 num_warps=_NUM_WARPS)
             _filter_write[(n_chunks,)](
                 tab, n_chunks, len(index), factors, skip_arg, key, off_lo,
-                ELEM=_ELEM[dtype], ACC=acc, BLOCK=_block(), HAS_SKIP=has_skip,
+                ELEM=_ELEM[dtype], ACC=acc, BLOCK=block, HAS_SKIP=has_skip,
                 SOFT_BF16=soft_bf16, num_warps=_NUM_WARPS)
     staging.write_back()
 
@@ -555,6 +568,7 @@ def _extrap_adam(params, anchors, exp_avgs, exp_avg_sqs, steps, grads, local_gra
             numels.append(w.numel())
         tab, n_chunks = chunk_table(addresses, numels, params[index[0]].element_size(),
                                     [index, [steps[i].data_ptr() for i in index]], device)
+        block = block_for(min(max(numels), int(mt.CHUNK_SIZE)))
         acc_torch, acc = _acc(dtype)
         bias = torch.empty(2 * len(index), dtype=torch.float64, device=device)
         skip_arg = tab if found_inf is None else found_inf
@@ -569,7 +583,7 @@ def _extrap_adam(params, anchors, exp_avgs, exp_avg_sqs, steps, grads, local_gra
                 tab if grad_scale is None else grad_scale, skip_arg, float(beta2), w1,
                 1.0 - float(beta2), float(eps), float(weight_decay),
                 1.0 - float(lr) * float(weight_decay),
-                ELEM=_ELEM[dtype], ACC=acc, BLOCK=_block(), HAS_SCALE=grad_scale is not None,
+                ELEM=_ELEM[dtype], ACC=acc, BLOCK=block, HAS_SCALE=grad_scale is not None,
                 HAS_LOCAL=has_local, HAS_WD=weight_decay != 0.0,
                 DECOUPLED=bool(decoupled_weight_decay), LERP_LOW=w1 < 0.5,
                 HAS_LR_TENSOR=lr_tensor is not None, HAS_ELR_TENSOR=extrap_lr_tensor is not None,

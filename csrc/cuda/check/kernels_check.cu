@@ -5,6 +5,7 @@
 #include <cuda_fp16.h>
 
 #include "../average_kernels.cuh"
+#include "../extrap_kernels.cuh"
 #include "../lars_kernels.cuh"
 
 namespace lbkernels::cuda {
@@ -43,8 +44,43 @@ LBK_INSTANTIATE(double)
 LBK_INSTANTIATE(__half)
 LBK_INSTANTIATE(__nv_bfloat16)
 
+// extrap_sgd_ (update, filter sums, filter factors, filter write) and extrap_adam_.
+#define LBK_INSTANTIATE_EXTRAP(T)                                                              \
+  template __global__ void multi_tensor_kernel<5, ExtrapSgdUpdate<T>>(TensorListMeta<5>,       \
+                                                                      ExtrapSgdUpdate<T>);     \
+  template __global__ void multi_tensor_kernel<1, FilterSums<T>>(TensorListMeta<1>,            \
+                                                                 FilterSums<T>);               \
+  template __global__ void multi_tensor_kernel<1, FilterFactors<T>>(TensorListMeta<1>,         \
+                                                                    FilterFactors<T>);         \
+  template __global__ void multi_tensor_kernel<2, FilterWrite<T>>(TensorListMeta<2>,           \
+                                                                  FilterWrite<T>);             \
+  template __global__ void multi_tensor_kernel<6, ExtrapAdamUpdate<T>>(TensorListMeta<6>,      \
+                                                                       ExtrapAdamUpdate<T>);   \
+  template cudaError_t multi_tensor_apply<5, ExtrapSgdUpdate<T>>(                              \
+      const std::vector<TensorArgs<5>>&, Blocks, int, cudaStream_t, const ExtrapSgdUpdate<T>&); \
+  template cudaError_t multi_tensor_apply<1, FilterSums<T>>(                                   \
+      const std::vector<TensorArgs<1>>&, Blocks, int, cudaStream_t, const FilterSums<T>&);     \
+  template cudaError_t multi_tensor_apply<1, FilterFactors<T>>(                                \
+      const std::vector<TensorArgs<1>>&, Blocks, int, cudaStream_t, const FilterFactors<T>&);  \
+  template cudaError_t multi_tensor_apply<2, FilterWrite<T>>(                                  \
+      const std::vector<TensorArgs<2>>&, Blocks, int, cudaStream_t, const FilterWrite<T>&);    \
+  template cudaError_t multi_tensor_apply<6, ExtrapAdamUpdate<T>>(                             \
+      const std::vector<TensorArgs<6>>&, Blocks, int, cudaStream_t, const ExtrapAdamUpdate<T>&);
+
+LBK_INSTANTIATE_EXTRAP(float)
+LBK_INSTANTIATE_EXTRAP(double)
+LBK_INSTANTIATE_EXTRAP(__half)
+LBK_INSTANTIATE_EXTRAP(__nv_bfloat16)
+
+// The step counters of extrap_adam_ (independent of the param dtype).
+template __global__ void multi_tensor_kernel<1, AdamBiasPass>(TensorListMeta<1>, AdamBiasPass);
+template cudaError_t multi_tensor_apply<1, AdamBiasPass>(const std::vector<TensorArgs<1>>&,
+                                                         Blocks, int, cudaStream_t,
+                                                         const AdamBiasPass&);
+
 template __global__ void average_count_kernel<int64_t>(int64_t*, DeviceScalar);
 
+#undef LBK_INSTANTIATE_EXTRAP
 #undef LBK_INSTANTIATE
 
 }  // namespace lbkernels::cuda

@@ -89,9 +89,18 @@ LBK_PHILOX_HD void philox_normal2(uint32_t w0, uint32_t w1, float& z0, float& z1
   const float a = static_cast<float>((w0 >> 8) + 1u) * 5.9604644775390625e-08f;  // (0, 1]
   const float b = static_cast<float>(w1 >> 8) * 5.9604644775390625e-08f;         // [0, 1)
   const float radius = sqrtf(-2.0f * logf(a));
+#if defined(__CUDA_ARCH__)
+  // cos/sin of pi * 2b (2b is exact): sinf/cosf carry a large-argument reduction that
+  // puts a 28-byte array in local memory, which the compile check forbids; the angle is
+  // below 2 pi, so the value is the same to an ulp or two.
+  sincospif(2.0f * b, &z1, &z0);
+  z0 *= radius;
+  z1 *= radius;
+#else
   const float theta = 6.28318530717958647692f * b;
   z0 = radius * cosf(theta);
   z1 = radius * sinf(theta);
+#endif
 }
 
 // The four values of a block: U(-1, 1) (gaussian == false) or N(0, 1).
