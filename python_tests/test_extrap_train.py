@@ -76,6 +76,18 @@ def test_method_trains_end_to_end_and_saves_the_anchors(tmp_path, flags):
         assert [r["phase"] for r in rows] == ["extrap", "local"]
 
 
+def test_extrapolation_in_the_local_phase(tmp_path):
+    assert main(RUN + POSTLOCAL + ["--extrap-in-local-phase", "--out-dir", str(tmp_path)]) == 0
+    state = _load(tmp_path)
+    assert [r["phase"] for r in state["history"]] == ["extrap", "local"]
+    assert state["history"][-1]["test_acc"] > 0.5
+    groups = state["method"]["optimizer"]["param_groups"]
+    assert all(g["extrap_lr"] is None and g["extrap_scale"] == 0.1 for g in groups)
+    # Still extrapolating after the switch: w != x.
+    anchors, extrapolated = _anchors(state), state["method"]["extrapolated"]
+    assert not any(torch.equal(w, x) for w, x in zip(extrapolated, anchors))
+
+
 def test_no_extrapolation_is_nesterov_sgd(tmp_path):
     # gamma = 0 turns ExtrapSGD into Nesterov SGD with the same param groups; in one
     # process the post-local phase (nothing to average) is that too.

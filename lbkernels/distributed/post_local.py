@@ -28,7 +28,7 @@ from .averaging import average_parameters
 _STEP_KEY = "post_local_step"
 
 
-def _positive_int(name: str, value: Any, minimum: int) -> int:
+def _int_at_least(name: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool):
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
     try:
@@ -62,13 +62,13 @@ class PostLocalSGD(torch.optim.Optimizer):
     Turning the gradient all-reduce off. :meth:`attach` (or :meth:`comm_hook`, for code
     that registers the hook itself) installs a DDP comm hook that all-reduces before
     ``switch_step`` and from then on hands DDP back the local bucket unreduced: the
-    mechanism of torch's own post-local hook. The alternative, DDP's ``no_sync()``, saves
-    the copy of the gradients into the buckets but must wrap every forward and backward
-    of the training loop, and DDP allows one comm hook only: the hook lets phase 1 run
-    another hook (``inner``, e.g. one that also keeps the local gradient) and phase 2
-    need nothing from the loop. Phase is decided by the steps taken, not by the
-    backwards seen, so a step skipped for a non-finite loss (no ``step()``) does not
-    shift the switch.
+    mechanism of torch's own post-local hook. The alternative, DDP's ``no_sync()``, would
+    save DDP's copies of the gradients into and out of its buckets (no communication is
+    left either way), but it must wrap every forward and backward of the training loop,
+    and it leaves no place for another hook in phase 1: DDP takes one comm hook only,
+    and this one runs ``inner`` (e.g. ExtrapSGD's, which also keeps the local gradient)
+    before the switch. The phase is decided by the steps taken, not by the backwards
+    seen, so a step skipped for a non-finite loss (no ``step()``) does not shift it.
 
     Without an initialised process group (or with a group of one) there is nothing to
     average: the wrapper then steps the wrapped optimizer only.
@@ -84,8 +84,8 @@ class PostLocalSGD(torch.optim.Optimizer):
                  group: dist.ProcessGroup | None = None):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        self.switch_step = _positive_int("switch_step", switch_step, 0)
-        self.period = _positive_int("period", period, 1)
+        self.switch_step = _int_at_least("switch_step", switch_step, 0)
+        self.period = _int_at_least("period", period, 1)
         # Not Optimizer.__init__: the param groups and state are the wrapped optimizer's own
         # objects, so that LR schedulers and GradScaler act on them.
         self.optimizer = optimizer
@@ -155,7 +155,7 @@ class PostLocalSGD(torch.optim.Optimizer):
             raise ValueError(f"state_dict has no {_STEP_KEY!r} entry: it was not saved by "
                              f"PostLocalSGD.state_dict(), and the step count decides when "
                              f"to switch and to average")
-        step = _positive_int(f"state_dict[{_STEP_KEY!r}]", state_dict[_STEP_KEY], 0)
+        step = _int_at_least(f"state_dict[{_STEP_KEY!r}]", state_dict[_STEP_KEY], 0)
         self.optimizer.load_state_dict({k: v for k, v in state_dict.items() if k != _STEP_KEY})
         self.step_count = step
 

@@ -79,10 +79,13 @@ def _optimizer(ctx: Context) -> ExtrapSGD:
         raise _config_error("--noise-scale: only used with a noise --extrapolation "
                             "(gaussian, uniform, weight, filter), not past_grad")
     # Weight decay and LARS on weights only, not on biases and normalisation parameters.
+    # Each process draws its own noise (the smoothing averages the gradients taken at K
+    # perturbed points): group i of rank r is keyed seed + 10000 r + i (two groups here).
     return ExtrapSGD(lars_param_groups(ctx.model, args.weight_decay), lr=peak_lr(args),
                      momentum=args.momentum, nesterov=args.nesterov and args.momentum > 0,
                      extrap_scale=args.extrap_scale, extrapolation=args.extrapolation,
-                     noise_scale=args.noise_scale, noise_anneal=args.noise_anneal, seed=args.seed,
+                     noise_scale=args.noise_scale, noise_anneal=args.noise_anneal,
+                     seed=args.seed + 10_000 * ctx.rank,
                      lars=args.extrap_lars, trust_coefficient=args.trust_coefficient,
                      clip=args.lars_clip)
 
