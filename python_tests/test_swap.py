@@ -4,6 +4,7 @@ against ``torch.optim.swa_utils.AveragedModel``."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -123,6 +124,7 @@ def _free_ports(n: int) -> list[int]:
 
 
 @pytest.mark.distributed
+@pytest.mark.slow
 def test_swap_three_processes(tmp_path):
     mp.spawn(_worker, args=(_free_ports(3), str(tmp_path)), nprocs=WORLD)
     logs = [torch.load(tmp_path / f"log.{r}", weights_only=False) for r in range(WORLD)]
@@ -160,6 +162,20 @@ def test_swap_three_processes(tmp_path):
     assert whole == json.loads((tmp_path / "cut/swap.json").read_text())
     assert len(whole["worker_test_acc"]) == WORLD and whole["switch_epoch"] == 1
     assert whole["averaged_test_acc"] == cut["history"][-1]["test_acc"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--swap-group-size", "2"], "--swap-group-size: 2 does not divide the 1 processes"),
+    (["--swap-batch-size", "5000"], "--swap-batch-size: 5000 is more than the 1437 training samples"),
+    (["--swap-stop-accuracy", "0"], "--swap-stop-accuracy: expected a number in (0, 1], got '0'"),
+])
+def test_swap_option_errors(tmp_path, capsys, flags, message):
+    try:
+        status = main(SWAP_RUN + flags + ["--out-dir", str(tmp_path)])
+    except SystemExit as e:  # argparse rejects a bad value of one option itself
+        status = e.code
+    assert status == 2
+    assert message in capsys.readouterr().err
 
 
 # -- swa -------------------------------------------------------------------------------------------
