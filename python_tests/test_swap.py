@@ -41,8 +41,8 @@ def _digest(tensors) -> str:
     return h.hexdigest()
 
 
-def _worker(rank: int, ports: list[int], root: str) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
+def _worker(rank: int, ports: list[int], root: str, world: int = WORLD, flags: tuple = ()) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     log: dict = {"calls_in_phase_2": [], "before": {}, "after": {}}
@@ -55,7 +55,9 @@ def _worker(rank: int, ports: list[int], root: str) -> None:
 
         def recorded(*a, _name=name, _original=original, **k):
             if state["phase2"]:
-                log["calls_in_phase_2"].append((state["run"], _name, repr(k.get("group"))))
+                group = k.get("group")
+                ranks = list(range(world)) if group is None else dist.get_process_group_ranks(group)
+                log["calls_in_phase_2"].append((state["run"], _name, ranks))
             return _original(*a, **k)
 
         setattr(dist, name, recorded)
@@ -74,7 +76,7 @@ def _worker(rank: int, ports: list[int], root: str) -> None:
         buffers = [b.detach().clone() for b in model.buffers()]
         # All-gathered digests: every rank checks every other's (written out below too).
         digest = torch.tensor(list(bytes.fromhex(_digest(params + buffers))), dtype=torch.uint8)
-        everyone = [torch.empty_like(digest) for _ in range(WORLD)]
+        everyone = [torch.empty_like(digest) for _ in range(world)]
         torch.distributed.distributed_c10d.all_gather(everyone, digest)
         log["after"][state["run"]] = {"params": params, "buffers": buffers,
                                       "digests": [bytes(t.tolist()).hex() for t in everyone]}
@@ -99,13 +101,13 @@ def _worker(rank: int, ports: list[int], root: str) -> None:
         # Phase 2 does not synchronise the processes: wait until every one has left
         # (and written its checkpoint), as a restarted job would.
         open(f"{root}/{name}.done.{rank}", "w").close()
-        while not all(os.path.exists(f"{root}/{name}.done.{r}") for r in range(WORLD)):
+        while not all(os.path.exists(f"{root}/{name}.done.{r}") for r in range(world)):
             time.sleep(0.01)
         return status
 
     log["status"] = [
-        run("whole", SWAP_RUN + ["--out-dir", f"{root}/whole"], ports[0]),
-        run("cut", SWAP_RUN + ["--out-dir", f"{root}/cut", "--checkpoint-every-steps", "5"], ports[1],
+        run("whole", SWAP_RUN + [*flags, "--out-dir", f"{root}/whole"], ports[0]),
+        run("cut", SWAP_RUN + [*flags, "--out-dir", f"{root}/cut", "--checkpoint-every-steps", "5"], ports[1],
             stop_at=STOP_AT),
         run("resumed", ["--resume", f"{root}/cut"], ports[2]),
     ]
@@ -162,6 +164,30 @@ def test_swap_three_processes(tmp_path):
     assert whole == json.loads((tmp_path / "cut/swap.json").read_text())
     assert len(whole["worker_test_acc"]) == WORLD and whole["switch_epoch"] == 1
     assert whole["averaged_test_acc"] == cut["history"][-1]["test_acc"]
+
+
+def test_swap_controller_phases_and_state():
+    c = SWAP(max_large_batch_epochs=5, swap_epochs=2, stop_accuracy=0.9, seed=7)
+    assert (c.phase, c.total_epochs(), c.num_groups, c.data_seed) == (1, 7, 1, 7)
+    assert c.end_epoch(0.5) is None
+    assert c.end_epoch(0.9) == 2  # the accuracy reached: phase 2 after epoch 2
+    assert (c.phase, c.switch_epoch, c.total_epochs()) == (2, 2, 4)
+    with pytest.raises(RuntimeError, match="after 0 of the 2 epochs of phase 2"):
+        c.average(torch.nn.Linear(2, 2))
+    assert c.end_epoch(1.0) is None and c.end_epoch(1.0) == 3
+    resumed = SWAP(max_large_batch_epochs=5, swap_epochs=2, stop_accuracy=0.9)
+    resumed.load_state_dict(c.state_dict())
+    assert resumed.state_dict() == c.state_dict() == {"phase": 2, "epoch_in_phase": 2, "switch_epoch": 2,
+                                                      "group_size": 1}
+    c.average(torch.nn.Linear(2, 2))  # one process: nothing to average
+    assert c.phase == 3
+    # Without the accuracy, the epoch limit ends phase 1.
+    limit = SWAP(max_large_batch_epochs=2, swap_epochs=1)
+    assert [limit.end_epoch(0.99), limit.end_epoch(0.99), limit.switch_epoch] == [None, 2, 2]
+    for kwargs, match in (({"swap_epochs": 0}, "swap_epochs"), ({"stop_accuracy": 0.0}, "stop_accuracy"),
+                          ({"group_size": 2}, "does not divide")):
+        with pytest.raises(ValueError, match=match):
+            SWAP(**{"max_large_batch_epochs": 2, "swap_epochs": 1, **kwargs})
 
 
 @pytest.mark.parametrize("flags, message", [

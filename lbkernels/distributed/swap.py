@@ -35,8 +35,8 @@ class SWAP:
        data-parallel SGD at the large global batch ``B1`` and the large-batch
        learning-rate schedule. The phase ends after the first epoch whose *training*
        accuracy reaches ``stop_accuracy``, or after ``max_large_batch_epochs`` epochs.
-    2. **Independent** (:data:`INDEPENDENT`): each group resets its optimizer state
-       (:meth:`reset_optimizer`), reseeds its data order with ``seed + g``
+    2. **Independent** (:data:`INDEPENDENT`): each group starts a fresh optimizer (no
+       momentum carried over), reseeds its data order with ``seed + g``
        (:attr:`data_seed`) and trains its own copy of the model at the small batch
        ``b2`` with its own schedule for ``swap_epochs`` epochs. Within a group the
        gradients are averaged over :attr:`process_group` (``None`` when ``G = 1``: no
@@ -138,11 +138,6 @@ class SWAP:
         if self.epoch_in_phase >= self.swap_epochs:
             return AVERAGED
         return None
-
-    @staticmethod
-    def reset_optimizer(optimizer: torch.optim.Optimizer) -> None:
-        """Phase 2 starts without the momentum of phase 1: drop every per-parameter state."""
-        optimizer.state.clear()
 
     @torch.no_grad()
     def average(self, model: torch.nn.Module, bn_loader: Iterable[Any] | None = None, *,
