@@ -5,7 +5,9 @@
 #     __half and __nv_bfloat16) to PTX for sm_80 and sm_90, every nvcc warning an error;
 #     then ptxas on that PTX, where a register spill or any local memory is an error
 #     (the 3.5 KB argument struct copied to local memory would be one).
-#  2. The host/registration files (lars.cu, average.cu, extrap.cu), compiled to an
+#  2. The filter-piece layout of extrap_sgd_ (check/filter_pieces_check.cu), built for
+#     the host and run against a brute-force enumeration.
+#  3. The host/registration files (lars.cu, average.cu, extrap.cu), compiled to an
 #     object against the installed torch's headers with the flags torch's
 #     CUDAExtension uses, when torch imports.
 #     A CPU-only torch ships the c10/cuda headers but not the CMake-generated
@@ -42,6 +44,12 @@ for arch in 80 90; do
     --warning-as-error -o "$out/kernels_sm$arch.cubin" "$out/kernels_sm$arch.ptx"
   echo "kernels: PTX and SASS for sm_$arch OK ($(grep -c '\.entry' "$out/kernels_sm$arch.ptx") kernels)"
 done
+
+# The filter-piece layout of extrap_sgd_ (integer arithmetic shared by host and device),
+# built for the host and run: it needs no GPU.
+"$NVCC" -std=c++17 -O2 "${TORCH_NVCC_FLAGS[@]}" "${STRICT[@]}" -Icsrc/include -arch=sm_90 \
+  -o "$out/filter_pieces_check" csrc/cuda/check/filter_pieces_check.cu
+"$out/filter_pieces_check"
 
 if ! includes=$("$PYTHON" -c "import torch.utils.cpp_extension as c; print('\n'.join(c.include_paths()))" 2>/dev/null); then
   echo "host file: skipped (torch does not import with $PYTHON)"

@@ -194,6 +194,32 @@ __host__ __device__ inline int64_t num_pieces(int64_t numel, int64_t f) {
   return piece_of(numel - 1, f) + 1;
 }
 
+// The pieces of one chunk: piece k (0 <= k < count) is the part of filter j_lo + k in the
+// chunk, numbered first + k in the tensor.
+struct ChunkPieces {
+  int64_t begin, n, f, j_lo, count, first;
+
+  __host__ __device__ ChunkPieces(int64_t chunk, int64_t numel, int64_t filter_size)
+      : begin(chunk * kChunkSize),
+        n(min(kChunkSize, numel - chunk * kChunkSize)),
+        f(filter_size),
+        j_lo(begin / f),
+        count((begin + n - 1) / f - j_lo + 1),
+        first(piece_of(begin, f)) {}
+
+  // Bounds [lo, hi) of piece k, relative to the chunk's first element.
+  __host__ __device__ void bounds(int64_t k, int64_t& lo, int64_t& hi) const {
+    lo = max((j_lo + k) * f - begin, int64_t(0));
+    hi = min((j_lo + k + 1) * f - begin, n);
+  }
+};
+
+// The pieces of filter j: numbers first .. last, consecutive.
+__host__ __device__ inline void filter_pieces(int64_t j, int64_t f, int64_t& first, int64_t& last) {
+  first = piece_of(j * f, f);
+  last = piece_of((j + 1) * f - 1, f);
+}
+
 // Filter pieces shorter than this are summed by one thread, up to kBlockPiece by one
 // warp, longer ones by the whole block (at most 65536 / 2048 + 1 = 33 such per chunk).
 constexpr int64_t kWarpPiece = 32;
@@ -234,22 +260,14 @@ struct FilterSums {
     if (found_inf.nonzero()) return;
     const int32_t index = meta.index[slot];
     const FilterInfo fi = info[index];
-    const int64_t f = fi.filter_size;
-    const int64_t begin = chunk * kChunkSize;
-    const int64_t n = min(kChunkSize, meta.numel[slot] - begin);
+    const ChunkPieces cp(chunk, meta.numel[slot], fi.filter_size);
+    const int64_t f = cp.f, begin = cp.begin, pieces = cp.count;
     const T* x = static_cast<const T*>(meta.addresses[0][slot]) + begin;
-    const int64_t j_lo = begin / f;
-    const int64_t pieces = (begin + n - 1) / f - j_lo + 1;
-    A* out = partial + fi.piece_base + piece_of(begin, f);  // slot of the chunk's piece 0
-    // Chunk-relative bounds of piece k.
-    auto bounds = [&](int64_t k, int64_t& lo, int64_t& hi) {
-      lo = max((j_lo + k) * f - begin, int64_t(0));
-      hi = min((j_lo + k + 1) * f - begin, n);
-    };
+    A* out = partial + fi.piece_base + cp.first;  // slot of the chunk's piece 0
     if (pieces == 1 || f >= kBlockPiece) {
       for (int64_t k = 0; k < pieces; ++k) {  // the whole block on each piece, in turn
         int64_t lo, hi;
-        bounds(k, lo, hi);
+        cp.bounds(k, lo, hi);
         A sx = A(0), sr = A(0);
         piece_sums(x, begin, lo, hi, index, threadIdx.x, blockDim.x, sx, sr);
         sx = block_sum(sx);
@@ -263,7 +281,7 @@ struct FilterSums {
       const int lane = threadIdx.x % 32;
       for (int64_t k = threadIdx.x / 32; k < pieces; k += blockDim.x / 32) {
         int64_t lo, hi;
-        bounds(k, lo, hi);
+        cp.bounds(k, lo, hi);
         A sx = A(0), sr = A(0);
         piece_sums(x, begin, lo, hi, index, lane, 32, sx, sr);
         for (int o = 16; o > 0; o /= 2) {
@@ -278,7 +296,7 @@ struct FilterSums {
     } else {  // a thread per piece (fewer than 32 elements each)
       for (int64_t k = threadIdx.x; k < pieces; k += blockDim.x) {
         int64_t lo, hi;
-        bounds(k, lo, hi);
+        cp.bounds(k, lo, hi);
         A sx = A(0), sr = A(0);
         piece_sums(x, begin, lo, hi, index, 0, 1, sx, sr);
         out[k] = sx;
@@ -318,10 +336,10 @@ struct FilterFactors {
       return;
     }
     for (int64_t j = threadIdx.x; j < filters; j += blockDim.x) {
-      const int64_t first = fi.piece_base + piece_of(j * f, f);
-      const int64_t last = fi.piece_base + piece_of((j + 1) * f - 1, f);
+      int64_t first, last;
+      filter_pieces(j, f, first, last);
       A sx = A(0), sr = A(0);
-      for (int64_t s = first; s <= last; ++s) {
+      for (int64_t s = fi.piece_base + first; s <= fi.piece_base + last; ++s) {
         sx += partial[s];
         sr += partial[total_pieces + s];
       }
