@@ -28,7 +28,9 @@ SCHEMAS = {
         "float momentum=0., float dampening=0., float weight_decay=0., bool nesterov=False, "
         "float trust_coefficient=0.001, float eps=1e-8, bool clip=False, "
         "bool zero_norm_decay=True, str momentum_style=\"torch\", "
-        "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()"
+        "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor(d!)[]? averages=None, "
+        "Tensor(e!)? average_count=None, str average_method=\"swa\", "
+        "float average_decay=0.999) -> ()"
     ),
     "average_": (
         "(Tensor(a!)[] averages, Tensor[] params, Tensor(b!)? count=None, *, "

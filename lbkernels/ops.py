@@ -100,6 +100,10 @@ def lars_sgd_(
     momentum_style: str = "torch",
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
+    averages: Sequence[torch.Tensor] = (),
+    average_count: torch.Tensor | None = None,
+    average_method: str = "swa",
+    average_decay: float = 0.999,
     impl: str = "auto",
 ) -> None:
     """One fused LARS-SGD step in place (ALGORITHMS.md section 1).
@@ -108,6 +112,11 @@ def lars_sgd_(
     ``steps`` (0-dim fp32 counters; step 0 sets ``buf = d``) may be empty unless
     ``dampening != 0``. ``lr`` may be a one-element tensor on
     the params' device, so that a compiled or captured step never re-specialises.
+
+    With ``averages`` (one per param, fp32, or fp64 for fp64 params) the same pass
+    averages the new weights in, exactly as ``average_(averages, params, average_count,
+    method=average_method, decay=average_decay)`` after the step, and increments
+    ``average_count`` once (ALGORITHMS.md section 4): SWA without an extra read of ``w``.
     """
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
     lr_value = 1.0 if lr_tensor is not None else float(lr)
@@ -130,6 +139,10 @@ def lars_sgd_(
         momentum_style=momentum_style,
         grad_scale=grad_scale,
         found_inf=found_inf,
+        averages=_as_list(averages),
+        average_count=average_count,
+        average_method=average_method,
+        average_decay=average_decay,
     )
 
 

@@ -29,11 +29,12 @@ def test_cuda_sources_compile():
     result = _run({**os.environ, "PYTHON": sys.executable})
     assert result.returncode == 0, result.stdout + result.stderr
     for arch in ("80", "90"):
-        # 7 kernels (2 norm passes, 3 LARS passes, the averaging update, the worker-mean
-        # write-back) and 5 extrapolation kernels (SGD update, 3 filter passes, Adam
-        # update) x 4 dtypes per architecture, plus the averaging count update and the
-        # extrap-Adam step counters.
-        assert f"kernels: PTX and SASS for sm_{arch} OK (50 kernels)" in result.stdout
+        # 8 kernels (2 norm passes, 3 LARS passes, the LARS update with folded averaging,
+        # the averaging update, the worker-mean write-back) and 5 extrapolation kernels
+        # (SGD update, 3 filter passes, Adam update) x 4 dtypes per architecture, plus the
+        # averaging count update and the extrap-Adam step counters.
+        assert f"kernels: PTX and SASS for sm_{arch} OK (54 kernels)" in result.stdout
+    assert "filter pieces: 52 layouts OK" in result.stdout
     assert "host file: csrc/cuda/lars.cu compiled" in result.stdout
     assert "host file: csrc/cuda/average.cu compiled" in result.stdout
     assert "host file: csrc/cuda/extrap.cu compiled" in result.stdout

@@ -63,7 +63,11 @@ void lars_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
                   double weight_decay, bool nesterov, double trust_coefficient, double eps,
                   bool clip, bool zero_norm_decay, c10::string_view momentum_style,
                   const std::optional<at::Tensor>& grad_scale,
-                  const std::optional<at::Tensor>& found_inf) {
+                  const std::optional<at::Tensor>& found_inf,
+                  std::optional<at::TensorList> average_list,
+                  const std::optional<at::Tensor>& average_count,
+                  c10::string_view average_method, double average_decay) {
+  const at::TensorList averages = average_list.has_value() ? *average_list : at::TensorList();
   // -- every check before the first write
   check_list(params, "params", c10::DeviceType::CPU);
   check_aligned(params, grads, "grads");
@@ -81,8 +85,24 @@ void lars_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
     sp.grad_scale = scalar_value(grad_scale, "grad_scale");
     sp.has_scale = true;
   }
+  if (found_inf.has_value())
+    TORCH_CHECK_VALUE(found_inf->numel() == 1, "found_inf must hold exactly one element");
+  check_folded_average(params, averages, average_count, average_method);
   if (found_inf.has_value() && scalar_value(found_inf, "found_inf") != 0.0) return;
 
+  // Folded averaging: r = 1 / (n + 1) (SWA) or 1 - decay (EMA), rounded once to each
+  // arithmetic type as average_ computes it.
+  const bool averaging = !averages.empty();
+  if (averaging) {
+    if (average_method == "swa") {
+      const int64_t n = *average_count->const_data_ptr<int64_t>();
+      sp.average_r64 = 1.0 / (static_cast<double>(n) + 1.0);
+      sp.average_r32 = 1.f / (static_cast<float>(n) + 1.f);
+    } else {
+      sp.average_r64 = 1.0 - average_decay;
+      sp.average_r32 = static_cast<float>(1.0 - average_decay);
+    }
+  }
   sp.momentum = momentum;
   sp.dampening = dampening;
   sp.has_momentum = has_momentum;
@@ -94,6 +114,7 @@ void lars_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
 
   for (const auto& [dtype, index] : group_by_dtype(params)) {
     FlatLists flat(params, grads, bufs, index);
+    if (averaging) flat.add_averages(averages, index);
     const int64_t n = static_cast<int64_t>(index.size());
     std::vector<TensorCoefs> coefs(n);
     std::vector<Chunk> whole, chunks, norm_chunks;
@@ -143,6 +164,7 @@ void lars_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
   }
   if (has_momentum)
     for (const at::Tensor& s : steps) *s.mutable_data_ptr<float>() += 1.f;
+  if (averaging && average_count.has_value()) *average_count->mutable_data_ptr<int64_t>() += 1;
 }
 
 }  // namespace

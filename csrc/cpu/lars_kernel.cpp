@@ -6,6 +6,8 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <type_traits>
+
 #include <lbkernels/cpu_kernels.h>
 #include <lbkernels/math.h>
 
@@ -26,13 +28,26 @@ SgdCoefs<V> broadcast(const TensorCoefs& c, const SgdParams& p) {
           V(T(c.lr))};
 }
 
-// float/double: full vectors, then a scalar tail with the same math.
+// The averaging weight of a folded update, in the arithmetic type T.
 template <typename T>
-void update_range(T* w, const T* g, T* buf, int64_t n, const TensorCoefs& tc,
+T average_r(const SgdParams& p) {
+  if constexpr (std::is_same_v<T, double>) {
+    return p.average_r64;
+  } else {
+    return p.average_r32;
+  }
+}
+
+// float/double: full vectors, then a scalar tail with the same math. With `avg` (the
+// folded averaging, same dtype as w here) the new w is averaged in while in registers.
+template <typename T>
+void update_range(T* w, const T* g, T* buf, T* avg, int64_t n, const TensorCoefs& tc,
                   const SgdParams& p) {
   using V = Vectorized<T>;
   const SgdCoefs<V> cv = broadcast<V, T>(tc, p);
   const SgdCoefs<T> cs = broadcast<T, T>(tc, p);
+  const T r = average_r<T>(p);
+  const V rv(r);
   int64_t i = 0;
   if (buf != nullptr) {
     for (; i + V::size() <= n; i += V::size()) {
@@ -40,6 +55,7 @@ void update_range(T* w, const T* g, T* buf, int64_t n, const TensorCoefs& tc,
       sgd_update(wv, bv, V::loadu(g + i), cv, p.has_scale, true, p.nesterov, tc.first);
       wv.store(w + i);
       bv.store(buf + i);
+      if (avg != nullptr) lbkernels::average_update(V::loadu(avg + i), wv, rv).store(avg + i);
     }
   } else {
     V bv(T(0));
@@ -47,19 +63,21 @@ void update_range(T* w, const T* g, T* buf, int64_t n, const TensorCoefs& tc,
       V wv = V::loadu(w + i);
       sgd_update(wv, bv, V::loadu(g + i), cv, p.has_scale, false, false, false);
       wv.store(w + i);
+      if (avg != nullptr) lbkernels::average_update(V::loadu(avg + i), wv, rv).store(avg + i);
     }
   }
   for (; i < n; ++i) {
     T b = buf != nullptr ? buf[i] : T(0);
     sgd_update(w[i], b, g[i], cs, p.has_scale, buf != nullptr, p.nesterov, tc.first);
     if (buf != nullptr) buf[i] = b;
+    if (avg != nullptr) avg[i] = lbkernels::average_update(avg[i], w[i], r);
   }
 }
 
 // fp16/bf16: fp32 arithmetic on converted values (scalar; the compiler vectorises the
 // conversions where it can).
 template <typename T>
-void update_range_reduced(T* w, const T* g, T* buf, int64_t n, const TensorCoefs& tc,
+void update_range_reduced(T* w, const T* g, T* buf, float* avg, int64_t n, const TensorCoefs& tc,
                           const SgdParams& p) {
   const SgdCoefs<float> cs = broadcast<float, float>(tc, p);
   const bool has_momentum = buf != nullptr;
@@ -70,6 +88,8 @@ void update_range_reduced(T* w, const T* g, T* buf, int64_t n, const TensorCoefs
                tc.first);
     w[i] = static_cast<T>(wf);
     if (has_momentum) buf[i] = static_cast<T>(bf);
+    // The stored (rounded) weight is averaged, as average_ would read it.
+    if (avg != nullptr) avg[i] = lbkernels::average_update(avg[i], static_cast<float>(w[i]), p.average_r32);
   }
 }
 
@@ -148,9 +168,11 @@ void sgd_update_impl(const TensorPtrs* t, const Chunk* chunks, int64_t c0, int64
     const T* g = static_cast<const T*>(tp.g) + ch.begin;
     T* buf = tp.buf != nullptr ? static_cast<T*>(tp.buf) + ch.begin : nullptr;
     if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
-      update_range(w, g, buf, ch.end - ch.begin, coefs[ch.tensor], p);
+      T* avg = tp.avg != nullptr ? static_cast<T*>(tp.avg) + ch.begin : nullptr;
+      update_range(w, g, buf, avg, ch.end - ch.begin, coefs[ch.tensor], p);
     } else {
-      update_range_reduced(w, g, buf, ch.end - ch.begin, coefs[ch.tensor], p);
+      float* avg = tp.avg != nullptr ? static_cast<float*>(tp.avg) + ch.begin : nullptr;
+      update_range_reduced(w, g, buf, avg, ch.end - ch.begin, coefs[ch.tensor], p);
     }
   }
 }

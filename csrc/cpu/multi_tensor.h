@@ -73,6 +73,18 @@ class FlatLists {
         bp = (walkable(bi, wv) ? bi : stage(bi, like(wv, bi), true)).data_ptr();
       }
       ptrs.push_back(TensorPtrs{wv.data_ptr(), gv.const_data_ptr(), bp, wi.numel()});
+      leads_.push_back(wv);
+    }
+  }
+
+  // The averages of lars_sgd_'s folded averaging (TensorPtrs.avg), aligned with `index`
+  // as in the constructor; staged like buf when their layout differs from w's.
+  void add_averages(at::TensorList avg, const std::vector<int64_t>& index) {
+    for (size_t k = 0; k < index.size(); ++k) {
+      const at::Tensor& a = avg[index[k]];
+      const at::Tensor& wv = leads_[k];
+      ptrs[k].avg = walkable(a, wv) ? a.data_ptr()
+                                    : stage(a, at::empty_like(wv, a.options()).copy_(a), true).data_ptr();
     }
   }
 
@@ -96,6 +108,7 @@ class FlatLists {
   }
   std::vector<std::pair<at::Tensor, at::Tensor>> pending_;
   std::vector<at::Tensor> keep_;
+  std::vector<at::Tensor> leads_;  // the walked view of each w
 };
 
 // Appends the chunks of tensor `t` (position in the flat lists) with `numel` elements.

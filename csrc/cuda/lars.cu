@@ -18,6 +18,7 @@
 #include <utility>
 #include <vector>
 
+#include "average_kernels.cuh"
 #include "lars_kernels.cuh"
 
 namespace lbkernels::cuda {
@@ -64,6 +65,10 @@ class Staging {
   at::Tensor follow(const at::Tensor& x, const at::Tensor& lead, bool written) {
     if (x.is_non_overlapping_and_dense() && x.strides() == lead.strides()) return x;
     return stage(x, at::empty_like(lead).copy_(x), written);
+  }
+  // A temporary in lead's layout but x's dtype (the fp32 average of a 16-bit param).
+  at::Tensor follow_as(const at::Tensor& x, const at::Tensor& lead, bool written) {
+    return stage(x, at::empty_like(lead, x.options()).copy_(x), written);
   }
   // Temporaries stay referenced here until the launches that read them are queued
   // (the caching allocator is stream-ordered, so freeing them afterwards is safe).
@@ -134,7 +139,11 @@ void lars_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
                    double weight_decay, bool nesterov, double trust_coefficient, double eps,
                    bool clip, bool zero_norm_decay, c10::string_view momentum_style,
                    const std::optional<at::Tensor>& grad_scale,
-                   const std::optional<at::Tensor>& found_inf) {
+                   const std::optional<at::Tensor>& found_inf,
+                   std::optional<at::TensorList> average_list,
+                   const std::optional<at::Tensor>& average_count,
+                   c10::string_view average_method, double average_decay) {
+  const at::TensorList averages = average_list.has_value() ? *average_list : at::TensorList();
   // -- every check before the first write
   check_list(params, "params", c10::DeviceType::CUDA);
   check_aligned(params, grads, "grads");
@@ -146,6 +155,10 @@ void lars_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
   TORCH_CHECK_VALUE(exclude.size() == params.size(), "exclude has ", exclude.size(),
                     " entries but params has ", params.size());
   check_momentum_style(momentum_style);
+  if (found_inf.has_value())
+    TORCH_CHECK_VALUE(found_inf->numel() == 1, "found_inf must hold exactly one element, got shape ",
+                      found_inf->sizes());
+  check_folded_average(params, averages, average_count, average_method);
   if (params.empty()) return;
   const c10::Device dev = params[0].device();
   const c10::cuda::CUDAGuard guard(dev);
@@ -153,6 +166,10 @@ void lars_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
   const ScalarArg scale_arg(grad_scale, "grad_scale", dev);
   const ScalarArg inf_arg(found_inf, "found_inf", dev);
   if (inf_arg.host.has_value() && *inf_arg.host != 0.0) return;
+  const bool averaging = !averages.empty();
+  int64_t* count_ptr = averaging && average_count.has_value()
+                           ? average_count->mutable_data_ptr<int64_t>() : nullptr;
+  const FoldedAverage folded{count_ptr, 1.0 - average_decay, average_method == "swa"};
   const double lr_v = lr_arg.host.value_or(lr);
   DeviceScalar scale = scale_arg.device;
   at::Tensor host_scale;
@@ -171,6 +188,7 @@ void lars_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
     std::vector<TensorArgs<2>> norms;
     std::vector<TensorArgs<1>> tensors;
     std::vector<TensorArgs<3>> updates;
+    std::vector<TensorArgs<4>> averaged;  // the updates with the folded averaging
     int64_t total = 0;
     for (const int64_t i : index) {
       const at::Tensor w = staging.lead(params[i], true);
@@ -183,7 +201,15 @@ void lars_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
       const auto idx = static_cast<int32_t>(i);
       if (!excluded) norms.push_back({{w.data_ptr(), g_ptr}, numel, total, idx, 0});
       tensors.push_back({{step}, numel, total, idx, static_cast<uint8_t>(excluded)});
-      updates.push_back({{w.data_ptr(), g_ptr, b}, numel, total, idx, 0});
+      if (averaging) {
+        // The average in w's layout, in its own dtype (fp32 for 16-bit params).
+        const at::Tensor& a = averages[i];
+        void* a_ptr = a.is_non_overlapping_and_dense() && a.strides() == w.strides()
+                          ? a.data_ptr() : staging.follow_as(a, w, true).data_ptr();
+        averaged.push_back({{w.data_ptr(), g_ptr, b, a_ptr}, numel, total, idx, 0});
+      } else {
+        updates.push_back({{w.data_ptr(), g_ptr, b}, numel, total, idx, 0});
+      }
       total += num_chunks(numel);
     }
     at::Tensor partial = at::empty({2 * std::max<int64_t>(total, 1)},
@@ -199,13 +225,26 @@ void lars_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
           tensors, Blocks::kPerTensor, kTensorThreads, stream,
           LarsCoefs<T>{p, total, c, lr_v, weight_decay, trust_coefficient, eps,
                        lr_arg.device, inf_arg.device, clip, zero_norm_decay, has_momentum}));
-      C10_CUDA_CHECK(multi_tensor_apply<3>(
-          updates, Blocks::kPerChunk, kChunkThreads, stream,
-          LarsUpdate<T>{c, lr_v, momentum, 1.0 - dampening, lr_arg.device, scale,
-                        inf_arg.device, has_momentum, nesterov && has_momentum, paper}));
+      if (averaging) {
+        C10_CUDA_CHECK(multi_tensor_apply<4>(
+            averaged, Blocks::kPerChunk, kChunkThreads, stream,
+            LarsUpdate<T, 4>{c, lr_v, momentum, 1.0 - dampening, lr_arg.device, scale,
+                             inf_arg.device, has_momentum, nesterov && has_momentum, paper,
+                             folded}));
+      } else {
+        C10_CUDA_CHECK(multi_tensor_apply<3>(
+            updates, Blocks::kPerChunk, kChunkThreads, stream,
+            LarsUpdate<T>{c, lr_v, momentum, 1.0 - dampening, lr_arg.device, scale,
+                          inf_arg.device, has_momentum, nesterov && has_momentum, paper, {}}));
+      }
     });
   }
   staging.write_back();
+  // After every update launch of the call: each block read the count of before it.
+  if (count_ptr != nullptr) {
+    average_count_kernel<<<1, 1, 0, stream>>>(count_ptr, inf_arg.device);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 }  // namespace

@@ -226,18 +226,30 @@ struct LarsCoefs {
   }
 };
 
-// Pass 3 of lars_sgd_: lists w, g, buf (null without momentum).
-template <typename T>
+// Weight averaging folded into pass 3 (DEPTH 4: list 3 holds the averages, opmath_t<T>):
+// avg = average_update(avg, w as stored, r) with r = 1 / (n + 1) (SWA, n read on the
+// device before the call's count update) or 1 - decay (EMA).
+struct FoldedAverage {
+  const int64_t* count;  // read when swa
+  double one_minus_decay;
+  bool swa;
+};
+
+// Pass 3 of lars_sgd_: lists w, g, buf (null without momentum), and with DEPTH 4 the
+// averages of the folded weight averaging.
+template <typename T, int DEPTH = 3>
 struct LarsUpdate {
   using A = opmath_t<T>;
+  static_assert(DEPTH == 3 || DEPTH == 4, "LarsUpdate: lists w, g, buf[, avg]");
   const TensorCoefs* coefs;
   double lr, momentum, one_minus_dampening;
   DeviceScalar lr_tensor;
   DeviceScalar grad_scale;
   DeviceScalar found_inf;
   bool has_momentum, nesterov, paper;
+  FoldedAverage average;  // read only with DEPTH 4
 
-  __device__ __forceinline__ void operator()(const TensorListMeta<3>& meta, int slot,
+  __device__ __forceinline__ void operator()(const TensorListMeta<DEPTH>& meta, int slot,
                                              int64_t chunk) const {
     if (found_inf.nonzero()) return;
     const TensorCoefs tc = coefs[meta.index[slot]];
@@ -258,30 +270,45 @@ struct LarsUpdate {
     T* w = static_cast<T*>(meta.addresses[0][slot]) + begin;
     const T* g = static_cast<const T*>(meta.addresses[1][slot]) + begin;
     T* buf = has_momentum ? static_cast<T*>(meta.addresses[2][slot]) + begin : nullptr;
-    auto update = [&](T* wp, const T* gp, T* bp) {
+    constexpr bool kAverage = DEPTH == 4;
+    A* avg = nullptr;
+    A r_avg = A(0);
+    if constexpr (kAverage) {
+      avg = static_cast<A*>(meta.addresses[DEPTH - 1][slot]) + begin;
+      // IEEE division (the reference's 1 / (n + 1) in the averages' dtype).
+      r_avg = average.swa ? A(1) / (static_cast<A>(*average.count) + A(1))
+                          : static_cast<A>(average.one_minus_decay);
+    }
+    auto update = [&](T* wp, const T* gp, T* bp, A* ap) {
       A wv = load_acc(wp);
       A bv = has_momentum ? load_acc(bp) : A(0);
       sgd_update(wv, bv, static_cast<A>(load_acc(gp)), c, has_scale, has_momentum, nesterov,
                  first);
       store_acc(wp, wv);
       if (has_momentum) store_acc(bp, bv);
+      // The stored (rounded) weight, as average_ would read it.
+      if constexpr (kAverage) *ap = average_update<A>(*ap, static_cast<A>(load_acc(wp)), r_avg);
     };
     int64_t i = 0;
-    if (pack_aligned(w) && pack_aligned(g) && (!has_momentum || pack_aligned(buf))) {
+    if (pack_aligned(w) && pack_aligned(g) && (!has_momentum || pack_aligned(buf)) &&
+        (!kAverage || pack_aligned(avg))) {
       const int64_t n_packs = n / kPack;
       for (int64_t p = threadIdx.x; p < n_packs; p += blockDim.x) {
         Pack<T> wk = reinterpret_cast<const Pack<T>*>(w)[p];
         const Pack<T> gk = reinterpret_cast<const Pack<T>*>(g)[p];
         Pack<T> bk;
+        Pack<A> ak;
         if (has_momentum) bk = reinterpret_cast<const Pack<T>*>(buf)[p];
-        for (int k = 0; k < kPack; ++k) update(&wk.v[k], &gk.v[k], &bk.v[k]);
+        if constexpr (kAverage) ak = reinterpret_cast<const Pack<A>*>(avg)[p];
+        for (int k = 0; k < kPack; ++k) update(&wk.v[k], &gk.v[k], &bk.v[k], &ak.v[k]);
         reinterpret_cast<Pack<T>*>(w)[p] = wk;
         if (has_momentum) reinterpret_cast<Pack<T>*>(buf)[p] = bk;
+        if constexpr (kAverage) reinterpret_cast<Pack<A>*>(avg)[p] = ak;
       }
       i = n_packs * kPack;
     }
     for (i += threadIdx.x; i < n; i += blockDim.x)
-      update(w + i, g + i, has_momentum ? buf + i : nullptr);
+      update(w + i, g + i, has_momentum ? buf + i : nullptr, kAverage ? avg + i : nullptr);
   }
 };
 

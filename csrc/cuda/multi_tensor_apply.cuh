@@ -35,6 +35,10 @@ template <>
 struct MetaCapacity<2> { static constexpr int tensors = 64, blocks = 256; };
 template <>
 struct MetaCapacity<3> { static constexpr int tensors = 48, blocks = 256; };
+// Depth 4 (the LARS update with folded averaging): 40 * 53 bytes of tensors plus 256 * 5
+// of blocks are 3400 bytes.
+template <>
+struct MetaCapacity<4> { static constexpr int tensors = 40, blocks = 256; };
 // Depths 5 and 6 (the extrapolated-SGD and -Adam updates): 36 * 61 and 32 * 69 bytes of
 // tensors plus 256 * 5 of blocks are 3476 and 3488 bytes.
 template <>

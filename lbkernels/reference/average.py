@@ -32,10 +32,15 @@ def average_dtype(param_dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if param_dtype == torch.float64 else torch.float32
 
 
-def check_average_args(averages, params, count, method, found_inf) -> None:
-    """Every check of ``average_``, before any write (the C++ kernels make the same)."""
+def check_average_args(averages, params, count, method, found_inf, *, count_name="count",
+                       method_name="method") -> None:
+    """Every check of ``average_``, before any write (the C++ kernels make the same).
+
+    ``count_name`` and ``method_name`` are the arguments' names in the caller's schema
+    (``average_count`` and ``average_method`` when folded into ``lars_sgd_``).
+    """
     if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        raise ValueError(f"{method_name} must be one of {METHODS}, got {method!r}")
     n = len(params)
     if len(averages) != n:
         raise ValueError(f"averages has {len(averages)} entries but params has {n}")
@@ -56,13 +61,13 @@ def check_average_args(averages, params, count, method, found_inf) -> None:
             raise ValueError(f"averages[{i}] has shape {tuple(a.shape)} but params[{i}] has {tuple(p.shape)}")
     if count is None:
         if method == "swa":
-            raise ValueError("method='swa' needs count (a one-element int64 tensor)")
+            raise ValueError(f"{method_name}='swa' needs {count_name} (a one-element int64 tensor)")
     else:
         if count.numel() != 1 or count.dtype != torch.int64:
-            raise TypeError(f"count must be a one-element int64 tensor, got {count.dtype} "
+            raise TypeError(f"{count_name} must be a one-element int64 tensor, got {count.dtype} "
                             f"of shape {tuple(count.shape)}")
         if device is not None and count.device != device:
-            raise ValueError(f"count is on {count.device} but params[0] is on {device}")
+            raise ValueError(f"{count_name} is on {count.device} but params[0] is on {device}")
     check_scalar_tensor("found_inf", found_inf)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from .._validate import check_scalar_tensor, check_tensor_lists
+from . import average as _average
 
 
 def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -57,6 +58,18 @@ def trust_ratio(
     return r, valid
 
 
+def check_folded_average_args(params, averages, average_count, average_method, found_inf) -> None:
+    """The checks of the averaging folded into ``lars_sgd_``, before any write."""
+    if averages:
+        _average.check_average_args(averages, params, average_count, average_method, found_inf,
+                                    count_name="average_count", method_name="average_method")
+    else:
+        if average_method not in _average.METHODS:
+            raise ValueError(f"average_method must be one of {_average.METHODS}, got {average_method!r}")
+        if average_count is not None:
+            raise ValueError("average_count is given but averages is empty: nothing to average")
+
+
 def lars_sgd_(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
@@ -77,6 +90,10 @@ def lars_sgd_(
     momentum_style: str = "torch",
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
+    averages: list[torch.Tensor] | None = None,
+    average_count: torch.Tensor | None = None,
+    average_method: str = "swa",
+    average_decay: float = 0.999,
 ) -> None:
     """One LARS-SGD step over lists of tensors, in place.
 
@@ -93,6 +110,13 @@ def lars_sgd_(
     ``dampening != 0``. ``momentum_style="paper"`` keeps the learning rate in the buffer: ``d`` is scaled by
     ``lr`` and ``w -= u``. ``g`` is divided by ``grad_scale`` when given; with
     ``found_inf != 0`` nothing (weights, buffers, steps) changes.
+
+    Weight averaging folded into the step (ALGORITHMS.md section 4): with ``averages``
+    non-empty, each new ``w`` (as stored, in the param's dtype) is averaged in exactly as
+    ``average_(averages, params, average_count, method=average_method,
+    decay=average_decay)`` would, and ``average_count`` is incremented once per call;
+    the kernels do it in the pass that writes ``w``. ``found_inf != 0`` leaves the
+    averages and the count unchanged too.
     """
     check_tensor_lists(
         params,
@@ -112,6 +136,8 @@ def lars_sgd_(
         raise ValueError(f"momentum_style must be 'torch' or 'paper', got {momentum_style!r}")
     for name, t in (("lr_tensor", lr_tensor), ("grad_scale", grad_scale), ("found_inf", found_inf)):
         check_scalar_tensor(name, t)
+    averages = averages or []
+    check_folded_average_args(params, averages, average_count, average_method, found_inf)
     paper = momentum_style == "paper"
 
     for i, (w, g) in enumerate(zip(params, grads)):
@@ -153,3 +179,6 @@ def lars_sgd_(
         inc = 1.0 if found_inf is None else (found_inf == 0).to(torch.float32)
         for s in steps:
             s.add_(inc if isinstance(inc, float) else inc.to(s.device, s.dtype))
+    if averages:
+        _average.average_(averages, params, average_count, method=average_method,
+                          decay=average_decay, found_inf=found_inf)

@@ -23,6 +23,7 @@ import triton.language as tl
 
 from ..reference.average import check_average_args, check_worker_mean_args
 from . import multi_tensor as mt
+from .math import average_update as _average_update
 from .math import div, to_elem, worker_mean
 
 _ELEM = {torch.float32: tl.float32, torch.float64: tl.float64, torch.float16: tl.float16,
@@ -63,12 +64,6 @@ def _table(rows: list[tuple[int, int, int]], avg_size: int, param_size: int,
     if len(_cache) > _CACHE_ENTRIES:
         _cache.popitem(last=False)
     return data, n_chunks
-
-
-@triton.jit
-def _average_update(avg, w, r):
-    """math.h's average_update: avg + r * (w - avg)."""
-    return avg + r * (w - avg)
 
 
 @triton.jit

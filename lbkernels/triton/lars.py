@@ -26,8 +26,9 @@ import triton
 import triton.language as tl
 
 from .._validate import check_scalar_tensor, check_tensor_lists
+from ..reference.lars import check_folded_average_args
 from . import multi_tensor as mt
-from .math import div, lars_scale, sgd_update, sqrt
+from .math import average_update, div, lars_scale, sgd_update, sqrt
 from .math import to_elem as _to_elem
 
 _ELEM = {torch.float32: tl.float32, torch.float64: tl.float64, torch.float16: tl.float16,
@@ -144,11 +145,13 @@ def _lars_coefs(table, n_chunks, n_tensors, partial, coefs, lr: "fp64", lr_ptr,
 
 @triton.jit
 def _lars_update(table, n_chunks, n_tensors, coefs, lr: "fp64", lr_ptr, scale_ptr, skip_ptr,
-                 momentum: "fp64", one_minus_dampening: "fp64",
+                 momentum: "fp64", one_minus_dampening: "fp64", avg_table, count_ptr,
+                 one_minus_decay: "fp64",
                  ELEM: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
                  HAS_SCALE: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
                  PAPER: tl.constexpr, HAS_LR_TENSOR: tl.constexpr, HAS_SKIP: tl.constexpr,
-                 SOFT_BF16: tl.constexpr):
+                 SOFT_BF16: tl.constexpr, HAS_AVG: tl.constexpr, AVG: tl.constexpr,
+                 SWA: tl.constexpr):
     c = tl.program_id(0)
     work = True
     if HAS_SKIP:
@@ -181,6 +184,12 @@ def _lars_update(table, n_chunks, n_tensors, coefs, lr: "fp64", lr_ptr, scale_pt
             scale = tl.load(scale_ptr).to(ACC)
         m = tl.full([], momentum, ACC)
         damp = tl.full([], one_minus_dampening, ACC)
+        if HAS_AVG:  # folded averaging: avg_table[c] is the address of this chunk's average
+            a_ptr = tl.load(avg_table + c).to(tl.pointer_type(AVG))
+            if SWA:
+                r_avg = div(tl.full([], 1.0, AVG), tl.load(count_ptr).to(AVG) + tl.full([], 1.0, AVG))
+            else:
+                r_avg = tl.full([], one_minus_decay, AVG)
         offs = tl.arange(0, BLOCK)
         for s in range(0, n, BLOCK):
             mask = s + offs < n
@@ -191,9 +200,13 @@ def _lars_update(table, n_chunks, n_tensors, coefs, lr: "fp64", lr_ptr, scale_pt
                 buf = tl.load(b_ptr + s + offs, mask=mask, other=0.0).to(ACC)
             w, buf = sgd_update(w, buf, g, scale, wd, r, pre, m, damp, step_lr, first,
                                 HAS_SCALE, HAS_MOMENTUM, NESTEROV)
-            tl.store(w_ptr + s + offs, _to_elem(w, ELEM, SOFT_BF16), mask=mask)
+            w_stored = _to_elem(w, ELEM, SOFT_BF16)
+            tl.store(w_ptr + s + offs, w_stored, mask=mask)
             if HAS_MOMENTUM:
                 tl.store(b_ptr + s + offs, _to_elem(buf, ELEM, SOFT_BF16), mask=mask)
+            if HAS_AVG:  # the stored (rounded) weight, as average_ would read it
+                a = tl.load(a_ptr + s + offs, mask=mask, other=0.0)
+                tl.store(a_ptr + s + offs, average_update(a, w_stored.to(AVG), r_avg), mask=mask)
 
 
 # ------------------------------------------------------------------------ launchers
@@ -267,9 +280,12 @@ def _check_lars_args(params, grads, momentum_buffers, steps, exclude, momentum, 
 
 def _lars_sgd(params, grads, momentum_buffers, steps, exclude, lr, lr_tensor, momentum,
               dampening, weight_decay, nesterov, trust_coefficient, eps, clip, zero_norm_decay,
-              momentum_style, grad_scale, found_inf) -> None:
+              momentum_style, grad_scale, found_inf, averages=None, average_count=None,
+              average_method="swa", average_decay=0.999) -> None:
     _check_lars_args(params, grads, momentum_buffers, steps, exclude, momentum, dampening,
                      momentum_style, lr_tensor, grad_scale, found_inf)
+    averages = averages or []
+    check_folded_average_args(params, averages, average_count, average_method, found_inf)
     if not params:
         return
     device = params[0].device
@@ -281,15 +297,28 @@ def _lars_sgd(params, grads, momentum_buffers, steps, exclude, lr, lr_tensor, mo
     found_inf = mt.scalar_on(found_inf, device)
     staging = mt.Staging()
     for dtype, index in mt.group_by_dtype(params).items():
-        entries = []
+        entries, leads = [], []
         for i in index:
             w = staging.lead(params[i], written=True)
+            leads.append(w)
             g = staging.follow(grads[i], w, written=False)
             b = staging.follow(momentum_buffers[i], w, written=True) if has_momentum else None
             entries.append(mt.Entry(
                 w.data_ptr(), g.data_ptr(), 0 if b is None else b.data_ptr(),
                 steps[i].data_ptr() if has_steps else 0, w.numel(), bool(exclude[i]), i))
         tab = mt.table(entries, params[index[0]].element_size(), device)
+        # Folded averaging: per chunk, the address of its average (same chunking as tab).
+        avg_rows = tab.data
+        if averages:
+            rows = []
+            for i, w in zip(index, leads):
+                a = averages[i]
+                if not (mt.dense(a) and a.stride() == w.stride()):
+                    # In w's layout but the average's dtype (fp32 for 16-bit params).
+                    a = staging._stage(a, torch.empty_like(w, dtype=a.dtype).copy_(a), True)
+                rows.append((a.data_ptr(), w.data_ptr(), w.numel()))
+            avg_rows, _ = _average._table(rows, averages[index[0]].element_size(),
+                                          params[index[0]].element_size(), device)
         acc_torch, acc = _acc(dtype)
         partial = torch.empty(2 * max(1, tab.n_chunks), dtype=acc_torch, device=device)
         coefs = torch.empty(3 * tab.n_tensors, dtype=acc_torch, device=device)
@@ -312,13 +341,18 @@ def _lars_sgd(params, grads, momentum_buffers, steps, exclude, lr, lr_tensor, mo
         if tab.n_chunks:
             _lars_update[(tab.n_chunks,)](
                 tab.data, tab.n_chunks, tab.n_tensors, coefs, float(lr), lr_arg, scale_arg,
-                skip_arg, float(momentum), 1.0 - float(dampening),
+                skip_arg, float(momentum), 1.0 - float(dampening), avg_rows,
+                tab.data if average_count is None else average_count, 1.0 - float(average_decay),
                 ELEM=_ELEM[dtype], ACC=acc, BLOCK=_block(), HAS_SCALE=grad_scale is not None,
                 HAS_MOMENTUM=has_momentum, NESTEROV=bool(nesterov) and has_momentum,
                 PAPER=momentum_style == "paper", HAS_LR_TENSOR=lr_tensor is not None,
                 SOFT_BF16=dtype == torch.bfloat16 and mt.interpreting(),
+                HAS_AVG=bool(averages), AVG=_acc(dtype)[1], SWA=average_method == "swa",
                 num_warps=_NUM_WARPS, **flags)
     staging.write_back()
+    if averages and average_count is not None:
+        # After every launch of the call (stream order): each program read the old count.
+        average_count.add_(1 if found_inf is None else (found_inf == 0).to(average_count.dtype))
 
 
 # ------------------------------------------------------------------------ custom ops
@@ -339,7 +373,8 @@ def _(xs):
 
 
 @torch.library.custom_op("lbkernels::triton_lars_sgd_",
-                         mutates_args=("params", "momentum_buffers", "steps"))
+                         mutates_args=("params", "momentum_buffers", "steps", "averages",
+                                       "average_count"))
 def triton_lars_sgd_(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
@@ -347,6 +382,8 @@ def triton_lars_sgd_(
     steps: list[torch.Tensor],
     exclude: list[bool],
     lr: float,
+    # Required here (custom_op takes no list default); lbkernels.ops always passes it.
+    averages: list[torch.Tensor],
     lr_tensor: Optional[torch.Tensor] = None,
     momentum: float = 0.0,
     dampening: float = 0.0,
@@ -359,26 +396,38 @@ def triton_lars_sgd_(
     momentum_style: str = "torch",
     grad_scale: Optional[torch.Tensor] = None,
     found_inf: Optional[torch.Tensor] = None,
+    average_count: Optional[torch.Tensor] = None,
+    average_method: str = "swa",
+    average_decay: float = 0.999,
 ) -> None:
     """One LARS-SGD step in place; the contract of ``lbkernels.reference.lars.lars_sgd_``."""
     _lars_sgd(params, grads, momentum_buffers, steps, exclude, lr, lr_tensor, momentum,
               dampening, weight_decay, nesterov, trust_coefficient, eps, clip, zero_norm_decay,
-              momentum_style, grad_scale, found_inf)
+              momentum_style, grad_scale, found_inf, averages, average_count, average_method,
+              average_decay)
 
 
 @triton_lars_sgd_.register_fake
-def _(params, grads, momentum_buffers, steps, exclude, lr, lr_tensor=None, momentum=0.0,
-      dampening=0.0, weight_decay=0.0, nesterov=False, trust_coefficient=0.001, eps=1e-8,
-      clip=False, zero_norm_decay=True, momentum_style="torch", grad_scale=None,
-      found_inf=None):
+def _(params, grads, momentum_buffers, steps, exclude, lr, averages, lr_tensor=None,
+      momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, trust_coefficient=0.001,
+      eps=1e-8, clip=False, zero_norm_decay=True, momentum_style="torch", grad_scale=None,
+      found_inf=None, average_count=None, average_method="swa", average_decay=0.999):
     return None
 
 
 from . import average as _average  # noqa: E402  (registers lbkernels::triton_average_)
 
+
+
+def _lars_sgd_op(params, grads, momentum_buffers, steps, exclude, *, averages=None, **kwargs):
+    """triton_lars_sgd_ with the main schema's default ``averages=None`` (no averaging)."""
+    torch.ops.lbkernels.triton_lars_sgd_(params, grads, momentum_buffers, steps, exclude,
+                                         averages=[] if averages is None else averages, **kwargs)
+
+
 OPS = {
     "multi_tensor_l2norm": torch.ops.lbkernels.triton_multi_tensor_l2norm,
-    "lars_sgd_": torch.ops.lbkernels.triton_lars_sgd_,
+    "lars_sgd_": _lars_sgd_op,
     "average_": torch.ops.lbkernels.triton_average_,
     "worker_mean_": torch.ops.lbkernels.triton_worker_mean_,
 }

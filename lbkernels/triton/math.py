@@ -92,3 +92,9 @@ def to_elem(x, ELEM: tl.constexpr, SOFT_BF16: tl.constexpr):
 def worker_mean(total, k):
     """math.h's worker_mean: the cross-worker mean sum / k, an IEEE division."""
     return div(total, k)
+
+
+@triton.jit
+def average_update(avg, w, r):
+    """math.h's average_update: avg + r * (w - avg) (SWA r = 1 / (n + 1), EMA r = 1 - decay)."""
+    return avg + r * (w - avg)

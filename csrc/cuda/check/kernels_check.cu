@@ -30,6 +30,10 @@ namespace lbkernels::cuda {
       const std::vector<TensorArgs<1>>&, Blocks, int, cudaStream_t, const LarsCoefs<T>&); \
   template cudaError_t multi_tensor_apply<3, LarsUpdate<T>>(                              \
       const std::vector<TensorArgs<3>>&, Blocks, int, cudaStream_t, const LarsUpdate<T>&); \
+  template __global__ void multi_tensor_kernel<4, LarsUpdate<T, 4>>(TensorListMeta<4>,    \
+                                                                    LarsUpdate<T, 4>);    \
+  template cudaError_t multi_tensor_apply<4, LarsUpdate<T, 4>>(                           \
+      const std::vector<TensorArgs<4>>&, Blocks, int, cudaStream_t, const LarsUpdate<T, 4>&); \
   template __global__ void multi_tensor_kernel<2, AverageUpdate<T>>(TensorListMeta<2>,    \
                                                                     AverageUpdate<T>);    \
   template cudaError_t multi_tensor_apply<2, AverageUpdate<T>>(                           \

@@ -20,6 +20,9 @@ struct TensorPtrs {
   const void* g;
   void* buf;  // null without momentum
   int64_t numel;
+  // lars_sgd_ with averaging folded in: the average of w (fp32, or fp64 for fp64 params),
+  // same layout; null otherwise.
+  void* avg = nullptr;
 };
 
 // A range [begin, end) of one tensor's elements; at most kChunk elements.
@@ -48,6 +51,10 @@ struct SgdParams {
   double dampening = 0;
   bool has_momentum = false;
   bool nesterov = false;
+  // Weight averaging folded into the update (TensorPtrs.avg): avg += r * (w - avg) on the
+  // stored w, with r rounded once to each arithmetic type, as AverageParams.
+  double average_r64 = 0;
+  float average_r32 = 0;
 };
 
 struct LarsParams {

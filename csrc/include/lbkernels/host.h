@@ -8,6 +8,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <optional>
 #include <utility>
 #include <vector>
 
@@ -66,6 +67,45 @@ inline void check_steps(at::TensorList params, at::TensorList steps, double damp
 inline void check_momentum_style(c10::string_view momentum_style) {
   TORCH_CHECK_VALUE(momentum_style == "torch" || momentum_style == "paper",
                     "momentum_style must be 'torch' or 'paper', got '", momentum_style, "'");
+}
+
+// The checks of the weight averaging folded into lars_sgd_ (same order and messages as
+// check_folded_average_args in lbkernels/reference/lars.py, after the step's own checks).
+inline void check_folded_average(at::TensorList params, at::TensorList averages,
+                                 const std::optional<at::Tensor>& count, c10::string_view method) {
+  TORCH_CHECK_VALUE(method == "swa" || method == "ema",
+                    "average_method must be one of ('swa', 'ema'), got '", method, "'");
+  if (averages.empty()) {
+    TORCH_CHECK_VALUE(!count.has_value(),
+                      "average_count is given but averages is empty: nothing to average");
+    return;
+  }
+  TORCH_CHECK_VALUE(averages.size() == params.size(), "averages has ", averages.size(),
+                    " entries but params has ", params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& a = averages[i];
+    const at::Tensor& p = params[i];
+    const c10::ScalarType want = p.scalar_type() == c10::kDouble ? c10::kDouble : c10::kFloat;
+    TORCH_CHECK_TYPE(a.layout() == c10::kStrided, "params[", i, "] and averages[", i,
+                     "] must be dense tensors");
+    TORCH_CHECK_VALUE(a.device() == p.device(), "averages[", i, "] is on ", a.device(),
+                      " but params[0] is on ", p.device());
+    TORCH_CHECK_TYPE(a.scalar_type() == want, "averages[", i, "] has dtype ", a.scalar_type(),
+                     " but params[", i, "] (", p.scalar_type(), ") is averaged in ", want);
+    TORCH_CHECK_VALUE(a.sizes() == p.sizes(), "averages[", i, "] has shape ", a.sizes(),
+                      " but params[", i, "] has ", p.sizes());
+  }
+  if (!count.has_value()) {
+    TORCH_CHECK_VALUE(method != "swa",
+                      "average_method='swa' needs average_count (a one-element int64 tensor)");
+  } else {
+    TORCH_CHECK_TYPE(count->numel() == 1 && count->scalar_type() == at::kLong,
+                     "average_count must be a one-element int64 tensor, got ",
+                     count->scalar_type(), " of shape ", count->sizes());
+    TORCH_CHECK_VALUE(params.empty() || count->device() == params[0].device(),
+                      "average_count is on ", count->device(), " but params[0] is on ",
+                      params[0].device());
+  }
 }
 
 // Indices of `xs` grouped by dtype, in order: one sweep (or launch) per dtype.
