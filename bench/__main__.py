@@ -3,7 +3,8 @@
 Every variant steps the same parameter set in turn, round after round, in one process,
 so that drifts of this shared machine hit all of them alike; the table reports medians,
 the ratio to ``torch.optim.SGD(fused=True)`` and effective bandwidth counted at 20 bytes
-per fp32 parameter (read w, g, buf; write w, buf: the minimum of a momentum step).
+per fp32 parameter (read w, g, buf; write w, buf: the minimum of a momentum step), 28 for
+ExtrapSGD (which also reads the local gradient and writes the anchor).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import lbkernels
 from lbkernels import _library
 from lbkernels.optim import LARS
 
-from .params import PARAM_SETS, ForeachLARS, TimmStyleLARS, make_params
+from .params import PARAM_SETS, ExtrapSGDWithLocalGrads, ForeachLARS, TimmStyleLARS, make_params
 
 HP = dict(lr=0.1, momentum=0.9, weight_decay=5e-5)
 BYTES_PER_PARAM = 20
@@ -36,6 +37,8 @@ def variants(device: str) -> dict:
     }
     if _library.has_native_kernel("lars_sgd_", device):
         out[f"lbkernels LARS native-{device}"] = lambda ps: LARS(ps, impl="native", **HP)
+    if _library.has_native_kernel("extrap_sgd_", device):
+        out[f"lbkernels ExtrapSGD native-{device}"] = lambda ps: ExtrapSGDWithLocalGrads(ps, **HP)
     if device == "cuda":
         from lbkernels import triton as lbk_triton
 
@@ -58,9 +61,11 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def measure(set_name: str, device: str, reps: int, warmup: int = 3) -> list[dict]:
+def measure(set_name: str, device: str, reps: int, warmup: int = 3, only: list[str] | None = None) -> list[dict]:
     shapes = PARAM_SETS[set_name]()
     vs = variants(device)
+    if only:  # the anchor always runs: the ratios are to it
+        vs = {k: v for k, v in vs.items() if k == "SGD fused" or any(o in k for o in only)}
     opts, params = {}, {}
     for name, make in vs.items():
         params[name] = make_params(shapes, device=device)
@@ -70,6 +75,8 @@ def measure(set_name: str, device: str, reps: int, warmup: int = 3) -> list[dict
     faults: dict[str, list[int]] = {name: [] for name in vs}
     for r in range(warmup + reps):
         for name, opt in opts.items():
+            if hasattr(opt, "prepare"):  # work outside the step (ExtrapSGD's gradient capture)
+                opt.prepare()
             sync(device)
             f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
@@ -84,7 +91,8 @@ def measure(set_name: str, device: str, reps: int, warmup: int = 3) -> list[dict
     for name in vs:
         med = statistics.median(times[name])
         rows.append(dict(set=set_name, variant=name, ms=med * 1e3, ratio=med / anchor,
-                         gbs=BYTES_PER_PARAM * n / med / 1e9, faults=statistics.median(faults[name]),
+                         gbs=getattr(opts[name], "BYTES_PER_PARAM", BYTES_PER_PARAM) * n / med / 1e9,
+                         faults=statistics.median(faults[name]),
                          params=n, tensors=len(shapes)))
     return rows
 
@@ -107,7 +115,7 @@ def cpu_capability() -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| set | variant | median ms | x SGD fused | GB/s @20B/param | page faults/step |",
+    lines = ["| set | variant | median ms | x SGD fused | GB/s @20B/param (ExtrapSGD 28) | page faults/step |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]
     for r in rows:
         lines.append(f"| {r['set']} ({r['tensors']} tensors, {r['params'] / 1e6:.1f}M) | {r['variant']} | "
@@ -120,6 +128,7 @@ def main(argv=None) -> None:
     ap.add_argument("--sets", nargs="+", default=list(PARAM_SETS), choices=list(PARAM_SETS))
     ap.add_argument("--reps", type=int, default=21, help="measured rounds per variant (median reported)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--variants", nargs="+", help="run only variants whose name contains one of these")
     args = ap.parse_args(argv)
     if "OMP_NUM_THREADS" in os.environ:
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
@@ -128,7 +137,7 @@ def main(argv=None) -> None:
         print("note:", note)
     rows = []
     for s in args.sets:
-        rows += measure(s, args.device, args.reps)
+        rows += measure(s, args.device, args.reps, only=args.variants)
     print(table(rows))
 
 

@@ -88,3 +88,23 @@ class ForeachLARS:
             torch._foreach_mul_(self.bufs, self.m)
             torch._foreach_add_(self.bufs, d)
         torch._foreach_add_(self.params, self.bufs, alpha=-self.lr)
+
+
+class ExtrapSGDWithLocalGrads:
+    """``ExtrapSGD`` stepping as it does under DDP: with this worker's local-gradient list
+    (28 bytes per fp32 parameter: read x, buf, g, g^k; write x, buf, w). The capture (the
+    comm hook's copy, part of the backward) runs in ``prepare()``, outside the timed step."""
+
+    BYTES_PER_PARAM = 28
+
+    def __init__(self, params, lr, momentum, weight_decay, impl="native"):
+        from lbkernels.optim import ExtrapSGD
+
+        self.opt = ExtrapSGD(params, lr=lr, momentum=momentum, nesterov=False,
+                             weight_decay=weight_decay, impl=impl)
+
+    def prepare(self):
+        self.opt.capture_local_grads()
+
+    def step(self):
+        self.opt.step()
