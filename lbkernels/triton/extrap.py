@@ -42,7 +42,8 @@ import triton.language as tl
 from .._validate import check_tensor_lists
 from ..reference import extrap as ref
 from . import multi_tensor as mt
-from .lars import _ELEM, _RBLOCK, _acc, _block, _check_runnable, _lars_coefs, _sum_squares
+from .lars import (_BLOCK, _BLOCK_INTERPRETED, _ELEM, _RBLOCK, _acc, _block, _check_runnable,
+                   _lars_coefs, _sum_squares)
 from .math import div, sgd_update, sqrt, to_elem
 
 _NUM_WARPS = 4
@@ -88,8 +89,8 @@ def chunk_table(addresses: list[tuple[int, ...]], numels: list[int], element_siz
     ``tensor_rows`` (length ``T`` each).
     """
     chunk = int(mt.CHUNK_SIZE)
-    if chunk <= 0 or chunk % 4:
-        raise ValueError(f"CHUNK_SIZE must be a positive multiple of 4, got {chunk}")
+    if chunk <= 0:
+        raise ValueError(f"CHUNK_SIZE must be positive, got {chunk}")
     n_chunks = sum(-(-n // chunk) for n in numels)
 
     def build():
@@ -109,12 +110,15 @@ def chunk_table(addresses: list[tuple[int, ...]], numels: list[int], element_siz
     return _upload(key, build, device), n_chunks
 
 
-def block_for(longest: int) -> int:
-    """Elements per loop iteration for a launch whose longest run (chunk or filter) is
-    ``longest``: the usual block, or the next power of two above ``longest`` when that is
-    smaller, so that a group of small tensors does not pay for masked-off lanes (the
-    interpreter's 65,536-element block over a 300-element tensor is 200x the work)."""
-    return max(16, min(_block(), triton.next_power_of_2(max(1, longest))))
+def block_for(longest: int, chunked: bool = True) -> int:
+    """Elements per loop iteration for a launch whose longest run is ``longest``: the
+    usual block, or the next power of two above ``longest`` when that is smaller, so
+    that a group of small tensors does not pay for masked-off lanes (the interpreter's
+    65,536-element block over a 300-element tensor is 200x the work). Runs that are not
+    chunks (filters) ignore the chunk size, so that filter norms, summed in blocks of
+    this size, do not depend on it."""
+    limit = _block() if chunked else (_BLOCK_INTERPRETED if mt.interpreting() else _BLOCK)
+    return max(16, min(limit, triton.next_power_of_2(max(1, longest))))
 
 
 def filter_size(x: torch.Tensor) -> int:
@@ -483,10 +487,11 @@ def _extrap_sgd(params, anchors, momentum_buffers, grads, local_grads, exclude, 
                 HAS_SKIP=has_skip, SOFT_BF16=soft_bf16, num_warps=_NUM_WARPS)
         if filter_mode and n_filters:
             ftab = _filter_table(filter_rows, elem, device)
+            longest = max(f for _, _, f, _ in filter_rows)
             factors = torch.empty(n_filters, dtype=acc_torch, device=device)
             _filter_norms[(n_filters,)](
                 ftab, n_filters, factors, skip_arg, float(noise_scale), key, off_lo,
-                ELEM=_ELEM[dtype], ACC=acc, BLOCK=block_for(max(f for _, _, f, _ in filter_rows)),
+                ELEM=_ELEM[dtype], ACC=acc, BLOCK=block_for(longest, chunked=False),
                 HAS_SKIP=has_skip,
                 num_warps=_NUM_WARPS)
             _filter_write[(n_chunks,)](

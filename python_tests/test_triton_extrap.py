@@ -1,0 +1,183 @@
+"""Triton extrap_sgd_ / extrap_adam_ (lbkernels.triton.extrap) at chunk boundaries.
+
+test_extrap_ops.py runs every backend against the reference; this file adds what is
+particular to the Triton kernels: the chunk size lowered to 64 so that chunk boundaries
+fall inside small tensors and filters, the noise drawn exactly as philox.h documents
+(so the Triton, CPU and CUDA kernels draw the same numbers), noise and filter factors
+independent of how tensors are cut into chunks, row-major noise for non-contiguous
+tensors, and the custom ops' registration. Under the interpreter a program costs a few
+milliseconds: the tensors are small.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lbkernels import ops
+from lbkernels import triton as lbk_triton
+from test_extrap_ops import documented_draw, noise_call
+
+CHUNK = 64
+# 1, a chunk, a chunk + 1, an odd prime, empty, 0-dim, several chunks in 2-D, empty 3-D.
+SHAPES = [(1,), (CHUNK,), (CHUNK + 1,), (97,), (0,), (), (3, 50), (2, 0, 3)]
+STEPS = 7
+# fp32 over 7 steps: the same operations as the reference but LARS norms summed per
+# chunk and coefficients folded, a few ulps per step compounding through the buffers;
+# fp64 the same in its own ulps (the tolerances of test_extrap_ops.py).
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-12, atol=1e-13)}
+
+
+def _device_params():
+    out = []
+    for dev in ("cpu", "cuda"):
+        ok, why = lbk_triton.available(dev)
+        out.append(pytest.param(dev, marks=[] if ok else [pytest.mark.skip(reason=why)], id=dev))
+    return out
+
+
+@pytest.fixture(params=_device_params())
+def device(request, monkeypatch):
+    from lbkernels.triton import multi_tensor
+
+    monkeypatch.setattr(multi_tensor, "CHUNK_SIZE", CHUNK)
+    return request.param
+
+
+def _randn(shapes, seed, dtype, device):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g, dtype=torch.float64).to(device, dtype) for s in shapes]
+
+
+def _sgd(impl, device, dtype, local, **cfg):
+    x = _randn(SHAPES, 0, dtype, device)
+    state = [[t.clone() for t in x], x, [torch.zeros_like(t) for t in x] if cfg.get("momentum") else []]
+    exclude = [i % 3 == 1 for i in range(len(SHAPES))]
+    for t in range(STEPS):
+        grads = _randn(SHAPES, 100 + t, dtype, device)
+        local_grads = _randn(SHAPES, 200 + t, dtype, device) if local else []
+        ops.extrap_sgd_(*state, grads, local_grads, exclude, impl=impl, **cfg)
+    return state
+
+
+SGD_CONFIGS = {
+    "plain": dict(lr=0.1, extrap_lr=0.05),
+    "momentum-local": dict(lr=0.2, extrap_lr=0.1, momentum=0.9, weight_decay=1e-2, local=True),
+    "lars-nesterov-clip": dict(lr=2.0, extrap_lr=0.3, momentum=0.9, nesterov=True,
+                               weight_decay=1e-3, lars=True, clip=True, trust_coefficient=0.02),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("config", list(SGD_CONFIGS))
+def test_sgd_across_chunk_boundaries(device, dtype, config):
+    cfg = dict(SGD_CONFIGS[config])
+    local = cfg.pop("local", False)
+    want = _sgd("reference", device, dtype, local, **cfg)
+    got = _sgd("triton", device, dtype, local, **cfg)
+    for name, xs, ys in zip(("params", "anchors", "momentum_buffers"), got, want):
+        for i, (a, b) in enumerate(zip(xs, ys)):
+            torch.testing.assert_close(a.cpu(), b.cpu(), msg=lambda m: f"{name}[{i}]: {m}", **TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+@pytest.mark.parametrize("local", [False, True], ids=["global", "local"])
+def test_adam_across_chunk_boundaries(device, dtype, local):
+    results = []
+    for impl in ("reference", "triton"):
+        x = _randn(SHAPES, 0, dtype, device)
+        state = [[t.clone() for t in x], x, [torch.zeros_like(t) for t in x],
+                 [torch.zeros_like(t) for t in x], [torch.zeros((), device=device) for _ in x]]
+        for t in range(STEPS):
+            grads = _randn(SHAPES, 100 + t, dtype, device)
+            local_grads = _randn(SHAPES, 200 + t, dtype, device) if local else []
+            ops.extrap_adam_(*state, grads, local_grads, lr=1e-2, extrap_lr=5e-3, weight_decay=1e-2,
+                             decoupled_weight_decay=local, impl=impl)
+        results.append(state)
+    names = ("params", "anchors", "exp_avgs", "exp_avg_sqs", "steps")
+    for name, ys, xs in zip(names, *results):
+        for i, (a, b) in enumerate(zip(xs, ys)):
+            torch.testing.assert_close(a.cpu(), b.cpu(), msg=lambda m: f"{name}[{i}]: {m}", **TOL[dtype])
+    assert all(s.item() == STEPS for s in results[1][4])
+
+
+def test_noise_follows_the_documented_counter_layout(device):
+    """The Triton kernels draw the values philox.h defines (the same the CPU and CUDA
+    kernels draw), across chunk boundaries and with seed and offset above 2^32."""
+    seed, offset = 0x1234_5678_9ABC, (5 << 32) + 7
+    shapes = [(37,), (3, 50), (150,)]
+    zeros = [torch.zeros(s) for s in shapes]
+    uni = noise_call("triton", device, "uniform", zeros, a=1.0, seed=seed, offset=offset)
+    gau = noise_call("triton", device, "gaussian", zeros, a=1.0, seed=seed, offset=offset)
+    for i, s in enumerate(shapes):
+        n = math.prod(s)
+        # U(-1, 1): odd multiples of 2^-24, exact in fp32.
+        assert torch.equal(uni[i].flatten(), documented_draw(n, i, seed, offset, False))
+        # Box-Muller in fp32: radius <= 5.7 times an angle error of ~1 ulp of 2 pi
+        # (4.8e-7), plus the fp32 log and cos/sin: a few 1e-6 absolute.
+        torch.testing.assert_close(gau[i].flatten(), documented_draw(n, i, seed, offset, True),
+                                   rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("extrapolation", ["gaussian", "weight", "filter"])
+def test_noise_does_not_depend_on_the_chunking(device, extrapolation, monkeypatch):
+    """The same call with 64- and 65,536-element chunks gives the same bits: each value
+    is keyed by its element index and each filter norm is one program's sum."""
+    from lbkernels.triton import multi_tensor
+
+    g = torch.Generator().manual_seed(3)
+    # Filters of 27 (within chunks), 100 (straddling chunk boundaries), a 1-d tensor of
+    # 150 (one filter over three chunks).
+    anchors = [torch.randn(s, generator=g) for s in [(5, 3, 3, 3), (4, 100), (150,)]]
+    small = noise_call("triton", device, extrapolation, anchors, seed=2, offset=9)
+    monkeypatch.setattr(multi_tensor, "CHUNK_SIZE", 65536)
+    large = noise_call("triton", device, extrapolation, anchors, seed=2, offset=9)
+    for a, b in zip(small, large):
+        assert torch.equal(a, b)
+    if extrapolation == "filter":  # ||eps_j|| = a ||x_j||, up to fp32 (see test_extrap_ops)
+        for x, e in zip(anchors, small):
+            rows = x.shape[0] if x.dim() >= 2 else 1
+            torch.testing.assert_close(e.reshape(rows, -1).norm(dim=1),
+                                       0.5 * x.double().reshape(rows, -1).norm(dim=1),
+                                       rtol=2e-6, atol=0)
+
+
+@pytest.mark.parametrize("extrapolation", ["uniform", "filter"])
+def test_noise_is_row_major_for_non_contiguous_tensors(device, extrapolation):
+    """A channels_last or transposed tensor gets the noise of its contiguous copy: the
+    counter is the row-major element index, whatever the memory layout."""
+    g = torch.Generator().manual_seed(4)
+    dense = [torch.randn(4, 3, 5, 5, generator=g), torch.randn(6, 9, generator=g)]
+    strided = [dense[0].to(memory_format=torch.channels_last), dense[1].t().contiguous().t()]
+    assert not strided[0].is_contiguous() and not strided[1].is_contiguous()
+    want = noise_call("triton", device, extrapolation, dense, seed=7, offset=1)
+    got = noise_call("triton", device, extrapolation, strided, seed=7, offset=1)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
+
+
+def test_opcheck(device):
+    shapes = [(70,), (), (3, 4)]
+    x = _randn(shapes, 5, torch.float32, device)
+    grads = _randn(shapes, 6, torch.float32, device)
+    local = _randn(shapes, 7, torch.float32, device)
+    scalar = dict(lr_tensor=torch.tensor(0.05, device=device),
+                  extrap_lr_tensor=torch.tensor(0.02, device=device),
+                  grad_scale=torch.tensor(2.0, device=device),
+                  found_inf=torch.tensor(0.0, device=device))
+    torch.library.opcheck(
+        torch.ops.lbkernels.triton_extrap_sgd_,
+        ([t + 1 for t in x], [t.clone() for t in x], [torch.zeros_like(t) for t in x], grads, local,
+         [False, True, False]),
+        dict(lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=True, lars=True, **scalar))
+    torch.library.opcheck(
+        torch.ops.lbkernels.triton_extrap_sgd_,
+        ([t + 1 for t in x], [t.clone() for t in x], [], grads, [], [False] * 3),
+        dict(lr=0.1, extrapolation="filter", noise_scale=0.1, seed=3, offset=4))
+    torch.library.opcheck(
+        torch.ops.lbkernels.triton_extrap_adam_,
+        ([t + 1 for t in x], [t.clone() for t in x], [torch.zeros_like(t) for t in x],
+         [torch.zeros_like(t) for t in x], [torch.zeros((), device=device) for _ in x], grads, local),
+        dict(lr=0.1, weight_decay=1e-2, decoupled_weight_decay=True, **scalar))
