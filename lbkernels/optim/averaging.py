@@ -59,19 +59,34 @@ class WeightAverager:
         mode: ``"swa"`` or ``"ema"``.
         decay: the EMA decay :math:`\beta`, in ``[0, 1)`` (ignored by SWA).
         impl: the kernel backend, as for every op in :mod:`lbkernels.ops`.
+        fused_with: ``None`` (call :meth:`update` after each step) or the optimizer whose
+            step averages (below); that step runs with the optimizer's ``impl``.
 
     Evaluating the averaged model: ``with averager.apply_to(model): evaluate(model)``
     swaps the averages into the parameters and back (bitwise); ``apply_to`` and
     :meth:`restore` can also be called separately.
 
-    Folding the averaging into an optimizer step (so that it costs no extra read of the
-    weights) is not implemented here. The seam for it is :meth:`op_arguments`: the exact
-    arguments of ``lbkernels.ops.average_`` that :meth:`update` passes, which a fused
-    step would consume in place of calling :meth:`update`.
+    **Folded into the optimizer step** (``fused_with=optimizer``, a
+    :class:`~lbkernels.optim.LARS` or :class:`~lbkernels.optim.ShiftedMomentumSGD`):
+    every ``optimizer.step()`` averages the weights it has just written, in the same
+    fused pass (``lbkernels.ops.lars_sgd_`` with ``averages``), so SWA/EMA costs no
+    extra read of the weights. The same update as above, applied after each step; a
+    step skipped by ``GradScaler`` (``found_inf``) averages nothing. Then:
+
+    * :meth:`update` raises (calling it would average the same weights twice);
+    * the averaged parameters must be exactly the optimizer's, all on one device, and
+      every parameter of a param group needs a gradient at every step (the step visits
+      only those; a partial group raises rather than silently skip an average);
+    * the count is kept per param group (one int64 per group, on the device: each group
+      is its own ``lars_sgd_`` call, and all of a call's averages share one ``r``); it
+      is in :meth:`state_dict` and survives a checkpoint;
+    * the averaging starts with the next step: create the averager when averaging
+      should start (e.g. at the SWA epoch), after the optimizer.
     """
 
     def __init__(self, model_or_params: torch.nn.Module | Iterable[torch.Tensor],
-                 mode: str = "swa", decay: float = 0.999, impl: str = "auto") -> None:
+                 mode: str = "swa", decay: float = 0.999, impl: str = "auto",
+                 fused_with: torch.optim.Optimizer | None = None) -> None:
         if mode not in METHODS:
             raise ValueError(f"mode must be one of {METHODS}, got {mode!r}")
         if isinstance(decay, bool) or not isinstance(decay, (int, float)):
@@ -106,11 +121,87 @@ class WeightAverager:
         self._count = torch.zeros((), dtype=torch.int64, device=params[0].device)
         self._backup: list[torch.Tensor] | None = None
         self._applied_to: list[torch.Tensor] | None = None
+        self._fused_with: torch.optim.Optimizer | None = None
+        self._fused_groups: dict[int, tuple[list[torch.Tensor], torch.Tensor]] = {}
+        if fused_with is not None:
+            self._fuse(fused_with, params)
+
+    # ------------------------------------------------------------ folded averaging
+
+    def _fuse(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> None:
+        from .lars import LARS
+        from .shifted_momentum import ShiftedMomentumSGD
+
+        if not isinstance(optimizer, (LARS, ShiftedMomentumSGD)):
+            raise TypeError("fused_with must be a lbkernels.optim.LARS or ShiftedMomentumSGD "
+                            f"(whose step is lars_sgd_), got {type(optimizer).__name__}; use "
+                            "fused_with=None and call update() after each step instead")
+        if getattr(optimizer, "_fused_averager", None) is not None:
+            raise ValueError("fused_with: this optimizer already updates another WeightAverager")
+        position = {id(p): i for i, p in enumerate(params)}
+        seen = set()
+        groups = []
+        for g, group in enumerate(optimizer.param_groups):
+            index = []
+            for p in group["params"]:
+                if id(p) not in position:
+                    raise ValueError(f"fused_with: param group {g} has a parameter of shape "
+                                     f"{tuple(p.shape)} that this averager does not average; "
+                                     "average exactly the optimizer's parameters")
+                index.append(position[id(p)])
+                seen.add(id(p))
+            groups.append((group, index))
+        if len(seen) != len(params):
+            raise ValueError(f"fused_with: {len(params) - len(seen)} averaged parameters are not "
+                             "in the optimizer; average exactly the optimizer's parameters")
+        # One count per group, each a 0-dim view of one int64 tensor (one host read for
+        # n_averaged, one entry in the state_dict).
+        self._count = torch.zeros(len(groups), dtype=torch.int64, device=params[0].device)
+        for g, (group, index) in enumerate(groups):
+            self._fused_groups[id(group["params"])] = ([self._averages[i] for i in index], self._count[g])
+        self._fused_with = optimizer
+        optimizer._fused_averager = self
+        # Checked before the step writes anything: a step that cannot average every
+        # group it updates is refused whole, not half-applied.
+        optimizer.register_step_pre_hook(self._check_step)
+
+    def _check_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._backup is not None:
+            raise RuntimeError("optimizer step while the averages are applied to the model; "
+                               "call restore() first")
+        for g, group in enumerate(optimizer.param_groups):
+            has_grad = [p.grad is not None for p in group["params"]]
+            if not any(has_grad):
+                continue  # not stepped, not averaged: this group's count stays
+            if id(group["params"]) not in self._fused_groups:
+                raise RuntimeError(f"param group {g} was added to the optimizer after "
+                                   "WeightAverager(fused_with=...): its parameters are not averaged")
+            if not all(has_grad):
+                raise RuntimeError(f"WeightAverager(fused_with=...) needs a gradient for every "
+                                   f"parameter of a param group at every step (group {g} has "
+                                   f"{has_grad.count(False)} without); use fused_with=None and "
+                                   "update() for models with unused parameters")
+
+    def _step_arguments(self, group: dict, bucket: Any) -> dict[str, Any]:
+        """The averaging arguments of ``lars_sgd_`` for one bucket of the fused optimizer."""
+        # _check_step has refused, before the step, every case where this lookup fails.
+        averages, count = self._fused_groups[id(group["params"])]
+        assert bucket.index is None
+        return {"averages": averages, "average_count": count, "average_method": self.mode,
+                "average_decay": self.decay}
+
+    @property
+    def fused_with(self) -> torch.optim.Optimizer | None:
+        """The optimizer whose step updates the averages, or None."""
+        return self._fused_with
 
     # ------------------------------------------------------------------ averaging
 
     def op_arguments(self) -> tuple[tuple, dict]:
         """``(args, kwargs)`` of the ``ops.average_`` call that :meth:`update` makes."""
+        if self._fused_with is not None:
+            raise RuntimeError("op_arguments(): this averager is updated by its fused "
+                               "optimizer's step, not by an average_ call")
         return ((self._averages, self._params, self._count),
                 {"method": self.mode, "decay": self.decay, "impl": self.impl})
 
@@ -120,6 +211,10 @@ class WeightAverager:
 
         ``found_inf`` (the AMP grad scaler's flag): when nonzero nothing changes.
         """
+        if self._fused_with is not None:
+            raise RuntimeError(f"update() on a WeightAverager fused with a "
+                               f"{type(self._fused_with).__name__}: its step() already averages "
+                               "(calling update() too would average the same weights twice)")
         if self._backup is not None:
             raise RuntimeError("update() while the averages are applied to the model; "
                                "call restore() first")
@@ -128,8 +223,12 @@ class WeightAverager:
 
     @property
     def n_averaged(self) -> int:
-        """Number of updates made so far (reads the device counter: a host sync)."""
-        return int(self._count.item())
+        """Number of updates made so far (reads the device counter: a host sync).
+
+        Fused with an optimizer: the largest per-group count (the counts are equal when
+        every param group steps every time).
+        """
+        return int(self._count.max().item())
 
     @property
     def averages(self) -> list[torch.Tensor]:
@@ -201,7 +300,12 @@ class WeightAverager:
         decay = float(state["decay"])
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
+        count = torch.as_tensor(state["count"], dtype=torch.int64)
+        # One count, or one per param group when fused (a single count fills every group).
+        if count.numel() not in (1, self._count.numel()):
+            raise ValueError(f"the state has {count.numel()} counts, this averager "
+                             f"{self._count.numel()} (one per param group when fused)")
         for mine, theirs in zip(self._averages, averages):
             mine.copy_(theirs)
-        self._count.copy_(torch.as_tensor(state["count"], dtype=torch.int64).reshape(()))
+        self._count.copy_(count.reshape(()) if count.numel() == 1 else count.reshape(self._count.shape))
         self.decay = decay

@@ -8,6 +8,7 @@ import torch
 
 from .. import ops
 from ._base import FusedOptimizer, _Bucket, check_nonnegative, zeros_state
+from ._folded import folded_average_arguments
 
 _MOMENTUM_STYLES = ("torch", "paper")
 
@@ -143,6 +144,7 @@ class LARS(FusedOptimizer):
             grad_scale=grad_scale,
             found_inf=found_inf,
             impl=group["impl"],
+            **folded_average_arguments(self, group, bucket),
         )
 
 

@@ -10,6 +10,7 @@ import torch
 
 from .. import ops
 from ._base import FusedOptimizer, _Bucket, check_nonnegative, zeros_state
+from ._folded import folded_average_arguments
 
 
 def _check_delay(delay: Any) -> int:
@@ -148,6 +149,7 @@ class ShiftedMomentumSGD(FusedOptimizer):
             grad_scale=grad_scale,
             found_inf=found_inf,
             impl=group["impl"],
+            **folded_average_arguments(self, group, bucket),
         )
 
     # -- state: the buffers are per-param state, the round-robin position is global ------
