@@ -83,13 +83,17 @@ def test_sgd_across_chunk_boundaries(device, dtype, config):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
-@pytest.mark.parametrize("local", [False, True], ids=["global", "local"])
-def test_adam_across_chunk_boundaries(device, dtype, local):
+@pytest.mark.parametrize("local,first_step", [(False, 0), (True, 0), (False, 123_456)],
+                         ids=["global", "local", "late"])
+def test_adam_across_chunk_boundaries(device, dtype, local, first_step):
+    """From step 0, and from a late step (the bias corrections beta^t are taken by
+    repeated squaring in the kernel, against the reference's pow)."""
     results = []
     for impl in ("reference", "triton"):
         x = _randn(SHAPES, 0, dtype, device)
         state = [[t.clone() for t in x], x, [torch.zeros_like(t) for t in x],
-                 [torch.zeros_like(t) for t in x], [torch.zeros((), device=device) for _ in x]]
+                 [torch.zeros_like(t) for t in x],
+                 [torch.full((), float(first_step), device=device) for _ in x]]
         for t in range(STEPS):
             grads = _randn(SHAPES, 100 + t, dtype, device)
             local_grads = _randn(SHAPES, 200 + t, dtype, device) if local else []
@@ -100,7 +104,7 @@ def test_adam_across_chunk_boundaries(device, dtype, local):
     for name, ys, xs in zip(names, *results):
         for i, (a, b) in enumerate(zip(xs, ys)):
             torch.testing.assert_close(a.cpu(), b.cpu(), msg=lambda m: f"{name}[{i}]: {m}", **TOL[dtype])
-    assert all(s.item() == STEPS for s in results[1][4])
+    assert all(s.item() == first_step + STEPS for s in results[1][4])
 
 
 def test_noise_follows_the_documented_counter_layout(device):

@@ -31,7 +31,6 @@ arguments of the main schemas; ``lbkernels.ops`` selects them with ``impl="trito
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from typing import Optional
 
@@ -296,11 +295,24 @@ def _filter_write(table, n_chunks, n_tensors, factors, skip_ptr, key, off_lo,
 
 
 @triton.jit
-def _adam_bias(table, n_chunks, n_tensors, bias, skip_ptr, log2_beta1: "fp64",
-               log2_beta2: "fp64", HAS_SKIP: tl.constexpr):
+def _pow_int(base, n):
+    """base^n for an integer n >= 0 by repeated squaring, in base's dtype (fp64 here):
+    at most 2 log2(n) roundings (1e-14 relative at n = 2^24), and no fp64
+    transcendental, which not every GPU backend lowers."""
+    result = base * 0.0 + 1.0
+    while n > 0:
+        if n % 2 == 1:
+            result = result * base
+        base = base * base
+        n = n // 2
+    return result
+
+
+@triton.jit
+def _adam_bias(table, n_chunks, n_tensors, bias, skip_ptr, beta1: "fp64", beta2: "fp64",
+               HAS_SKIP: tl.constexpr):
     # A program per tensor (empty ones included). Tensor row 1: the step counter address.
-    # bias[t] = 1 - beta1^t, bias[T + t] = sqrt(1 - beta2^t), in fp64 from the new step;
-    # beta^t = 2^(t * log2(beta)), log2 taken on the host in fp64.
+    # bias[t] = 1 - beta1^t, bias[T + t] = sqrt(1 - beta2^t), in fp64 from the new step.
     t = tl.program_id(0)
     step_ptr = tl.load(table + 9 * n_chunks + n_tensors + t).to(tl.pointer_type(tl.float32))
     step = tl.load(step_ptr) + 1.0
@@ -309,9 +321,9 @@ def _adam_bias(table, n_chunks, n_tensors, bias, skip_ptr, log2_beta1: "fp64",
         count = tl.load(skip_ptr) == 0
     if count:
         tl.store(step_ptr, step)
-    s = step.to(tl.float64)
-    tl.store(bias + t, 1.0 - tl.exp2(s * log2_beta1))
-    tl.store(bias + n_tensors + t, tl.sqrt(1.0 - tl.exp2(s * log2_beta2)))
+    n = step.to(tl.int64)  # fp32 counters are exact integers up to 2^24
+    tl.store(bias + t, 1.0 - _pow_int(tl.full([], beta1, tl.float64), n))
+    tl.store(bias + n_tensors + t, tl.sqrt(1.0 - _pow_int(tl.full([], beta2, tl.float64), n)))
 
 
 @triton.jit
@@ -539,10 +551,6 @@ def _check_adam_args(params, anchors, exp_avgs, exp_avg_sqs, steps, grads, local
             raise ValueError(f"{name} must be in [0, 1), got {b}")
 
 
-def _log2(beta: float) -> float:
-    return math.log2(beta) if beta > 0.0 else -math.inf  # 0^t = 0 for t >= 1
-
-
 def _extrap_adam(params, anchors, exp_avgs, exp_avg_sqs, steps, grads, local_grads, lr,
                  lr_tensor, extrap_lr, extrap_lr_tensor, beta1, beta2, eps, weight_decay,
                  decoupled_weight_decay, grad_scale, found_inf) -> None:
@@ -578,8 +586,8 @@ def _extrap_adam(params, anchors, exp_avgs, exp_avg_sqs, steps, grads, local_gra
         bias = torch.empty(2 * len(index), dtype=torch.float64, device=device)
         skip_arg = tab if found_inf is None else found_inf
         # A program per tensor, empty ones included: every counter counts the step.
-        _adam_bias[(len(index),)](tab, n_chunks, len(index), bias, skip_arg, _log2(beta1),
-                                  _log2(beta2), HAS_SKIP=found_inf is not None, num_warps=1)
+        _adam_bias[(len(index),)](tab, n_chunks, len(index), bias, skip_arg, float(beta1),
+                                  float(beta2), HAS_SKIP=found_inf is not None, num_warps=1)
         if n_chunks:
             w1 = 1.0 - float(beta1)
             _adam_update[(n_chunks,)](
