@@ -17,8 +17,9 @@
 //             a = ((w0 >> 8) + 1) * 2^-24 in (0, 1] and b = (w1 >> 8) * 2^-24 in [0, 1),
 //             lane 0 = sqrt(-2 ln a) cos(2 pi b), lane 1 = sqrt(-2 ln a) sin(2 pi b).
 // Values are computed in fp32 (also for fp64 tensors).
-// The known-answer vectors of the paper's reference implementation are checked by
-// python_tests/test_extrap_ops.py through the lbkernels::philox4x32_10 op.
+// python_tests/test_extrap_ops.py checks a Python transcription of this generator against
+// the known-answer vectors of the paper's reference implementation (Random123), and the
+// compiled kernels' U(-1, 1) draws against that transcription bit for bit.
 #pragma once
 
 #include <cmath>
