@@ -37,6 +37,9 @@ def variants(device: str) -> dict:
     }
     if _library.has_native_kernel("lars_sgd_", device):
         out[f"lbkernels LARS native-{device}"] = lambda ps: LARS(ps, impl="native", **HP)
+    from .averaging import averaging_variants  # SWA with the LARS step (bench/averaging.py)
+
+    out.update(averaging_variants(device, HP))
     if _library.has_native_kernel("extrap_sgd_", device):
         out[f"lbkernels ExtrapSGD native-{device}"] = lambda ps: ExtrapSGDWithLocalGrads(ps, **HP)
     if device == "cuda":
