@@ -185,3 +185,37 @@ def test_local_phase_with_an_average_every_step_is_synchronous_sgd(tmp_path):
         torch.testing.assert_close(two["model"][name], w, rtol=1e-5, atol=1e-6, msg=name)
     for a, b in zip(one["history"], two["history"]):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_processes_resume_the_local_phase_exactly(tmp_path):
+    # In the local phase the processes differ (momentum, weights between averages): each
+    # writes and resumes its own checkpoint. 6 steps per epoch, switch at step 6, H = 4:
+    # averages after steps 6, 10 and 14 (0-based), so the cut after epoch 2 (step 11)
+    # and the end (step 17) fall between averages.
+    run = RUN + ["--batch-size", "256", "--lr", "0.5", "--decay", "step", "--method", "extrap-postlocal",
+                 "--switch-epoch", "1", "--local-steps", "4", "--extrap-in-local-phase"]
+
+    def torchrun(*flags: str) -> None:
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+             "-m", "lbkernels.train", *flags],
+            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
+            capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stderr
+
+    torchrun(*run, "--epochs", "3", "--out-dir", str(tmp_path / "ref"))
+    torchrun(*run, "--epochs", "2", "--out-dir", str(tmp_path / "cut"))
+    assert (tmp_path / "cut" / "checkpoint.rank1.pt").exists()
+    torchrun("--resume", str(tmp_path / "cut"), "--epochs", "3")
+    for name in ("checkpoint.pt", "checkpoint.rank1.pt"):
+        ref, resumed = checkpoint.load(tmp_path / "ref" / name), checkpoint.load(tmp_path / "cut" / name)
+        assert _rows(resumed) == _rows(ref)
+        _same_state(resumed["model"], ref["model"])
+        for g in resumed["method"]["optimizer"]["param_groups"]:
+            assert g.pop("differentiable", False) is False
+        _same_state(resumed["method"], ref["method"])
+    # The ranks really differ at the end.
+    zero, one = (checkpoint.load(tmp_path / "ref" / n) for n in ("checkpoint.pt", "checkpoint.rank1.pt"))
+    assert not torch.equal(zero["method"]["extrapolated"][0], one["method"]["extrapolated"][0])

@@ -102,6 +102,7 @@ class ExtrapRecipe(Recipe):
                  batch_size: int, extrap: ExtrapSGD, comm_hook: tuple | None):
         super().__init__(optimizer, scheduler, batch_size, comm_hook=comm_hook)
         self.extrap = extrap
+        self._pending: list[torch.Tensor] | None = None  # w to put back after a resume
 
     def _params(self) -> list[torch.Tensor]:
         return [p for g in self.extrap.param_groups for p in g["params"]]
@@ -121,9 +122,23 @@ class ExtrapRecipe(Recipe):
             raise _config_error("--resume: the checkpoint's extrapolated weights do not fit this "
                                 "model (another --model or --width?)")
         super().load_state_dict(state)
-        with torch.no_grad():
-            for p, s in zip(params, saved):
-                p.copy_(s)
+        self._put_back(saved)
+        # Again before the next step: the trainer wraps the model in DDP after this, and
+        # DDP's construction broadcasts the first process's parameters, which would
+        # overwrite the other processes' own w in the local phase of extrap-postlocal.
+        self._pending = saved
+
+    @torch.no_grad()
+    def _put_back(self, saved: list[torch.Tensor]) -> None:
+        for p, s in zip(self._params(), saved):
+            p.copy_(s)
+
+    def forward_backward(self, trainer: Trainer, x: torch.Tensor, y: torch.Tensor,
+                         total: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._pending is not None:
+            self._put_back(self._pending)
+            self._pending = None
+        return super().forward_backward(trainer, x, y, total)
 
 
 def build_extrap(ctx: Context) -> Recipe:
@@ -180,6 +195,11 @@ class ExtrapPostLocalRecipe(ExtrapRecipe):
             # until the step.
             self.extrap.capture_local_grads(copy=False)
         return result
+
+    def shared_state(self) -> bool:
+        # After the first local step every process has its own momentum (and, between
+        # averages, its own weights): each checkpoints and resumes its own state.
+        return not (self.distributed and self.optimizer.step_count > self.optimizer.switch_step)
 
     def metrics(self, trainer: Trainer, epoch: int) -> dict[str, Any]:
         # The phase of the epoch's last step.
