@@ -185,3 +185,57 @@ def test_opcheck(device):
         ([t + 1 for t in x], [t.clone() for t in x], [torch.zeros_like(t) for t in x],
          [torch.zeros_like(t) for t in x], [torch.zeros((), device=device) for _ in x], grads, local),
         dict(lr=0.1, weight_decay=1e-2, decoupled_weight_decay=True, **scalar))
+
+
+_AOT = r'''
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from lbkernels.triton import extrap as X
+
+def compile_(fn, sig, const):
+    sig = {**sig, **{k: "constexpr" for k in const}}
+    src = ASTSource(fn, sig, {(fn.arg_names.index(k),): v for k, v in const.items()})
+    assert ".entry" in triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm["ptx"]
+
+flags = dict(HAS_SCALE=True, HAS_LOCAL=True, HAS_ELR_TENSOR=True, HAS_SKIP=True, SOFT_BF16=False)
+scalars = dict(table="*i64", n_chunks="i64", lr="fp64", lr_ptr="*fp32", elr="fp64",
+               elr_ptr="*fp32", scale_ptr="*fp32", skip_ptr="*fp32")
+for acc, elem, mode in ((tl.float32, tl.bfloat16, 1), (tl.float64, tl.float64, 0)):
+    wide = "*fp32" if acc == tl.float32 else "*fp64"
+    compile_(X._sgd_update, dict(scalars, coefs=wide, momentum="fp64", weight_decay="fp64",
+                                 noise_scale="fp64", key="i64", off_lo="i64"),
+             dict(flags, ELEM=elem, ACC=acc, BLOCK=1024, MODE=mode, HAS_MOMENTUM=True,
+                  NESTEROV=True, LARS=True, HAS_LR_TENSOR=True))
+    compile_(X._adam_update, dict(scalars, n_tensors="i64", bias="*fp64", beta2="fp64", w1="fp64",
+                                  w2="fp64", eps="fp64", weight_decay="fp64", decay="fp64"),
+             dict(flags, ELEM=elem, ACC=acc, BLOCK=1024, HAS_WD=True, DECOUPLED=True,
+                  LERP_LOW=False, HAS_LR_TENSOR=mode == 1))
+compile_(X._filter_norms, dict(ftable="*i64", n_filters="i64", factors="*fp32", skip_ptr="*fp32",
+                               noise_scale="fp64", key="i64", off_lo="i64"),
+         dict(ELEM=tl.float16, ACC=tl.float32, BLOCK=1024, HAS_SKIP=True))
+compile_(X._filter_write, dict(table="*i64", n_chunks="i64", n_tensors="i64", factors="*fp32",
+                               skip_ptr="*fp32", key="i64", off_lo="i64"),
+         dict(ELEM=tl.float16, ACC=tl.float32, BLOCK=1024, HAS_SKIP=True, SOFT_BF16=False))
+compile_(X._adam_bias, dict(table="*i64", n_chunks="i64", n_tensors="i64", bias="*fp64",
+                            skip_ptr="*fp32", beta1="fp64", beta2="fp64"), dict(HAS_SKIP=True))
+print("compiled")
+'''
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the kernels run in the tests above")
+def test_kernels_compile_for_a_gpu():
+    """Without a GPU the kernels only run interpreted; compiling them ahead of time for
+    sm_90 (Triton's bundled LLVM and ptxas, no device needed) checks that the GPU build
+    lowers them (e.g. fp64 arithmetic, Philox, the noise and filter passes), for a
+    representative set of their constexpr variants."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # the current default, stated to silence its warning
+    result = subprocess.run([sys.executable, "-c", _AOT], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]

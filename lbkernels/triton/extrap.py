@@ -41,9 +41,16 @@ import triton.language as tl
 from .._validate import check_tensor_lists
 from ..reference import extrap as ref
 from . import multi_tensor as mt
-from .lars import (_BLOCK, _BLOCK_INTERPRETED, _ELEM, _RBLOCK, _acc, _block, _check_runnable,
-                   _lars_coefs, _sum_squares)
 from .math import div, sgd_update, sqrt, to_elem
+
+# lars.py imports this module to list its ops in OPS, so the LARS module (its norm and
+# trust-ratio kernels, element types and block sizes) is imported when first used.
+
+
+def _lars():
+    from . import lars
+
+    return lars
 
 _NUM_WARPS = 4
 
@@ -116,7 +123,11 @@ def block_for(longest: int, chunked: bool = True) -> int:
     65,536-element block over a 300-element tensor is 200x the work). Runs that are not
     chunks (filters) ignore the chunk size, so that filter norms, summed in blocks of
     this size, do not depend on it."""
-    limit = _block() if chunked else (_BLOCK_INTERPRETED if mt.interpreting() else _BLOCK)
+    lars = _lars()
+    if chunked:
+        limit = lars._block()
+    else:
+        limit = lars._BLOCK_INTERPRETED if mt.interpreting() else lars._BLOCK
     return max(16, min(limit, triton.next_power_of_2(max(1, longest))))
 
 
@@ -428,7 +439,8 @@ def _extrap_sgd(params, anchors, momentum_buffers, grads, local_grads, exclude, 
     if not params:
         return
     device = params[0].device
-    _check_runnable(device)
+    lars_mod = _lars()
+    lars_mod._check_runnable(device)
     mode = _MODES[extrapolation]
     filter_mode = extrapolation == "filter"
     has_momentum = momentum != 0.0
@@ -464,7 +476,8 @@ def _extrap_sgd(params, anchors, momentum_buffers, grads, local_grads, exclude, 
         elem = params[index[0]].element_size()
         tab, n_chunks = chunk_table(addresses, numels, elem, [index, f_sizes, first_filters], device)
         block = block_for(min(max(numels), int(mt.CHUNK_SIZE)))
-        acc_torch, acc = _acc(dtype)
+        acc_torch, acc = lars_mod._acc(dtype)
+        elem_t = lars_mod._ELEM[dtype]
         lr_arg = tab if lr_tensor is None else lr_tensor
         elr_arg = tab if extrap_lr_tensor is None else extrap_lr_tensor
         scale_arg = tab if grad_scale is None else grad_scale
@@ -476,15 +489,15 @@ def _extrap_sgd(params, anchors, momentum_buffers, grads, local_grads, exclude, 
             partial = torch.empty(2 * max(1, norm_tab.n_chunks), dtype=acc_torch, device=device)
             coefs = torch.empty(3 * norm_tab.n_tensors, dtype=acc_torch, device=device)
             if norm_tab.n_chunks:
-                _sum_squares[(norm_tab.n_chunks,)](
+                lars_mod._sum_squares[(norm_tab.n_chunks,)](
                     norm_tab.data, norm_tab.n_chunks, norm_tab.n_tensors, partial, scale_arg,
-                    skip_arg, ELEM=_ELEM[dtype], ACC=acc, BLOCK=block, WITH_G=True,
+                    skip_arg, ELEM=elem_t, ACC=acc, BLOCK=block, WITH_G=True,
                     HAS_SCALE=grad_scale is not None, HAS_SKIP=has_skip, num_warps=_NUM_WARPS)
             # zero_norm_decay: a zero norm sets r = 1 and keeps the weight decay.
-            _lars_coefs[(norm_tab.n_tensors,)](
+            lars_mod._lars_coefs[(norm_tab.n_tensors,)](
                 norm_tab.data, norm_tab.n_chunks, norm_tab.n_tensors, partial, coefs, float(lr),
                 lr_arg, float(weight_decay), float(trust_coefficient), float(eps), skip_arg,
-                ACC=acc, RBLOCK=_RBLOCK, CLIP=bool(clip), ZERO_NORM_DECAY=True,
+                ACC=acc, RBLOCK=lars_mod._RBLOCK, CLIP=bool(clip), ZERO_NORM_DECAY=True,
                 HAS_LR_TENSOR=lr_tensor is not None, HAS_MOMENTUM=False, HAS_STEPS=False,
                 HAS_SKIP=has_skip, num_warps=_NUM_WARPS)
         soft_bf16 = dtype == torch.bfloat16 and mt.interpreting()
@@ -492,7 +505,7 @@ def _extrap_sgd(params, anchors, momentum_buffers, grads, local_grads, exclude, 
             _sgd_update[(n_chunks,)](
                 tab, n_chunks, coefs, float(lr), lr_arg, float(extrap_lr), elr_arg, scale_arg,
                 skip_arg, float(momentum), float(weight_decay), float(noise_scale), key, off_lo,
-                ELEM=_ELEM[dtype], ACC=acc, BLOCK=block, MODE=mode,
+                ELEM=elem_t, ACC=acc, BLOCK=block, MODE=mode,
                 HAS_SCALE=grad_scale is not None, HAS_MOMENTUM=has_momentum,
                 NESTEROV=bool(nesterov) and has_momentum, LARS=bool(lars), HAS_LOCAL=has_local,
                 HAS_LR_TENSOR=lr_tensor is not None, HAS_ELR_TENSOR=extrap_lr_tensor is not None,
@@ -503,12 +516,12 @@ def _extrap_sgd(params, anchors, momentum_buffers, grads, local_grads, exclude, 
             factors = torch.empty(n_filters, dtype=acc_torch, device=device)
             _filter_norms[(n_filters,)](
                 ftab, n_filters, factors, skip_arg, float(noise_scale), key, off_lo,
-                ELEM=_ELEM[dtype], ACC=acc, BLOCK=block_for(longest, chunked=False),
+                ELEM=elem_t, ACC=acc, BLOCK=block_for(longest, chunked=False),
                 HAS_SKIP=has_skip,
                 num_warps=_NUM_WARPS)
             _filter_write[(n_chunks,)](
                 tab, n_chunks, len(index), factors, skip_arg, key, off_lo,
-                ELEM=_ELEM[dtype], ACC=acc, BLOCK=block, HAS_SKIP=has_skip,
+                ELEM=elem_t, ACC=acc, BLOCK=block, HAS_SKIP=has_skip,
                 SOFT_BF16=soft_bf16, num_warps=_NUM_WARPS)
     staging.write_back()
 
@@ -560,7 +573,8 @@ def _extrap_adam(params, anchors, exp_avgs, exp_avg_sqs, steps, grads, local_gra
     if not params:
         return
     device = params[0].device
-    _check_runnable(device)
+    lars_mod = _lars()
+    lars_mod._check_runnable(device)
     has_local = len(local_grads) > 0
     lr_tensor = mt.scalar_on(lr_tensor, device)
     extrap_lr_tensor = mt.scalar_on(extrap_lr_tensor, device)
@@ -582,7 +596,7 @@ def _extrap_adam(params, anchors, exp_avgs, exp_avg_sqs, steps, grads, local_gra
         tab, n_chunks = chunk_table(addresses, numels, params[index[0]].element_size(),
                                     [index, [steps[i].data_ptr() for i in index]], device)
         block = block_for(min(max(numels), int(mt.CHUNK_SIZE)))
-        acc_torch, acc = _acc(dtype)
+        _, acc = lars_mod._acc(dtype)
         bias = torch.empty(2 * len(index), dtype=torch.float64, device=device)
         skip_arg = tab if found_inf is None else found_inf
         # A program per tensor, empty ones included: every counter counts the step.
@@ -596,7 +610,8 @@ def _extrap_adam(params, anchors, exp_avgs, exp_avg_sqs, steps, grads, local_gra
                 tab if grad_scale is None else grad_scale, skip_arg, float(beta2), w1,
                 1.0 - float(beta2), float(eps), float(weight_decay),
                 1.0 - float(lr) * float(weight_decay),
-                ELEM=_ELEM[dtype], ACC=acc, BLOCK=block, HAS_SCALE=grad_scale is not None,
+                ELEM=lars_mod._ELEM[dtype], ACC=acc, BLOCK=block,
+                HAS_SCALE=grad_scale is not None,
                 HAS_LOCAL=has_local, HAS_WD=weight_decay != 0.0,
                 DECOUPLED=bool(decoupled_weight_decay), LERP_LOW=w1 < 0.5,
                 HAS_LR_TENSOR=lr_tensor is not None, HAS_ELR_TENSOR=extrap_lr_tensor is not None,
