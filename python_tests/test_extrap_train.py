@@ -137,7 +137,8 @@ def test_resume_is_exact(tmp_path, flags, cut, total):
     (["--method", "extrap", "--noise-scale", "0.1"], "--noise-scale: only used with a noise"),
     (["--method", "extrap-postlocal"], "--switch-epoch: give the first epoch"),
     (["--method", "extrap-postlocal", "--switch-epoch", "3"], "--switch-epoch: 3 is after --epochs 2"),
-    (["--method", "extrap-postlocal", "--switch-epoch", "1", "--amp", "fp16"], "--amp fp16: --method extrap-postlocal"),
+    (["--method", "extrap-postlocal", "--switch-epoch", "1", "--amp", "fp16"],
+     "--amp fp16: --method extrap-postlocal"),
 ])
 def test_bad_options_are_named(tmp_path, capsys, flags, message):
     assert main(RUN + flags + ["--out-dir", str(tmp_path)]) == 2
