@@ -17,13 +17,10 @@
 #include <vector>
 
 #include "average_kernels.cuh"
+#include "host_args.cuh"
 
 namespace lbkernels::cuda {
 namespace {
-
-c10::ScalarType average_dtype(c10::ScalarType param) {
-  return param == c10::kDouble ? c10::kDouble : c10::kFloat;
-}
 
 // Same checks and messages as lbkernels/reference/average.py.
 void check_average_args(at::TensorList averages, at::TensorList params,
@@ -41,9 +38,9 @@ void check_average_args(at::TensorList averages, at::TensorList params,
                      "] must be dense tensors");
     TORCH_CHECK_VALUE(a.device() == p.device(), "averages[", i, "] is on ", a.device(),
                       " but params[0] is on ", p.device());
-    TORCH_CHECK_TYPE(a.scalar_type() == average_dtype(p.scalar_type()), "averages[", i,
+    TORCH_CHECK_TYPE(a.scalar_type() == opmath_dtype(p.scalar_type()), "averages[", i,
                      "] has dtype ", a.scalar_type(), " but params[", i, "] (",
-                     p.scalar_type(), ") is averaged in ", average_dtype(p.scalar_type()));
+                     p.scalar_type(), ") is averaged in ", opmath_dtype(p.scalar_type()));
     TORCH_CHECK_VALUE(a.sizes() == p.sizes(), "averages[", i, "] has shape ", a.sizes(),
                       " but params[", i, "] has ", p.sizes());
   }
@@ -61,17 +58,6 @@ void check_average_args(at::TensorList averages, at::TensorList params,
                       found_inf->sizes());
 }
 
-template <typename F>
-void by_dtype(c10::ScalarType t, const F& f) {
-  switch (t) {
-    case c10::kFloat: return f(float{});
-    case c10::kDouble: return f(double{});
-    case c10::kHalf: return f(__half{});
-    case c10::kBFloat16: return f(__nv_bfloat16{});
-    default: TORCH_CHECK_TYPE(false, "unsupported dtype ", t);  // rejected earlier
-  }
-}
-
 void average_cuda(at::TensorList averages, at::TensorList params,
                   const std::optional<at::Tensor>& count, c10::string_view method, double decay,
                   const std::optional<at::Tensor>& found_inf) {
@@ -81,47 +67,31 @@ void average_cuda(at::TensorList averages, at::TensorList params,
   const c10::cuda::CUDAGuard guard(dev);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
-  DeviceScalar inf;
-  at::Tensor inf_keep;
-  if (found_inf.has_value()) {
-    if (!found_inf->is_cuda()) {
-      if (found_inf->item<double>() != 0.0) return;  // a CPU flag: decided on the host
-    } else {
-      inf_keep = found_inf->device() == dev ? found_inf->to(c10::kDouble) : found_inf->to(dev, c10::kDouble);
-      inf = {inf_keep.const_data_ptr(), ScalarKind::kDouble};
-    }
-  }
+  const ScalarArg inf_arg(found_inf, "found_inf", dev);
+  if (inf_arg.host.has_value() && *inf_arg.host != 0.0) return;  // a CPU flag: decided on the host
+  const DeviceScalar inf = inf_arg.device;
   const bool swa = method == "swa";
   int64_t* count_ptr = count.has_value() ? count->mutable_data_ptr<int64_t>() : nullptr;
 
-  std::vector<std::pair<at::Tensor, at::Tensor>> pending;
-  std::vector<at::Tensor> keep;
+  Staging staging;
   for (const auto& [dtype, index] : group_by_dtype(params)) {
     std::vector<TensorArgs<2>> tensors;
     int64_t total = 0;
     for (const int64_t i : index) {
-      at::Tensor a = averages[i];
-      if (!a.is_non_overlapping_and_dense()) {
-        at::Tensor tmp = a.contiguous();
-        pending.emplace_back(a, tmp);
-        a = tmp;
-      }
-      at::Tensor w = params[i];
-      if (!(w.is_non_overlapping_and_dense() && w.strides() == a.strides()))
-        w = at::empty_like(a, w.options()).copy_(w);
-      keep.push_back(a);
-      keep.push_back(w);
+      // The average leads (the param may be 16-bit): the param follows in its dtype.
+      const at::Tensor a = staging.lead(averages[i], true);
+      const at::Tensor w = staging.follow_as(params[i], a, false);
       tensors.push_back({{a.data_ptr(), const_cast<void*>(w.const_data_ptr())}, a.numel(), total,
                          static_cast<int32_t>(i), 0});
       total += num_chunks(a.numel());
     }
-    by_dtype(dtype, [&](auto tag) {
+    dispatch_float(dtype, [&](auto tag) {
       using T = decltype(tag);
       C10_CUDA_CHECK(multi_tensor_apply<2>(tensors, Blocks::kPerChunk, kChunkThreads, stream,
                                            AverageUpdate<T>{count_ptr, 1.0 - decay, inf, swa}));
     });
   }
-  for (auto& [orig, tmp] : pending) orig.copy_(tmp);
+  staging.write_back();
   if (count_ptr != nullptr) {
     average_count_kernel<<<1, 1, 0, stream>>>(count_ptr, inf);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -179,7 +149,7 @@ void worker_mean_cuda(at::TensorList params, const at::Tensor& flat_sum, int64_t
     offset += w.numel();
     total += num_chunks(w.numel());
   }
-  by_dtype(flat_sum.scalar_type(), [&](auto tag) {
+  dispatch_float(flat_sum.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     C10_CUDA_CHECK(multi_tensor_apply<2>(tensors, Blocks::kPerChunk, kChunkThreads, stream,
                                          WorkerMean<T>{static_cast<double>(world_size)}));

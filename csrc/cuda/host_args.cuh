@@ -54,9 +54,8 @@ struct ScalarArg {
 };
 
 // Views the kernels can walk: w dense (or contiguous), the other lists with w's strides;
-// anything else
-// goes through a temporary in w's layout (or contiguous) that write_back() copies to the
-// original. Parameters and their state normally share strides: no copy.
+// anything else goes through a temporary in w's layout (or contiguous) that write_back()
+// copies to the original. Parameters and their state normally share strides: no copy.
 class Staging {
  public:
   // contiguous: the kernel needs row-major element order (e.g. element-indexed random
@@ -68,6 +67,12 @@ class Staging {
   at::Tensor follow(const at::Tensor& x, const at::Tensor& lead, bool written) {
     if (x.is_non_overlapping_and_dense() && x.strides() == lead.strides()) return x;
     return stage(x, at::empty_like(lead).copy_(x), written);
+  }
+  // follow() for an x whose dtype differs from lead's (the fp32 average of a 16-bit
+  // param): a temporary in lead's layout but x's dtype.
+  at::Tensor follow_as(const at::Tensor& x, const at::Tensor& lead, bool written) {
+    if (x.is_non_overlapping_and_dense() && x.strides() == lead.strides()) return x;
+    return stage(x, at::empty_like(lead, x.options()).copy_(x), written);
   }
   // Temporaries stay referenced here until the launches that read them are queued
   // (the caching allocator is stream-ordered, so freeing them afterwards is safe).

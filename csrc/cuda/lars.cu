@@ -6,7 +6,6 @@
 // captured in a CUDA graph. Scratch is 16 bytes per 64K-element chunk plus 24 per tensor.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -15,91 +14,14 @@
 #include <lbkernels/host.h>
 
 #include <optional>
-#include <utility>
 #include <vector>
 
 #include "average_kernels.cuh"
+#include "host_args.cuh"
 #include "lars_kernels.cuh"
 
 namespace lbkernels::cuda {
 namespace {
-
-
-// A one-element tensor argument read on the device. A CPU tensor is read on the host
-// (no device sync); other dtypes are converted on the device (stream-ordered).
-struct ScalarArg {
-  DeviceScalar device;
-  std::optional<double> host;
-  at::Tensor keep;
-
-  ScalarArg(const std::optional<at::Tensor>& t, const char* name, const c10::Device& dev) {
-    if (!t.has_value()) return;
-    TORCH_CHECK_VALUE(t->numel() == 1, name, " must hold exactly one element, got shape ",
-                      t->sizes());
-    if (!t->is_cuda()) {
-      host = t->item<double>();
-      return;
-    }
-    keep = t->device() == dev ? *t : t->to(dev);
-    switch (keep.scalar_type()) {
-      case c10::kFloat: device.kind = ScalarKind::kFloat; break;
-      case c10::kDouble: device.kind = ScalarKind::kDouble; break;
-      case c10::kHalf: device.kind = ScalarKind::kHalf; break;
-      case c10::kBFloat16: device.kind = ScalarKind::kBFloat16; break;
-      default:
-        keep = keep.to(c10::kDouble);
-        device.kind = ScalarKind::kDouble;
-    }
-    device.ptr = keep.const_data_ptr();
-  }
-};
-
-// Views the kernels can walk: w dense, g and buf with w's strides; anything else goes
-// through a temporary in w's layout (or contiguous) that write_back() copies to the
-// original. Parameters and their grads normally share strides: no copy.
-class Staging {
- public:
-  at::Tensor lead(const at::Tensor& w, bool written) {
-    return w.is_non_overlapping_and_dense() ? w : stage(w, w.contiguous(), written);
-  }
-  at::Tensor follow(const at::Tensor& x, const at::Tensor& lead, bool written) {
-    if (x.is_non_overlapping_and_dense() && x.strides() == lead.strides()) return x;
-    return stage(x, at::empty_like(lead).copy_(x), written);
-  }
-  // A temporary in lead's layout but x's dtype (the fp32 average of a 16-bit param).
-  at::Tensor follow_as(const at::Tensor& x, const at::Tensor& lead, bool written) {
-    return stage(x, at::empty_like(lead, x.options()).copy_(x), written);
-  }
-  // Temporaries stay referenced here until the launches that read them are queued
-  // (the caching allocator is stream-ordered, so freeing them afterwards is safe).
-  void write_back() {
-    for (auto& [orig, tmp] : pending_) orig.copy_(tmp);
-  }
-
- private:
-  at::Tensor stage(const at::Tensor& orig, at::Tensor tmp, bool written) {
-    keep_.push_back(tmp);
-    if (written) pending_.emplace_back(orig, tmp);
-    return tmp;
-  }
-  std::vector<std::pair<at::Tensor, at::Tensor>> pending_;
-  std::vector<at::Tensor> keep_;
-};
-
-template <typename F>
-void by_dtype(c10::ScalarType t, const F& f) {
-  switch (t) {
-    case c10::kFloat: return f(float{});
-    case c10::kDouble: return f(double{});
-    case c10::kHalf: return f(__half{});
-    case c10::kBFloat16: return f(__nv_bfloat16{});
-    default: TORCH_CHECK_TYPE(false, "unsupported dtype ", t);  // rejected earlier
-  }
-}
-
-c10::ScalarType acc_dtype(c10::ScalarType t) {
-  return t == c10::kDouble ? c10::kDouble : c10::kFloat;
-}
 
 at::Tensor multi_tensor_l2norm_cuda(at::TensorList xs) {
   check_list(xs, "xs", c10::DeviceType::CUDA);
@@ -119,8 +41,9 @@ at::Tensor multi_tensor_l2norm_cuda(at::TensorList xs) {
       tensors.push_back(t);
       total += num_chunks(x.numel());
     }
-    at::Tensor partial = at::empty({std::max<int64_t>(total, 1)}, out.options().dtype(acc_dtype(dtype)));
-    by_dtype(dtype, [&](auto tag) {
+    at::Tensor partial =
+        at::empty({std::max<int64_t>(total, 1)}, out.options().dtype(opmath_dtype(dtype)));
+    dispatch_float(dtype, [&](auto tag) {
       using T = decltype(tag);
       using A = opmath_t<T>;
       A* p = partial.mutable_data_ptr<A>();
@@ -163,7 +86,7 @@ void lars_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
   const c10::Device dev = params[0].device();
   const c10::cuda::CUDAGuard guard(dev);
   const ScalarArg lr_arg(lr_tensor, "lr_tensor", dev);
-  const ScalarArg scale_arg(grad_scale, "grad_scale", dev);
+  ScalarArg scale_arg(grad_scale, "grad_scale", dev);
   const ScalarArg inf_arg(found_inf, "found_inf", dev);
   if (inf_arg.host.has_value() && *inf_arg.host != 0.0) return;
   const bool averaging = !averages.empty();
@@ -171,12 +94,7 @@ void lars_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
                            ? average_count->mutable_data_ptr<int64_t>() : nullptr;
   const FoldedAverage folded{count_ptr, 1.0 - average_decay, average_method == "swa"};
   const double lr_v = lr_arg.host.value_or(lr);
-  DeviceScalar scale = scale_arg.device;
-  at::Tensor host_scale;
-  if (scale_arg.host.has_value()) {  // a CPU grad_scale, handed to the kernels on the device
-    host_scale = at::empty({1}, params[0].options().dtype(at::kDouble)).fill_(*scale_arg.host);
-    scale = {host_scale.const_data_ptr(), ScalarKind::kDouble};
-  }
+  const DeviceScalar scale = scale_arg.on_device(params[0].options());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool paper = momentum_style == "paper";
   at::Tensor coefs = at::empty({static_cast<int64_t>(params.size()) * 3},
@@ -203,9 +121,7 @@ void lars_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
       tensors.push_back({{step}, numel, total, idx, static_cast<uint8_t>(excluded)});
       if (averaging) {
         // The average in w's layout, in its own dtype (fp32 for 16-bit params).
-        const at::Tensor& a = averages[i];
-        void* a_ptr = a.is_non_overlapping_and_dense() && a.strides() == w.strides()
-                          ? a.data_ptr() : staging.follow_as(a, w, true).data_ptr();
+        void* a_ptr = staging.follow_as(averages[i], w, true).data_ptr();
         averaged.push_back({{w.data_ptr(), g_ptr, b, a_ptr}, numel, total, idx, 0});
       } else {
         updates.push_back({{w.data_ptr(), g_ptr, b}, numel, total, idx, 0});
@@ -213,8 +129,8 @@ void lars_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
       total += num_chunks(numel);
     }
     at::Tensor partial = at::empty({2 * std::max<int64_t>(total, 1)},
-                                   params[0].options().dtype(acc_dtype(dtype)));
-    by_dtype(dtype, [&](auto tag) {
+                                   params[0].options().dtype(opmath_dtype(dtype)));
+    dispatch_float(dtype, [&](auto tag) {
       using T = decltype(tag);
       using A = opmath_t<T>;
       const A* p = partial.mutable_data_ptr<A>();
