@@ -1,4 +1,4 @@
-"""Argument checks shared by the Python backends (reference and Triton).
+"""Argument checks shared by the Python backends (reference and Triton) and the Python API.
 
 The C++ kernels perform the same checks with the same messages (``TORCH_CHECK_VALUE`` /
 ``TORCH_CHECK_TYPE`` surface as ``ValueError`` / ``TypeError``). Every check runs before
@@ -7,7 +7,9 @@ any tensor is written, so a rejected call changes nothing.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -57,3 +59,16 @@ def check_tensor_lists(
 def check_scalar_tensor(name: str, t: torch.Tensor | None) -> None:
     if t is not None and t.numel() != 1:
         raise ValueError(f"{name} must hold exactly one element, got shape {tuple(t.shape)}")
+
+
+def check_int(name: str, value: Any, minimum: int) -> int:
+    """``value`` as an int >= ``minimum`` (bools and floats refused); ValueError naming ``name``."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value

@@ -16,6 +16,8 @@ import operator
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
+from ._validate import check_int
+
 
 def linear_scaled_lr(base_lr: float, batch_size: int, base_batch_size: int = 256) -> float:
     """The linear scaling rule: ``base_lr * batch_size / base_batch_size``."""
@@ -303,15 +305,7 @@ _MOMENTUM_KINDS = ("none", "standard", "shifted")
 
 
 def _delay(name: str, value) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an integer >= 0, got {value!r}") from None
-    if v < 0:
-        raise ValueError(f"{name} must be >= 0, got {v}")
-    return v
+    return check_int(name, value, 0)
 
 
 def delay_scaled_lr(lr0: float, tau: int, rule: str = "stability") -> float:

@@ -21,13 +21,13 @@ The same rule in one process (the reference the distributed run is tested agains
 
 # No ``from __future__ import annotations``: DDP checks the hook's annotations as objects
 # (dist.GradBucket, torch.futures.Future[torch.Tensor]), not as strings.
-import operator
 from collections.abc import Iterable
 from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
+from .._validate import check_int
 from ..optim.shifted_momentum import ShiftedMomentumSGD
 
 
@@ -74,15 +74,7 @@ class DelayedGradients:
     """
 
     def __init__(self, delay: int, process_group: dist.ProcessGroup | None = None):
-        if isinstance(delay, bool):
-            raise ValueError(f"delay must be an integer >= 0, got {delay!r}")
-        try:
-            delay = operator.index(delay)
-        except TypeError:
-            raise ValueError(f"delay must be an integer >= 0, got {delay!r}") from None
-        if delay < 0:
-            raise ValueError(f"delay must be >= 0, got {delay}")
-        self.delay = delay
+        self.delay = check_int("delay", delay, 0)
         self.process_group = process_group
         self._iteration = 0
         self._slots: list[dict[object, _Record]] = [{} for _ in range(delay + 1)]

@@ -15,7 +15,6 @@ Usage in a ``torchrun`` job::
 
 # No ``from __future__ import annotations``: DDP checks the hook's annotations as objects
 # (dist.GradBucket, torch.futures.Future[torch.Tensor]), not as strings.
-import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -23,21 +22,10 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
+from .._validate import check_int
 from .averaging import average_parameters
 
 _STEP_KEY = "post_local_step"
-
-
-def _int_at_least(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
 
 
 class PostLocalSGD(torch.optim.Optimizer):
@@ -84,8 +72,8 @@ class PostLocalSGD(torch.optim.Optimizer):
                  group: dist.ProcessGroup | None = None):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        self.switch_step = _int_at_least("switch_step", switch_step, 0)
-        self.period = _int_at_least("period", period, 1)
+        self.switch_step = check_int("switch_step", switch_step, 0)
+        self.period = check_int("period", period, 1)
         # Not Optimizer.__init__: the param groups and state are the wrapped optimizer's own
         # objects, so that LR schedulers and GradScaler act on them.
         self.optimizer = optimizer
@@ -155,7 +143,7 @@ class PostLocalSGD(torch.optim.Optimizer):
             raise ValueError(f"state_dict has no {_STEP_KEY!r} entry: it was not saved by "
                              f"PostLocalSGD.state_dict(), and the step count decides when "
                              f"to switch and to average")
-        step = _int_at_least(f"state_dict[{_STEP_KEY!r}]", state_dict[_STEP_KEY], 0)
+        step = check_int(f"state_dict[{_STEP_KEY!r}]", state_dict[_STEP_KEY], 0)
         self.optimizer.load_state_dict({k: v for k, v in state_dict.items() if k != _STEP_KEY})
         self.step_count = step
 
