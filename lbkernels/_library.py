@@ -79,10 +79,17 @@ FAKE = {"multi_tensor_l2norm": _fake_l2norm, "lars_sgd_": _fake_inplace, "averag
 FAKE["worker_mean_"] = _fake_inplace
 FAKE.update({"extrap_sgd_": _fake_inplace, "extrap_adam_": _fake_inplace})
 
-for _name, _schema in SCHEMAS.items():
-    _lib.define(_name + _schema)
-    _lib.impl(_name, REFERENCE[_name], "CompositeExplicitAutograd")
-    torch.library.register_fake(f"{NAMESPACE}::{_name}", FAKE[_name], lib=_lib)
+def define_ops(lib: torch.library.Library) -> None:
+    """Defines every op of SCHEMAS in ``lib``'s namespace with the reference as its default
+    kernel and its fake kernel. Run once for ``lbkernels``; the tests run it for another
+    namespace to reach the reference kernels where the compiled ones serve ``lbkernels``."""
+    for name, schema in SCHEMAS.items():
+        lib.define(name + schema)
+        lib.impl(name, REFERENCE[name], "CompositeExplicitAutograd")
+        torch.library.register_fake(f"{lib.ns}::{name}", FAKE[name], lib=lib)
+
+
+define_ops(_lib)
 
 
 def has_native_kernel(name: str, device_type: str) -> bool:

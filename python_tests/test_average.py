@@ -137,15 +137,6 @@ def test_rejects_bad_arguments(impl, device):
     ops.average_(a, p, None, method="ema", impl=impl)  # EMA needs no count
 
 
-def test_opcheck():
-    p = [torch.randn(4, 3), torch.randn(5, dtype=torch.float16)]
-    a = [torch.randn(4, 3), torch.randn(5)]
-    for method in ("swa", "ema"):
-        torch.library.opcheck(torch.ops.lbkernels.average_.default,
-                              (a, p, torch.zeros((), dtype=torch.int64)),
-                              {"method": method, "decay": 0.9, "found_inf": torch.zeros(())})
-
-
 @pytest.mark.parametrize("impl,device", [p for p in BACKENDS if p.values[0] == "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_chunk_boundaries(impl, device, dtype, monkeypatch):

@@ -239,30 +239,7 @@ def test_unknown_impl_and_missing_backends_say_why():
             ops.multi_tensor_l2norm([torch.ones(2)], impl="native")
 
 
-# -- tracing -------------------------------------------------------------------------------
-def _op_args():
-    g = torch.Generator().manual_seed(0)
-    params = [torch.randn(5, generator=g), torch.randn(3, 4, generator=g)]
-    grads = [torch.randn_like(p) for p in params]
-    bufs = [torch.zeros_like(p) for p in params]
-    return params, grads, bufs, [torch.zeros(()), torch.zeros(())], [False, True]
-
-
-def test_opcheck_lars_sgd():
-    params, grads, bufs, st, ex = _op_args()
-    kwargs = dict(lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True, grad_scale=torch.tensor(2.0),
-                  found_inf=torch.tensor(0.0))
-    torch.library.opcheck(torch.ops.lbkernels.lars_sgd_.default, (params, grads, bufs, st, ex), kwargs)
-    kwargs = dict(lr=1.0, lr_tensor=torch.tensor(0.05), momentum=0.0)
-    torch.library.opcheck(torch.ops.lbkernels.lars_sgd_.default, (params, grads, [], [], ex), kwargs)
-
-
-def test_opcheck_multi_tensor_l2norm():
-    params = _op_args()[0]
-    torch.library.opcheck(torch.ops.lbkernels.multi_tensor_l2norm.default, (params,))
-    torch.library.opcheck(torch.ops.lbkernels.multi_tensor_l2norm.default, ([],))
-
-
+# -- tracing (opcheck of every op: test_opcheck.py) ----------------------------------------
 @pytest.mark.slow
 def test_compiled_step_matches_eager():
     a, b = net(), net()

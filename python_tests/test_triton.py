@@ -256,24 +256,6 @@ def test_bad_arguments_write_nothing(device):
     assert torch.equal(p[0], before)
 
 
-def test_opcheck(device):
-    ps = _tensors([(70,), (), (3, 4)], torch.float32, device, 5)
-    grads = _tensors([(70,), (), (3, 4)], torch.float32, device, 6)
-    bufs = [torch.zeros_like(p) for p in ps]
-    steps = [torch.zeros((), device=device) for _ in ps]
-    torch.library.opcheck(torch.ops.lbkernels.triton_multi_tensor_l2norm, (ps,))
-    torch.library.opcheck(
-        torch.ops.lbkernels.triton_lars_sgd_, (ps, grads, bufs, steps, [False, True, False]),
-        dict(lr=0.1, averages=[], lr_tensor=torch.tensor(0.05, device=device), momentum=0.9,
-             weight_decay=1e-4, nesterov=True, grad_scale=torch.tensor(2.0, device=device),
-             found_inf=torch.tensor(0.0, device=device)))
-    # With the averaging folded in (averages and count mutated too).
-    torch.library.opcheck(
-        torch.ops.lbkernels.triton_lars_sgd_, (ps, grads, bufs, steps, [False, True, False]),
-        dict(lr=0.1, averages=[torch.zeros_like(p) for p in ps], momentum=0.9,
-             average_count=torch.zeros((), dtype=torch.int64, device=device)))
-
-
 def test_selection():
     """get_op explains why it cannot run; auto never picks Triton without GPU evidence."""
     ok, why = lbk_triton.available("mps")

@@ -162,31 +162,6 @@ def test_noise_is_row_major_for_non_contiguous_tensors(device, extrapolation):
         assert torch.equal(a, b)
 
 
-def test_opcheck(device):
-    shapes = [(70,), (), (3, 4)]
-    x = _randn(shapes, 5, torch.float32, device)
-    grads = _randn(shapes, 6, torch.float32, device)
-    local = _randn(shapes, 7, torch.float32, device)
-    scalar = dict(lr_tensor=torch.tensor(0.05, device=device),
-                  extrap_lr_tensor=torch.tensor(0.02, device=device),
-                  grad_scale=torch.tensor(2.0, device=device),
-                  found_inf=torch.tensor(0.0, device=device))
-    torch.library.opcheck(
-        torch.ops.lbkernels.triton_extrap_sgd_,
-        ([t + 1 for t in x], [t.clone() for t in x], [torch.zeros_like(t) for t in x], grads, local,
-         [False, True, False]),
-        dict(lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=True, lars=True, **scalar))
-    torch.library.opcheck(
-        torch.ops.lbkernels.triton_extrap_sgd_,
-        ([t + 1 for t in x], [t.clone() for t in x], [], grads, [], [False] * 3),
-        dict(lr=0.1, extrapolation="filter", noise_scale=0.1, seed=3, offset=4))
-    torch.library.opcheck(
-        torch.ops.lbkernels.triton_extrap_adam_,
-        ([t + 1 for t in x], [t.clone() for t in x], [torch.zeros_like(t) for t in x],
-         [torch.zeros_like(t) for t in x], [torch.zeros((), device=device) for _ in x], grads, local),
-        dict(lr=0.1, weight_decay=1e-2, decoupled_weight_decay=True, **scalar))
-
-
 _AOT = r'''
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
