@@ -77,12 +77,31 @@ def test_simulation_is_stable_below_the_threshold_and_diverges_above():
         assert tail[n + i] > 1.5, (c, tail[n + i])
 
 
-@pytest.mark.parametrize("tau", [0, 1, 2, 5, 64])
-def test_delay_scaled_lr(tau):
-    assert delay_scaled_lr(0.4, tau) == pytest.approx(0.4 * math.sin(math.pi / (4 * tau + 2)))
-    assert delay_scaled_lr(0.4, tau, "inverse") == pytest.approx(0.4 / (tau + 1))
-    # The stability rule keeps lr * lambda at the same fraction of the threshold as lr0.
-    assert delay_scaled_lr(0.4, tau) / 0.4 == pytest.approx(stability_threshold(tau) / 2, rel=1e-10)
+def test_delay_scaled_lr_keeps_the_synchronous_minima_stable():
+    # lr0 = 0.5: synchronous SGD converges where the curvature is below 2 / lr0 = 4. With
+    # gradients tau steps stale, the stability rule's lr converges at curvature 0.98 * 4
+    # and diverges at 1.02 * 4 (simulated, not derived from the rule's formula). The
+    # inverse rule lr0 / (tau + 1) is larger from tau = 2 on and diverges already at 0.98 * 4.
+    lr0, taus = 0.5, [1, 2, 5, 16]
+    below, above = 0.98 * 2 / lr0, 1.02 * 2 / lr0
+    a = [delay_scaled_lr(lr0, t) * below for t in taus] + \
+        [delay_scaled_lr(lr0, t) * above for t in taus] + \
+        [delay_scaled_lr(lr0, t, "inverse") * below for t in taus[1:]]
+    n = len(taus)
+    peak, tail = simulate(["none"] * len(a), [0.0] * len(a), taus + taus + taus[1:], a)
+    for i, tau in enumerate(taus):
+        assert peak[i] < 1.2 and tail[i] < 1.0, (tau, peak[i], tail[i])
+        assert tail[n + i] > 1.5, (tau, tail[n + i])
+    for i, tau in enumerate(taus[1:]):
+        assert tail[2 * n + i] > 1.5, (tau, tail[2 * n + i])
+    # No delay, no change; at tau = 1 the two rules agree (lr0 / 2).
+    assert delay_scaled_lr(lr0, 0) == lr0
+    assert delay_scaled_lr(lr0, 1) == pytest.approx(delay_scaled_lr(lr0, 1, "inverse"), rel=1e-15)
+    # Far out the stability rule tends to pi / 4 times the inverse rule (docstring): the
+    # ratio is pi / 4 * (tau + 1) / (tau + 1/2) to O(1 / tau^2), 5e-5 above pi / 4 at 10,000.
+    tau = 10_000
+    ratio = delay_scaled_lr(lr0, tau) / delay_scaled_lr(lr0, tau, "inverse")
+    assert ratio == pytest.approx(math.pi / 4, rel=1e-4)
 
 
 def test_bad_arguments():
