@@ -2,21 +2,29 @@
 # Both set up a fresh machine: torch is installed explicitly first (a bare `torch`
 # requirement would pull several GB of CUDA wheels), then the package is built against it.
 PYTHON ?= python3
-TORCH_SPEC ?= torch==2.13.0
-TRITON_SPEC ?= triton==3.9.0
+# Every package `make` installs is pinned in constraints.txt (versions tested together).
+# torch and triton are named there too; TORCH_SPEC / TRITON_SPEC choose another build
+# (e.g. TORCH_SPEC=torch==2.13.0+cu128 with PIP_EXTRA_INDEX_URL), installed without the
+# pins, so that they may differ from the tested versions.
+CONSTRAINTS := constraints.txt
+TORCH_SPEC ?= torch
+TRITON_SPEC ?= triton
 PIP := $(PYTHON) -m pip
+PIN := -c $(CONSTRAINTS)
+TORCH_PIN := $(if $(filter file,$(origin TORCH_SPEC)),$(PIN))
+TRITON_PIN := $(if $(filter file,$(origin TRITON_SPEC)),$(PIN))
 # Benchmarks: fixed threads and allocator so runs compare (see bench/RESULTS.md).
 BENCH_ENV := OMP_NUM_THREADS=2 MALLOC_MMAP_THRESHOLD_=65536
 
-.PHONY: all install deps test test-fast bench demo cuda-check clean
+.PHONY: all install deps test test-fast bench demo cuda-check cmake-check clean
 
 all: test
 
 deps:
-	$(PIP) install -q "setuptools>=77" wheel
-	$(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q numpy pytest pytest-benchmark pytest-timeout scikit-learn matplotlib tqdm pyyaml
-	$(PIP) install -q "$(TRITON_SPEC)" || echo "triton unavailable here: its tests will be skipped"
+	$(PIP) install -q $(PIN) setuptools wheel
+	$(PIP) install -q $(TORCH_PIN) "$(TORCH_SPEC)"
+	$(PIP) install -q $(PIN) numpy pytest pytest-benchmark pytest-timeout scikit-learn matplotlib tqdm pyyaml
+	$(PIP) install -q $(TRITON_PIN) "$(TRITON_SPEC)" || echo "triton unavailable here: its tests will be skipped"
 
 install: deps
 	$(PIP) install -q --no-build-isolation --no-deps -e .
@@ -35,6 +43,10 @@ demo: install
 
 cuda-check:
 	bash csrc/cuda/check.sh
+
+# CMakeLists.txt built against the installed torch and one op run through the result.
+cmake-check:
+	PYTHON=$(PYTHON) bash csrc/cmake_check.sh
 
 clean:
 	rm -rf build lbkernels/_C*.so *.egg-info
