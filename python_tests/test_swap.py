@@ -62,7 +62,7 @@ def _worker(rank: int, ports: list[int], root: str, world: int = WORLD, flags: t
 
         setattr(dist, name, recorded)
 
-    enter, average = swap_method.SwapRecipe._enter_independent, SWAP.average
+    enter, average = swap_method.SwapPlan._enter_independent, SWAP.average
 
     def entering(self, fresh):
         state["phase2"] = True
@@ -81,7 +81,7 @@ def _worker(rank: int, ports: list[int], root: str, world: int = WORLD, flags: t
         log["after"][state["run"]] = {"params": params, "buffers": buffers,
                                       "digests": [bytes(t.tolist()).hex() for t in everyone]}
 
-    swap_method.SwapRecipe._enter_independent = entering
+    swap_method.SwapPlan._enter_independent = entering
     SWAP.average = averaging
     from lbkernels.train import loop
 

@@ -35,8 +35,9 @@ import torch
 from lbkernels.train.__main__ import main as train
 
 SGD = ["--method", "sgd", "--nesterov"]
-EXTRAP = ["--method", "extrap"]
-POSTLOCAL = ["--method", "extrap-postlocal", "--local-steps", "4"]
+# gamma = lr / K, pinned: --method extrap's recipe halves it for runs in one process.
+EXTRAP = ["--method", "extrap", "--extrap-scale", "1"]
+POSTLOCAL = ["--method", "extrap-postlocal", "--extrap-scale", "1", "--local-steps", "4"]
 # (name, flags, peak learning rate): at lr 1 (the best of 0.4, 1, 2, 4 for Nesterov SGD's
 # final training loss on seed 0) and at lr 2.
 CONFIGS = [

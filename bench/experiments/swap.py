@@ -42,6 +42,7 @@ SWAP_EPOCHS = 3  # of which SWAP's phase 2 takes these
 B1, B2 = 480, 32  # digits has 1437 training samples: 3 large batches or 45 small ones per epoch
 COMMON = ["--data", "digits", "--model", "cnn", "--width", "0.5", "--method", "sgd",
           "--momentum", "0.9", "--weight-decay", "5e-4", "--base-batch-size", str(B2),
+          "--decay", "poly", "--poly-power", "2",  # pinned: --method sgd's recipe decays in steps
           "--checkpoint-every", "0", "--quiet", "--dist-timeout", "120"]
 # The small batch's rate, in the small-batch runs and SWAP's phase 2 alike (picked on seed
 # 0 from 0.02, 0.05, 0.1, 0.2 for SWAP; small-batch reaches the same accuracy at 0.05).

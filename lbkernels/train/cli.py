@@ -1,16 +1,19 @@
 """Options of ``python -m lbkernels.train``: flags, config files and resumed runs.
 
 The options are set in layers, each overriding the one before: the built-in defaults,
+the method's recipe (``Method.recipe``: the values that make that method train well),
 the configuration of a resumed run (``--resume``), a config file (``--config``, YAML or
 TOML, keys named like the flags: ``batch-size`` or ``batch_size``), then the flags.
 The result is one ``argparse.Namespace``; ``resolved(args)`` is what a run directory's
-``config.yaml`` records, and that file is itself a valid ``--config``.
+``config.yaml`` records (with ``from_recipe``, the options the recipe set), and that
+file is itself a valid ``--config``.
 """
 
 from __future__ import annotations
 
 import argparse
 import difflib
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,7 +29,11 @@ PROG = "lbk-train"
 CHECKPOINT_NAME = "checkpoint.pt"
 
 # Options that say how to start this process rather than what the run is.
-_NOT_RECORDED = ("config", "resume")
+_NOT_RECORDED = ("config", "resume", "show_config")
+# The key of config.yaml that lists the options whose values came from the method's recipe.
+FROM_RECIPE = "from_recipe"
+# Recipe options that belong to one --decay: taken from the recipe only with its --decay.
+_DECAY_OPTIONS = {"decay_epochs": "step", "decay_gamma": "step", "poly_power": "poly"}
 
 
 class ConfigError(ValueError):
@@ -36,7 +43,31 @@ class ConfigError(ValueError):
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     # A default of None means "worked out at run time"; the help text says how.
     def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.dest in _recipe_options():
+            default = action.default
+            if isinstance(default, list):
+                default = " ".join(map(str, default)) or "none"
+            return f"{action.help} (default: the method's recipe, else {default})"
         return action.help if action.default is None else super()._get_help_string(action)
+
+
+def _recipe_options() -> set[str]:
+    """The options some method's recipe sets."""
+    return {key for method in METHODS.values() for key in method.recipe}
+
+
+def recipe_flags(recipe: dict[str, Any]) -> str:
+    """A recipe as the flags that would give it (for --help and the docs)."""
+    parts = []
+    for key, value in recipe.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            parts.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif isinstance(value, (list, tuple)):
+            parts.append(f"{flag} {' '.join(map(str, value))}")
+        else:
+            parts.append(f"{flag} {value}")
+    return " ".join(parts)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "Options can also come from --config FILE (YAML or TOML; keys named like the "
             "flags without dashes, e.g. batch_size: 512); flags override the file. "
-            "A run directory's config.yaml is such a file."
+            "A run directory's config.yaml is such a file. Each --method has a recipe: the "
+            "values it takes for the options given neither by a flag, nor by --config, nor by "
+            "a resumed run (listed under the method below; --show-config prints them "
+            "resolved). A recipe's --decay-epochs are epochs of its own --epochs and move in "
+            "proportion with another --epochs."
         ),
         formatter_class=_HelpFormatter,
     )
@@ -78,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "(such steps are skipped)")
     run.add_argument("--quiet", action="store_true", default=False,
                      help="print only the final result (no progress bar, no epoch lines)")
+    run.add_argument("--show-config", action="store_true", default=False,
+                     help="print the resolved options (config.yaml's content) and exit "
+                          "without training")
 
     data = p.add_argument_group("data")
     data.add_argument("--data", choices=sorted(DATASETS), default="digits",
@@ -127,7 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="factor of --decay step")
 
     for method in METHODS.values():
-        method.add_arguments(p.add_argument_group(f"--method {method.name}"))
+        recipe = f"recipe: {recipe_flags(method.recipe)}" if method.recipe else "recipe: the defaults"
+        method.add_arguments(p.add_argument_group(f"--method {method.name}", recipe))
+    dests = {a.dest for a in p._actions}
+    unknown = _recipe_options() - dests
+    if unknown:
+        raise ValueError(f"recipes name options that do not exist: {sorted(unknown)}")
 
     system = p.add_argument_group("system")
     system.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -208,6 +251,12 @@ def _check_values(raw: dict, parser: argparse.ArgumentParser, source: str) -> di
     out = {}
     for key, value in raw.items():
         dest = str(key).replace("-", "_")
+        if dest == FROM_RECIPE:
+            # What config.yaml says about its own values: a record, not an option.
+            if not isinstance(value, list) or not all(str(v).replace("-", "_") in table for v in value):
+                raise ConfigError(f"{source}: {key}: expected a list of option names, got {value!r}")
+            out[dest] = [str(v).replace("-", "_") for v in value]
+            continue
         if dest not in table or dest in _NOT_RECORDED:
             known = [k for k in table if k not in _NOT_RECORDED]
             close = difflib.get_close_matches(dest, known, n=1)
@@ -239,20 +288,76 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict 
     pre_args, _ = pre.parse_known_args(argv)
 
     file_values = read_config_file(pre_args.config, parser) if pre_args.config else {}
+    file_values.pop(FROM_RECIPE, None)  # a file's values are the user's, wherever they came from
     state = None
     layers: dict[str, Any] = {}
+    recorded: list[str] = []  # options a resumed run took from its recipe
     if pre_args.resume is not None:
         run_dir = _resume_dir(pre_args, file_values)
         state = checkpoint.load(run_dir / CHECKPOINT_NAME)
         layers.update(_check_values(state["config"], parser, f"--resume {run_dir}"))
+        recorded = layers.pop(FROM_RECIPE, [])
         layers["out_dir"] = str(run_dir)
     layers.update(file_values)
     parser.set_defaults(**layers)
     args = parser.parse_args(argv)
+    given = _given_flags(argv)
+    # A resumed run keeps its recorded values (the recipe may have changed since), and
+    # their origin, unless a file or a flag sets them now.
+    kept = [k for k in recorded if k not in file_values and k not in given]
+    filled = apply_recipe(args, set(layers) | given)
+    setattr(args, FROM_RECIPE, sorted(set(kept) | set(filled)))
     if args.out_dir is None:
         args.out_dir = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     _check_relations(args)
+    if args.show_config:
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, once
+            import yaml
+
+            print(yaml.safe_dump(resolved(args), sort_keys=False), end="", flush=True)
+        raise SystemExit(0)
     return args, state
+
+
+def _given_flags(argv: list[str] | None) -> set[str]:
+    """The options set by flags on the command line (not by a default or a layer)."""
+    probe = build_parser()
+    for action in probe._actions:
+        action.default = argparse.SUPPRESS  # unset options then stay out of the namespace
+    return set(vars(probe.parse_args(argv)))
+
+
+def apply_recipe(args: argparse.Namespace, fixed: set[str]) -> list[str]:
+    """Sets the options not in ``fixed`` from ``args.method``'s recipe; returns their names.
+
+    The recipe's ``decay_epochs`` are epochs of the recipe's own ``epochs``: with another
+    --epochs they move in proportion (15 23 of 30 become 20 30 of 40), so that the decay
+    keeps its place in the run. ``decay_epochs`` and ``decay_gamma`` come only with the
+    recipe's ``decay step``, ``poly_power`` only with its ``decay poly``: with another
+    --decay they keep the built-in defaults.
+    """
+    recipe = METHODS[args.method].recipe
+    filled = []
+    for key in sorted(recipe, key=lambda k: k in _DECAY_OPTIONS):  # epochs and decay first
+        if key in fixed or (key in _DECAY_OPTIONS and args.decay != _DECAY_OPTIONS[key]):
+            continue
+        value = recipe[key]
+        if key == "decay_epochs":
+            value = _scale_epochs(list(value), recipe.get("epochs", args.epochs), args.epochs)
+        setattr(args, key, list(value) if isinstance(value, tuple) else value)
+        filled.append(key)
+    return filled
+
+
+def _scale_epochs(milestones: list[int], of: int, epochs: int) -> list[int]:
+    """``milestones`` of a run of ``of`` epochs moved to one of ``epochs`` (rounded half up,
+    within 1 .. epochs, repeats dropped)."""
+    out: list[int] = []
+    for m in milestones:
+        e = min(max(1, int(m * epochs / of + 0.5)), epochs)
+        if not out or e > out[-1]:
+            out.append(e)
+    return out
 
 
 def _check_relations(args: argparse.Namespace) -> None:
