@@ -7,6 +7,7 @@ any tensor is written, so a rejected call changes nothing.
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Sequence
 from typing import Any
@@ -72,3 +73,51 @@ def check_int(name: str, value: Any, minimum: int) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
+
+
+def check_number(name: str, value: Any, *, positive: bool = False, tensor: bool = False,
+                 read_tensor: bool = True) -> None:
+    """``value`` is a finite real ``>= 0`` (``> 0`` with ``positive``); bools refused.
+
+    With ``tensor=True`` a one-element floating-point tensor is accepted too; its value is
+    checked only with ``read_tensor=True``: reading it is a host sync, so inside a step
+    only its shape and dtype are checked.
+    """
+    if isinstance(value, torch.Tensor):
+        if not tensor:
+            raise TypeError(f"{name} must be a number, got a tensor")
+        if value.numel() != 1 or not value.is_floating_point():
+            raise ValueError(f"{name} must be a number or a one-element floating-point tensor, "
+                             f"got a {value.dtype} tensor of shape {tuple(value.shape)}")
+        if not read_tensor:
+            return
+        value = value.item()
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
+        raise ValueError(f"Invalid {name}: {value} (must be finite and {'> 0' if positive else '>= 0'})")
+
+
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
+def check_grads(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:
+    """Each gradient that is not None is dense and matches its param (shape, dtype, device),
+    as the ops require; the messages are those of :func:`check_tensor_lists`.
+
+    Metadata only, ~0.3 us per attribute and tensor: the caller checks the groups whose op
+    would otherwise find a bad gradient after another group was written.
+    """
+    for i, (p, g) in enumerate(zip(params, grads)):
+        if g is None:
+            continue
+        if g.layout != torch.strided:
+            raise TypeError(f"grads[{i}] has layout {g.layout}; sparse tensors are not supported")
+        if g.dtype != p.dtype:
+            raise TypeError(f"grads[{i}] has dtype {g.dtype} but params[{i}] has {p.dtype}")
+        if g.shape != p.shape:
+            raise ValueError(f"grads[{i}] has shape {tuple(g.shape)} but params[{i}] has {tuple(p.shape)}")
+        if g.device != p.device:
+            raise ValueError(f"grads[{i}] is on {g.device} but params[{i}] is on {p.device}")

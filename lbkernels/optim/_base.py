@@ -15,21 +15,24 @@ import torch
 from torch.optim import Optimizer
 
 from .. import ops
+from .._validate import FLOAT_DTYPES, check_bool, check_grads, check_number
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# The hyper-parameters the ops take as one-element tensors (compiled / captured steps).
+TENSOR_HYPERPARAMETERS = ("lr", "extrap_lr")
 
 
-def check_nonnegative(group: dict, *names: str) -> None:
+def check_numbers(group: dict, *names: str, positive: tuple[str, ...] = (), values: bool = True) -> None:
+    """Each of ``names`` is a finite number >= 0 (> 0 for those in ``positive``); ``lr`` and
+    ``extrap_lr`` may be one-element tensors, whose values are read only with ``values``
+    (never inside a step: a host sync)."""
     for name in names:
-        value = group[name]
-        if isinstance(value, torch.Tensor):
-            if value.numel() != 1:
-                raise ValueError(f"{name} must be a number or a one-element tensor")
-            value = value.item()
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-        if not value >= 0.0:  # also rejects NaN
-            raise ValueError(f"Invalid {name}: {value} (must be >= 0)")
+        check_number(name, group[name], positive=name in positive,
+                     tensor=name in TENSOR_HYPERPARAMETERS, read_tensor=values)
+
+
+def check_bools(group: dict, *names: str) -> None:
+    for name in names:
+        check_bool(name, group[name])
 
 
 def zeros_state(p: torch.Tensor) -> torch.Tensor:
@@ -75,11 +78,17 @@ class FusedOptimizer(Optimizer):
         super().__init__(params, defaults)
 
     # -- subclass interface -------------------------------------------------------------
-    def _check_group(self, group: dict) -> None:
-        """Raise ValueError/TypeError naming the bad hyper-parameter."""
+    def _check_group(self, group: dict, values: bool = True) -> None:
+        """Raise ValueError/TypeError naming the bad hyper-parameter (tensor values are
+        read only with ``values``)."""
 
     def _state_spec(self, group: dict) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
         """State name -> factory from the param, for the state this group needs."""
+        return {}
+
+    def _state_kinds(self) -> dict[str, str]:
+        """Every per-param state name this class keeps, with ``"param"`` (a tensor shaped
+        like the param) or ``"count"`` (a one-element step count): what a loaded state may hold."""
         return {}
 
     def _step_bucket(self, group: dict, bucket: _Bucket, grads: list[torch.Tensor],
@@ -88,14 +97,23 @@ class FusedOptimizer(Optimizer):
 
     # -- torch.optim.Optimizer ----------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         params = param_group["params"]
+        if isinstance(params, set):
+            raise TypeError("params must be an ordered collection (a set's order changes "
+                            "between runs); pass a list")
+        # Listed once, and the list handed on: a generator is consumed by listing it.
         params = [params] if isinstance(params, torch.Tensor) else list(params)
         for i, p in enumerate(params):
+            if isinstance(p, tuple) and len(p) == 2:  # named_parameters(): (name, tensor)
+                p = p[1]
             if not isinstance(p, torch.Tensor):
                 raise TypeError(f"params[{i}] is a {type(p).__name__}, not a Tensor")
-            if p.dtype not in _FLOAT_DTYPES:
+            if p.dtype not in FLOAT_DTYPES:
                 raise TypeError(f"params[{i}] has dtype {p.dtype}; {type(self).__name__} "
                                 "updates only floating-point parameters")
+        param_group = {**param_group, "params": params}
         candidate = {**self.defaults, **param_group}
         self._check_group(candidate)
         ops.check_impl(candidate.get("impl", "auto"))
@@ -103,6 +121,9 @@ class FusedOptimizer(Optimizer):
         self._invalidate()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads a state dict of this class (or of ``torch.optim.SGD``, whose
+        ``momentum_buffer`` is ours); everything is checked before anything is replaced."""
+        self._check_state_dict(state_dict)
         impls = [g.get("impl", "auto") for g in self.param_groups]
         super().load_state_dict(state_dict)
         for group, impl in zip(self.param_groups, impls):
@@ -110,7 +131,6 @@ class FusedOptimizer(Optimizer):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
             group["impl"] = impl  # the backend is a property of this process, not the file
-            self._check_group(group)
         for group in self.param_groups:
             for p in group["params"]:
                 st = self.state.get(p)
@@ -121,6 +141,39 @@ class FusedOptimizer(Optimizer):
                 self._upgrade_state(group, p, st)
         self._invalidate()
 
+    def _check_state_dict(self, state_dict: Any) -> None:
+        """What ``load_state_dict`` would load: groups and their hyper-parameters, and
+        per-param state names, shapes and counts; ValueError naming the entry."""
+        me = type(self).__name__
+        if not (isinstance(state_dict, dict) and isinstance(state_dict.get("state"), dict)
+                and isinstance(state_dict.get("param_groups"), list)):
+            raise ValueError("state_dict must be a dict with a 'state' dict and a 'param_groups' list")
+        saved = state_dict["param_groups"]
+        if len(saved) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(saved)} param groups, this {me} has "
+                             f"{len(self.param_groups)}")
+        owner: dict[Any, torch.Tensor] = {}
+        for g, (mine, theirs) in enumerate(zip(self.param_groups, saved)):
+            if not isinstance(theirs, dict) or not isinstance(theirs.get("params"), list):
+                raise ValueError(f"state_dict param group {g} is not a dict with a 'params' list")
+            if len(theirs["params"]) != len(mine["params"]):
+                raise ValueError(f"state_dict param group {g} has {len(theirs['params'])} params, "
+                                 f"this {me}'s has {len(mine['params'])}")
+            try:  # the group as it will be after loading
+                self._check_group({**self.defaults, **theirs, "impl": mine.get("impl", "auto")})
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"state_dict param group {g}: {e}") from None
+            owner.update(zip(theirs["params"], mine["params"]))
+        kinds = self._state_kinds()
+        for key, st in state_dict["state"].items():
+            where = f"state_dict['state'][{key!r}]"
+            if key not in owner:
+                raise ValueError(f"{where}: no param group holds a param {key!r}")
+            if not isinstance(st, dict):
+                raise ValueError(f"{where} must be a dict, got {type(st).__name__}")
+            for name, value in st.items():
+                _check_state_value(f"{where}[{name!r}]", kinds.get(name), value, owner[key], me)
+
     def _upgrade_state(self, group: dict, p: torch.Tensor, st: dict) -> None:
         """Adapt state loaded from another optimizer (e.g. torch.optim.SGD)."""
 
@@ -129,7 +182,8 @@ class FusedOptimizer(Optimizer):
         self._invalidate()
 
     def _invalidate(self) -> None:
-        self._buckets: dict[int, list[_Bucket]] = {}
+        self._buckets: dict[tuple, tuple[list[bool], list[_Bucket]]] = {}
+        self._checked: dict[int, tuple[dict, list]] = {}  # id(group) -> (group, hyper-parameters)
 
     # -- the step ---------------------------------------------------------------------
     def _group_buckets(self, group: dict, has_grad: list[bool]) -> list[_Bucket]:
@@ -139,15 +193,10 @@ class FusedOptimizer(Optimizer):
         the same: rebuilding the lists costs ~1 us per tensor, as much as the fused
         kernel itself on models of many small tensors.
         """
-        cache = getattr(self, "_buckets", None)
-        if cache is None:
-            self._invalidate()
-            cache = self._buckets
         spec = self._state_spec(group)
-        key = (id(group), tuple(spec))
-        hit = cache.get(key)
-        if hit is not None and hit[0] == has_grad:
-            return hit[1]
+        hit = self._cached_buckets(group, has_grad, spec)
+        if hit is not None:
+            return hit
         params = group["params"]
         by_device: dict[torch.device, list[int]] = {}
         for i, p in enumerate(params):
@@ -171,8 +220,14 @@ class FusedOptimizer(Optimizer):
                     state_lists[name].append(st[name])
             full = len(index) == len(params)
             buckets.append(_Bucket(None if full else index, ps, state_lists))
-        cache[key] = (list(has_grad), buckets)
+        self._buckets[(id(group), tuple(spec))] = (list(has_grad), buckets)
         return buckets
+
+    def _cached_buckets(self, group: dict, has_grad: list[bool], spec: dict) -> list[_Bucket] | None:
+        if getattr(self, "_buckets", None) is None:
+            self._invalidate()
+        hit = self._buckets.get((id(group), tuple(spec)))
+        return hit[1] if hit is not None and hit[0] == has_grad else None
 
     def _make_flat_state(self, spec: dict, params: list[torch.Tensor]) -> None:
         """Creates the missing zero-initialised state of ``params`` (factories marked
@@ -211,10 +266,72 @@ class FusedOptimizer(Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        for group in self.param_groups:
-            grads = [p.grad for p in group["params"]]
-            has_grad = [g is not None for g in grads]
-            for bucket in self._group_buckets(group, has_grad):
+        for group, grads, buckets in self._checked_work():
+            for bucket in buckets:
                 bgrads = grads if bucket.index is None else [grads[i] for i in bucket.index]
                 self._step_bucket(group, bucket, bgrads, grad_scale, found_inf)
         return loss
+
+    def _checked_work(self) -> list[tuple[dict, list, list[_Bucket]]]:
+        """(group, grads, buckets) of every group with a gradient, once every check that
+        could refuse the step has passed: nothing is written before (nor lazy state created).
+
+        A group's op checks its own tensors before writing, so the grads of the first
+        group need no check of ours when its buckets are cached and one op runs; every
+        later group's are checked here (metadata only, no host read).
+        """
+        work = []
+        for g, group in enumerate(self.param_groups):
+            params = group["params"]
+            grads = [p.grad for p in params]
+            has_grad = [x is not None for x in grads]
+            if not any(has_grad):
+                continue
+            self._recheck_group(g, group)
+            cached = self._cached_buckets(group, has_grad, self._state_spec(group))
+            if work or cached is None or len(cached) != 1:
+                try:
+                    check_grads(params, grads)
+                except (TypeError, ValueError) as e:
+                    raise type(e)(f"param group {g}: {e}") from None
+            work.append((group, grads, has_grad))
+        return [(group, grads, self._group_buckets(group, has_grad)) for group, grads, has_grad in work]
+
+    def _recheck_group(self, g: int, group: dict) -> None:
+        """Checks ``group``'s hyper-parameters again when one changed since its last step
+        (``param_groups`` edited): comparing them costs ~1 us per group. Tensors are compared
+        by identity, and their values not read (a host sync): a tensor lr filled with NaN
+        in place is not caught."""
+        values = [(k, id(v) if isinstance(v, torch.Tensor) else v)
+                  for k, v in group.items() if k not in ("params", "param_names")]
+        seen = self._checked.get(id(group))
+        if seen is not None and seen[0] is group and seen[1] == values:
+            return
+        try:
+            self._check_group(group, values=False)
+            ops.check_impl(group.get("impl", "auto"))
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"param group {g}: {e}") from None
+        self._checked[id(group)] = (group, values)
+
+
+def _check_state_value(where: str, kind: str | None, value: Any, p: torch.Tensor, me: str) -> None:
+    if kind is None:
+        raise ValueError(f"{where}: {me} keeps no such state (a checkpoint of another optimizer?)")
+    if value is None:
+        return  # torch.optim.SGD's momentum_buffer without momentum
+    if kind == "param":
+        if not (isinstance(value, torch.Tensor) and value.is_floating_point() and value.shape == p.shape):
+            got = (f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+                   if isinstance(value, torch.Tensor) else type(value).__name__)
+            raise ValueError(f"{where} is {got}; expected a floating-point tensor of the "
+                             f"param's shape {tuple(p.shape)}")
+        return
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex():
+            raise ValueError(f"{where} must hold one real number, got shape {tuple(value.shape)}")
+        value = value.item()
+    try:
+        check_number(where, value)
+    except TypeError as e:
+        raise ValueError(str(e)) from None

@@ -285,27 +285,48 @@ class WeightAverager:
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a :meth:`state_dict` into this averager's tensors (devices kept)."""
-        if state.get("mode") != self.mode:
-            raise ValueError(f"the state is for mode={state.get('mode')!r}, this averager "
+        """Restore a :meth:`state_dict` into this averager's tensors (devices kept); every
+        entry is checked first, so a refused state changes nothing."""
+        if not isinstance(state, dict):
+            raise ValueError(f"the state must be a dict, got {type(state).__name__}")
+        for key in ("mode", "decay", "averages", "count"):
+            if key not in state:
+                raise ValueError(f"the state has no {key!r} entry")
+        if state["mode"] != self.mode:
+            raise ValueError(f"the state is for mode={state['mode']!r}, this averager "
                              f"has mode={self.mode!r}")
         averages = state["averages"]
-        if len(averages) != len(self._averages):
-            raise ValueError(f"the state has {len(averages)} averages, this averager "
-                             f"{len(self._averages)}")
+        if not isinstance(averages, (list, tuple)) or len(averages) != len(self._averages):
+            n = len(averages) if isinstance(averages, (list, tuple)) else type(averages).__name__
+            raise ValueError(f"the state has {n} averages, this averager {len(self._averages)}")
         for i, (mine, theirs) in enumerate(zip(self._averages, averages)):
-            if mine.shape != theirs.shape or mine.dtype != theirs.dtype:
-                raise ValueError(f"average {i}: {theirs.dtype} {tuple(theirs.shape)} in the "
-                                 f"state, {mine.dtype} {tuple(mine.shape)} expected")
-        decay = float(state["decay"])
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay must be in [0, 1), got {decay}")
-        count = torch.as_tensor(state["count"], dtype=torch.int64)
-        # One count, or one per param group when fused (a single count fills every group).
-        if count.numel() not in (1, self._count.numel()):
-            raise ValueError(f"the state has {count.numel()} counts, this averager "
-                             f"{self._count.numel()} (one per param group when fused)")
+            if not (isinstance(theirs, torch.Tensor) and mine.shape == theirs.shape
+                    and mine.dtype == theirs.dtype):
+                got = (f"{theirs.dtype} {tuple(theirs.shape)}" if isinstance(theirs, torch.Tensor)
+                       else type(theirs).__name__)
+                raise ValueError(f"average {i}: {got} in the state, {mine.dtype} "
+                                 f"{tuple(mine.shape)} expected")
+        decay = state["decay"]
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be a number in [0, 1), got {decay!r}")
+        count = self._checked_count(state["count"])
         for mine, theirs in zip(self._averages, averages):
             mine.copy_(theirs)
         self._count.copy_(count.reshape(()) if count.numel() == 1 else count.reshape(self._count.shape))
-        self.decay = decay
+        self.decay = float(decay)
+
+    def _checked_count(self, count: Any) -> torch.Tensor:
+        """The state's update count(s) as int64: integers >= 0 (a negative count would make
+        the next SWA weight 1/0, a fraction is no count), one or one per group when fused."""
+        integral = (isinstance(count, int) and not isinstance(count, bool)) or (
+            isinstance(count, torch.Tensor) and not count.is_floating_point()
+            and not count.is_complex() and count.dtype != torch.bool)
+        if not integral:
+            raise ValueError(f"count must be an integer or an integer tensor, got {count!r}")
+        count = torch.as_tensor(count, dtype=torch.int64)
+        if count.numel() not in (1, self._count.numel()):
+            raise ValueError(f"the state has {count.numel()} counts, this averager "
+                             f"{self._count.numel()} (one per param group when fused)")
+        if int(count.min()) < 0:
+            raise ValueError(f"count must be >= 0, got {count.tolist()}")
+        return count

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from .. import ops
-from ._base import FusedOptimizer, _Bucket, check_nonnegative, copy_state, zeros_state
+from ._base import FusedOptimizer, _Bucket, check_bools, check_numbers, copy_state, zeros_state
 
 EXTRAPOLATIONS = ("past_grad", "gaussian", "uniform", "weight", "filter")
 
@@ -46,12 +46,6 @@ def _check_world_size(world_size: Any) -> int | None:
     if world_size < 1:
         raise ValueError(f"Invalid world_size: {world_size} (must be >= 1)")
     return world_size
-
-
-def _check_bool(group: dict, *names: str) -> None:
-    for name in names:
-        if not isinstance(group[name], bool):
-            raise TypeError(f"{name} must be a bool, got {group[name]!r}")
 
 
 def _check_int(name: str, value: Any, minimum: int = 0) -> int:
@@ -84,10 +78,10 @@ class _Extrapolated(FusedOptimizer):
         self._local_buffers: dict[torch.Tensor, torch.Tensor] = {}
         self._in_anchor = False
 
-    def _check_extrap(self, group: dict) -> None:
-        check_nonnegative(group, "lr", "weight_decay", "extrap_scale")
+    def _check_extrap(self, group: dict, values: bool) -> None:
+        check_numbers(group, "lr", "weight_decay", "extrap_scale", values=values)
         if group["extrap_lr"] is not None:
-            check_nonnegative(group, "extrap_lr")
+            check_numbers(group, "extrap_lr", values=values)
 
     # -- K and gamma --------------------------------------------------------------------
     def resolved_world_size(self) -> int:
@@ -302,8 +296,9 @@ class ExtrapSGD(_Extrapolated):
     ``"filter"`` (SmoothOut) ``a r_j / (||r_j|| + 1e-6) ||x_j||`` per output filter ``j``
     (dim 0), ``r ~ U(-1,1)``. The random numbers are keyed by the group's ``seed`` (default:
     ``seed`` plus the group's position, so groups draw independent noise), the step count
-    ``t`` (the op's ``offset``; a step the GradScaler skips draws nothing), the device and
-    the tensor's position in its group. ``t`` is part of :meth:`state_dict`: a run is
+    ``t`` (the op's ``offset``; it counts every step, also one the GradScaler skips, which
+    draws nothing: the step never reads ``found_inf`` on the host), the device and the
+    tensor's position in its group. ``t`` is part of :meth:`state_dict`: a run is
     reproducible and resumes bit for bit on the same backend.
 
     Data parallel: ``optimizer.attach(ddp_model)`` registers the comm hook that captures
@@ -374,10 +369,11 @@ class ExtrapSGD(_Extrapolated):
                            "seed": _check_int("seed", self.defaults["seed"]) + len(self.param_groups)}
         super().add_param_group(param_group)
 
-    def _check_group(self, group: dict) -> None:
-        self._check_extrap(group)
-        check_nonnegative(group, "momentum", "noise_scale", "trust_coefficient", "eps")
-        _check_bool(group, "nesterov", "noise_anneal", "lars", "clip", "lars_exclude")
+    def _check_group(self, group: dict, values: bool = True) -> None:
+        self._check_extrap(group, values)
+        check_numbers(group, "momentum", "noise_scale", "trust_coefficient", "eps",
+                      positive=("trust_coefficient",))
+        check_bools(group, "nesterov", "noise_anneal", "lars", "clip", "lars_exclude")
         if group["nesterov"] and group["momentum"] <= 0:
             raise ValueError("nesterov=True (the default) requires momentum > 0; "
                              "pass nesterov=False for plain SGD")
@@ -385,6 +381,9 @@ class ExtrapSGD(_Extrapolated):
             raise ValueError(f"extrapolation must be one of {EXTRAPOLATIONS}, got {group['extrapolation']!r}")
         if _check_int("seed", group["seed"]) >= 2**63:  # the op's seed is an int64
             raise ValueError(f"Invalid seed: {group['seed']} (must be < 2**63)")
+
+    def _state_kinds(self) -> dict[str, str]:
+        return {"anchor": "param", "momentum_buffer": "param"}
 
     def _state_spec(self, group: dict) -> dict:
         spec = {"anchor": copy_state}
@@ -401,11 +400,9 @@ class ExtrapSGD(_Extrapolated):
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
         loss = super().step(closure)
         if any(g["extrapolation"] != "past_grad" for g in self.param_groups):
-            # A step the GradScaler skipped drew nothing: its offset is reused (one 4-byte
-            # read of found_inf, only for the noise variants under a scaler).
-            found_inf = getattr(self, "found_inf", None)
-            if found_inf is None or not found_inf.item():
-                self._rng_step += 1
+            # Also after a step the GradScaler skipped (it drew nothing): reusing its offset
+            # would take a host read of found_inf every step.
+            self._rng_step += 1
         return loss
 
     def _step_bucket(self, group: dict, bucket: _Bucket, grads: list[torch.Tensor],
@@ -509,16 +506,19 @@ class ExtrapAdam(_Extrapolated):
                         extrap_lr=extrap_lr, impl=impl)
         super().__init__(params, defaults, world_size)
 
-    def _check_group(self, group: dict) -> None:
-        self._check_extrap(group)
-        check_nonnegative(group, "eps")
-        _check_bool(group, "decoupled_weight_decay")
+    def _check_group(self, group: dict, values: bool = True) -> None:
+        self._check_extrap(group, values)
+        check_numbers(group, "eps")
+        check_bools(group, "decoupled_weight_decay")
         betas = group["betas"]
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas must be a pair of floats, got {betas!r}")
         for i, b in enumerate(betas):
             if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 <= b < 1.0:
                 raise ValueError(f"Invalid betas[{i}]: {b!r} (must be in [0, 1))")
+
+    def _state_kinds(self) -> dict[str, str]:
+        return {"anchor": "param", "step": "count", "exp_avg": "param", "exp_avg_sq": "param"}
 
     def _state_spec(self, group: dict) -> dict:
         return {"anchor": copy_state, "step": _step_counter, "exp_avg": zeros_state,

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from .. import ops
-from ._base import FusedOptimizer, _Bucket, check_nonnegative, zeros_state
+from ._base import FusedOptimizer, _Bucket, check_bools, check_numbers, zeros_state
 from ._folded import folded_average_arguments
 
 _MOMENTUM_STYLES = ("torch", "paper")
@@ -91,14 +91,19 @@ class LARS(FusedOptimizer):
         )
         super().__init__(params, defaults)
 
-    def _check_group(self, group: dict) -> None:
-        check_nonnegative(group, "lr", "momentum", "dampening", "weight_decay",
-                          "trust_coefficient", "eps")
+    def _check_group(self, group: dict, values: bool = True) -> None:
+        # trust_coefficient = 0 would make every ratio 0: the adapted layers would never move.
+        check_numbers(group, "lr", "momentum", "dampening", "weight_decay", "trust_coefficient",
+                      "eps", positive=("trust_coefficient",), values=values)
+        check_bools(group, "nesterov", "clip", "always_adapt", "zero_norm_decay", "lars_exclude")
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError("nesterov=True requires momentum > 0 and dampening == 0")
         if group["momentum_style"] not in _MOMENTUM_STYLES:
             raise ValueError(f"momentum_style must be one of {_MOMENTUM_STYLES}, "
                              f"got {group['momentum_style']!r}")
+
+    def _state_kinds(self) -> dict[str, str]:
+        return {"momentum_buffer": "param", "step": "count"}
 
     def _state_spec(self, group: dict) -> dict:
         # Buffers start at zero, so the first step (buf = d) needs a flag only when

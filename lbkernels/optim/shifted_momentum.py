@@ -9,7 +9,8 @@ from typing import Any
 import torch
 
 from .. import ops
-from ._base import FusedOptimizer, _Bucket, check_nonnegative, zeros_state
+from .._validate import check_int
+from ._base import FusedOptimizer, _Bucket, check_bools, check_numbers, zeros_state
 from ._folded import folded_average_arguments
 
 
@@ -60,10 +61,11 @@ class ShiftedMomentumSGD(FusedOptimizer):
 
     Every step is one fused ``lbkernels.ops.lars_sgd_`` call per (group, device) on the
     selected worker's buffers, so every backend serves it. The round-robin position
-    counts the steps taken, with or without ``worker=``; it is part of :meth:`state_dict`. A step that a
-    ``torch.amp.GradScaler`` skips changes no tensor and leaves the position where it was;
-    knowing that costs one read of the scaler's ``found_inf`` flag (4 bytes from the
-    device) per step under a scaler, and nothing without one.
+    counts the steps taken, with or without ``worker=``; it is part of :meth:`state_dict`.
+    A step that a ``torch.amp.GradScaler`` skips changes no tensor but takes its worker's
+    turn, as a step without gradients does (an asynchronous server that drops one
+    worker's gradient goes on with the next worker's): the step never reads the scaler's
+    ``found_inf`` on the host, so it can be captured in a CUDA graph.
 
     Args:
         params: parameters or param groups (a group may set ``lars_exclude``).
@@ -101,13 +103,15 @@ class ShiftedMomentumSGD(FusedOptimizer):
         """The worker (buffer) the next ``step()`` without ``worker=`` uses."""
         return self._position % (self.delay + 1)
 
-    def _check_group(self, group: dict) -> None:
-        check_nonnegative(group, "lr", "momentum", "weight_decay", "trust_coefficient")
-        for name in ("nesterov", "lars", "lars_exclude"):
-            if not isinstance(group[name], bool):
-                raise TypeError(f"{name} must be a bool, got {group[name]!r}")
+    def _check_group(self, group: dict, values: bool = True) -> None:
+        check_numbers(group, "lr", "momentum", "weight_decay", "trust_coefficient",
+                      positive=("trust_coefficient",), values=values)
+        check_bools(group, "nesterov", "lars", "lars_exclude")
         if group["nesterov"] and group["momentum"] <= 0:
             raise ValueError("nesterov=True requires momentum > 0")
+
+    def _state_kinds(self) -> dict[str, str]:
+        return {f"momentum_buffer_{k}": "param" for k in range(self.delay + 1)}
 
     def _state_spec(self, group: dict) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
         # Buffers start at zero, so a worker's first step (v_k = d) needs no step counter.
@@ -128,9 +132,10 @@ class ShiftedMomentumSGD(FusedOptimizer):
         """One update with the buffers of ``worker`` (default: the next in the round robin)."""
         self._worker = self.next_worker if worker is None else self._check_worker(worker)
         loss = super().step(closure)
-        found_inf = getattr(self, "found_inf", None)
-        if found_inf is None or not found_inf.item():
-            self._position += 1
+        # Also after a step the GradScaler skipped (no tensor changed): that worker's turn
+        # is taken, as when a server drops one worker's gradient and takes the next one's.
+        # Keeping the position would take a host read of found_inf every step.
+        self._position += 1
         return loss
 
     def _step_bucket(self, group: dict, bucket: _Bucket, grads: list[torch.Tensor],
@@ -159,14 +164,15 @@ class ShiftedMomentumSGD(FusedOptimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        rr = state_dict.get("round_robin")
+        rr = state_dict.get("round_robin") if isinstance(state_dict, dict) else None
         if not isinstance(rr, dict) or "position" not in rr:
             raise ValueError("state_dict has no 'round_robin' entry: not a ShiftedMomentumSGD state")
         if rr.get("delay") != self.delay:
             raise ValueError(f"state_dict was saved with delay={rr.get('delay')}, "
                              f"this optimizer has delay={self.delay}")
+        position = check_int("state_dict['round_robin']['position']", rr["position"], 0)
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "round_robin"})
-        self._position = int(rr["position"])
+        self._position = position
 
     def __getstate__(self) -> dict[str, Any]:
         # torch.optim.Optimizer pickles only defaults, state and param_groups.
