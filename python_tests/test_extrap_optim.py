@@ -70,15 +70,26 @@ def test_one_worker_is_extragradient_from_the_past(impl):
             torch.testing.assert_close(p, xi - gamma * gi, rtol=1e-12, atol=1e-12)
 
 
-def test_first_step_does_not_extrapolate_and_anchor_is_the_initial_weights():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_first_step_does_not_extrapolate_and_anchor_is_the_initial_weights(impl):
+    # Step 0: x = w (the initial weights), no past gradient: the first backward runs at
+    # w_0 = x_0. Then x_1 = x_0 - lr * g_0 and w_1 = x_1 - gamma * g_0 (gamma = lr / K, K = 1).
     m = model()
     w0 = [p.detach().clone() for p in m.parameters()]
-    opt = ExtrapSGD(m.parameters(), lr=0.1, momentum=0.0, nesterov=False)
+    opt = ExtrapSGD(m.parameters(), lr=0.1, momentum=0.0, nesterov=False, impl=impl)
+    with opt.anchor_weights():  # not stepped yet: the params are their own anchors
+        assert all(torch.equal(p, w) for p, w in zip(m.parameters(), w0))
     backward(m, 0)
     g0 = [p.grad.clone() for p in m.parameters()]
     opt.step()
+    # fp64, two roundings per element of values below 1 (ulp <= 2.2e-16): 1e-15 is ~4 ulp.
     for p, w, g in zip(m.parameters(), w0, g0):
-        torch.testing.assert_close(opt.state[p]["anchor"], w - 0.1 * g, rtol=1e-14, atol=1e-15)
+        x1 = w - 0.1 * g
+        torch.testing.assert_close(opt.state[p]["anchor"], x1, rtol=0, atol=1e-15)
+        torch.testing.assert_close(p.detach(), x1 - 0.1 * g, rtol=0, atol=1e-15)
+    with opt.anchor_weights():  # the anchors, not the extrapolated point, are the iterate
+        for p, w, g in zip(m.parameters(), w0, g0):
+            torch.testing.assert_close(p.detach(), w - 0.1 * g, rtol=0, atol=1e-15)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

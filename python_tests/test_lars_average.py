@@ -27,7 +27,7 @@ def make_averages(params, method):
     return [torch.zeros_like(p, dtype=average_dtype(p.dtype)) for p in params]
 
 
-def run(impl, shapes, dtype, device, cfg, method, folded=True, found_inf_at=(), steps=STEPS):
+def run(impl, shapes, dtype, device, cfg, method, folded=True, found_inf_at=(), steps=STEPS, iterates=None):
     params, bufs, steps_t = make_state(shapes, dtype, device)
     averages = make_averages(params, method)
     count = torch.zeros((), dtype=torch.int64, device=device)
@@ -46,7 +46,20 @@ def run(impl, shapes, dtype, device, cfg, method, folded=True, found_inf_at=(), 
             ops.lars_sgd_(*step_args, found_inf=found_inf, impl=impl, **cfg)
             ops.average_(averages, params, count, method=method, decay=DECAY, found_inf=found_inf,
                          impl=impl)
+        if iterates is not None:
+            iterates.append([p.clone() for p in params])
     return params, bufs, steps_t, averages, count
+
+
+def rule_averages(method, initial, iterates):
+    """The averages of the weights after each step by their definition, in fp64: the mean
+    (SWA), or the EMA started at the initial weights."""
+    if method == "swa":
+        return [torch.stack([w[i].double() for w in iterates]).mean(0) for i in range(len(initial))]
+    out = [w.double() for w in initial]
+    for ws in iterates:
+        out = [a + (1 - DECAY) * (w.double() - a) for a, w in zip(out, ws)]
+    return out
 
 
 @pytest.mark.parametrize("impl,device", BACKENDS)
@@ -74,16 +87,25 @@ def test_folded_is_step_then_average(impl, device, method, dtype):
     shapes = shapes_for(impl)
     cfg = CONFIGS["dampening-clip"]
     folded = run(impl, shapes, dtype, device, cfg, method)
-    separate = run(impl, shapes, dtype, device, cfg, method, folded=False)
+    iterates = []
+    separate = run(impl, shapes, dtype, device, cfg, method, folded=False, iterates=iterates)
     # The step itself is the same code with or without averaging: bitwise.
     for a, e in zip(folded[:3], separate[:3]):
         assert all(torch.equal(x, y) for x, y in zip(a, e))
     assert folded[4].item() == separate[4].item() == STEPS
     assert all(s.item() == STEPS for s in folded[2])  # dampening: one counter per param
-    if impl == "reference":  # the reference folds by calling average_: exactly equal
-        assert all(torch.equal(x, y) for x, y in zip(folded[3], separate[3]))
-    else:
+    if impl != "reference":  # (the reference folds by calling average_ itself)
         assert_lists_close(folded[3], separate[3], **AVG_TOL[average_dtype(dtype)])
+    # Both are the rule's averages of these iterates. Each update rounds ~4 times (w - avg,
+    # the factor r, r * (w - avg), the sum), each by at most eps/2 * M with M the largest
+    # |w|, and carries earlier errors with a factor <= 1: <= 2 eps M per update, in the
+    # averages' dtype and again in the fp64 rule; twice STEPS updates' worth bounds both.
+    initial = make_state(shapes, dtype, device)[0]
+    expected = rule_averages(method, initial, iterates)
+    eps = torch.finfo(average_dtype(dtype)).eps
+    for i, (a, e) in enumerate(zip(folded[3], expected)):
+        big = max([w[i].abs().max().item() for w in [initial] + iterates if w[i].numel()], default=0.0)
+        torch.testing.assert_close(a.double(), e, rtol=0, atol=4 * STEPS * eps * big, msg=f"average {i}")
 
 
 @pytest.mark.parametrize("impl,device", ALL)

@@ -116,7 +116,7 @@ def test_state_dict_carries_the_step_count():
     state = opt.state_dict()
     assert state["post_local_step"] == 3 and state["state"]  # momentum buffers included
     fresh = PostLocalSGD(sgd(model()), switch_step=5, period=3)
-    assert not fresh.local or fresh.step_count == 0
+    assert fresh.step_count == 0 and not fresh.local  # before the load: step 0 of phase 1
     fresh.load_state_dict(state)
     assert fresh.step_count == 3 and not fresh.local
     # The wrapper's groups are the loaded ones (load_state_dict replaces the inner list).
@@ -124,10 +124,14 @@ def test_state_dict_carries_the_step_count():
     for p in state["state"]:
         assert torch.equal(fresh.state_dict()["state"][p]["momentum_buffer"],
                            state["state"][p]["momentum_buffer"])
+    # Refused before anything is loaded: a new wrapper keeps its count and the wrapped
+    # optimizer its empty state and its own hyper-parameters.
     del state["post_local_step"]
+    state["param_groups"][0]["lr"] = 0.05
+    other = PostLocalSGD(sgd(model()), switch_step=5, period=3)
     with pytest.raises(ValueError, match="post_local_step"):
-        fresh.load_state_dict(state)
-    assert fresh.step_count == 3  # nothing half-loaded
+        other.load_state_dict(state)
+    assert other.step_count == 0 and not other.state and other.param_groups[0]["lr"] == 0.2
 
 
 @pytest.mark.parametrize("kwargs, match", [
