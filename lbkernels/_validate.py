@@ -107,8 +107,8 @@ def check_grads(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | N
     """Each gradient that is not None is dense and matches its param (shape, dtype, device),
     as the ops require; the messages are those of :func:`check_tensor_lists`.
 
-    Metadata only, ~0.3 us per attribute and tensor: the caller checks the groups whose op
-    would otherwise find a bad gradient after another group was written.
+    A Python loop (~2.5 us per tensor): to name the bad gradient once
+    :func:`same_metadata` has found one.
     """
     for i, (p, g) in enumerate(zip(params, grads)):
         if g is None:
@@ -121,3 +121,21 @@ def check_grads(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | N
             raise ValueError(f"grads[{i}] has shape {tuple(g.shape)} but params[{i}] has {tuple(p.shape)}")
         if g.device != p.device:
             raise ValueError(f"grads[{i}] is on {g.device} but params[{i}] is on {p.device}")
+
+
+_LAYOUT, _DTYPE, _SHAPE, _DEVICE = (operator.attrgetter(a) for a in ("layout", "dtype", "shape", "device"))
+
+
+def metadata(tensors: Sequence[torch.Tensor]) -> tuple[list, list, list]:
+    """(dtypes, shapes, devices) of ``tensors``, for :func:`same_metadata`."""
+    return [t.dtype for t in tensors], [t.shape for t in tensors], [t.device for t in tensors]
+
+
+def same_metadata(tensors: Sequence[torch.Tensor], expected: tuple[list, list, list]) -> bool:
+    """Whether ``tensors`` are dense with the ``expected`` :func:`metadata`: one C-level
+    ``map`` per attribute, ~0.5-1 us per tensor in all (a Python loop costs ~2.5 us)."""
+    if torch.compiler.is_compiling():  # traced once; dynamo cannot call an attrgetter
+        return metadata(tensors) == expected and all(t.layout == torch.strided for t in tensors)
+    dtypes, shapes, devices = expected
+    return (set(map(_LAYOUT, tensors)) <= {torch.strided} and list(map(_DTYPE, tensors)) == dtypes
+            and list(map(_SHAPE, tensors)) == shapes and list(map(_DEVICE, tensors)) == devices)

@@ -9,9 +9,10 @@ import contextlib
 import pytest
 import torch
 
+from lbkernels.distributed import PostLocalSGD
 from lbkernels.optim import LARS, ShiftedMomentumSGD, WeightAverager
 from optim_suite import OPTIMIZERS
-from test_optim_generic import batch, model
+from test_optim_generic import batch, model, train
 
 HOST_READS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "cpu", "numpy")
 
@@ -40,22 +41,6 @@ def guard_steps(opt):
             return step(*args, **kwargs)
 
     opt.step = guarded
-
-
-def train(m, opt, steps, scaler=None, inf_at=()):
-    for t in range(steps):
-        x, y = batch(t)
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(m(x), y)
-        if t in inf_at:
-            loss = loss * float("inf")
-        if scaler is None:
-            loss.backward()
-            opt.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
 
 
 def test_the_guard_catches_host_reads():
@@ -97,6 +82,16 @@ def test_tensor_lr_and_fused_averager_read_nothing_on_the_host(entry):
     train(m, opt, 3, scaler=gs, inf_at=(1,))
     opt.param_groups[0]["lr"].fill_(0.02)  # as an LR scheduler updates a tensor lr
     train(m, opt, 1, scaler=gs)
+
+
+@each_optimizer
+def test_post_local_sgd_step_reads_nothing_on_the_host(entry):
+    m = model()
+    opt = PostLocalSGD(entry.make(m.parameters()), switch_step=1, period=2)  # one process
+    guard_steps(opt)
+    train(m, opt, 4, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10), inf_at=(2,))
+    # The wrapper takes no found_inf: the scaler itself skipped step 2 (not calling step()).
+    assert opt.step_count == 3
 
 
 @each_optimizer

@@ -23,11 +23,14 @@ def batch(t, dtype=torch.float32):
     return torch.randn(16, 6, generator=g, dtype=dtype), torch.randint(0, 3, (16,), generator=g)
 
 
-def train(m, opt, steps, start=0, scaler=None):
+def train(m, opt, steps, start=0, scaler=None, inf_at=()):
+    """``steps`` steps from batch ``start``; the loss is made infinite at the steps in ``inf_at``."""
     for t in range(start, start + steps):
         x, y = batch(t, next(m.parameters()).dtype)
         opt.zero_grad()
         loss = torch.nn.functional.cross_entropy(m(x), y)
+        if t in inf_at:
+            loss = loss * float("inf")
         if scaler is None:
             loss.backward()
             opt.step()
