@@ -1,13 +1,21 @@
-"""Checkpoints: written atomically, loaded with ``torch.load(weights_only=True)``.
+"""Checkpoints: written atomically, loaded with ``torch.load(weights_only=True)``, checked
+against a content checksum.
 
 A checkpoint is a dict of tensors and plain Python values only (no pickled objects),
 so loading one never runs code from the file. The random generators' states are stored
 as tensors for the same reason.
+
+The dict carries the SHA-256 of its own content (key ``sha256``: every tensor's dtype,
+shape and bytes, every key and value), inside the one file that is renamed into place,
+so the checksum and the content it covers are always written together. torch's zip
+reader does not check the archive's CRCs: without the checksum a flipped bit in tensor
+data would load as a silently different run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import random
 import tempfile
@@ -18,8 +26,47 @@ import numpy as np
 import torch
 
 
+CHECKSUM_KEY = "sha256"
+
+
 class CheckpointError(RuntimeError):
-    """A checkpoint is missing or unreadable."""
+    """A checkpoint is missing, unreadable or damaged (the message is one line)."""
+
+
+def content_digest(state: Any) -> str:
+    """SHA-256 of a checkpoint's content, the same before saving and after loading.
+
+    Tensors count by dtype, shape and bytes (a non-contiguous tensor as its elements in
+    order); containers by kind, length and items; scalars by type and exact value (a
+    float by its hex form), so that a changed key, value or tensor byte changes it.
+    """
+    h = hashlib.sha256()
+    _feed(h, state)
+    return h.hexdigest()
+
+
+def _feed(h: Any, obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous().reshape(-1)
+        h.update(f"T{t.dtype}{tuple(obj.shape)}:".encode())
+        h.update(t.view(torch.uint8).numpy())  # raw bytes of any dtype (bool, bf16 too)
+    elif isinstance(obj, dict):
+        h.update(f"D{len(obj)}:".encode())
+        for k, v in obj.items():
+            _feed(h, k)
+            _feed(h, v)
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"{'L' if isinstance(obj, list) else 'U'}{len(obj)}:".encode())
+        for v in obj:
+            _feed(h, v)
+    elif isinstance(obj, (str, bytes)):
+        data = obj.encode() if isinstance(obj, str) else obj
+        h.update(f"{'S' if isinstance(obj, str) else 'B'}{len(data)}:".encode())
+        h.update(data)
+    elif isinstance(obj, float):
+        h.update(f"F{obj.hex()};".encode())
+    else:  # None, bool, int, torch.dtype, ...: their type and repr are exact
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
 
 
 def save(path: str | os.PathLike, state: dict[str, Any]) -> None:
@@ -30,6 +77,9 @@ def save(path: str | os.PathLike, state: dict[str, Any]) -> None:
     leaves either the previous checkpoint or the new one, never a torn file.
     """
     path = Path(path)
+    if CHECKSUM_KEY in state:
+        raise ValueError(f"state: the key {CHECKSUM_KEY!r} is the checkpoint's own checksum")
+    state = {**state, CHECKSUM_KEY: content_digest(state)}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -50,14 +100,45 @@ def save(path: str | os.PathLike, state: dict[str, Any]) -> None:
 
 
 def load(path: str | os.PathLike) -> dict[str, Any]:
+    """The state :func:`save` wrote to ``path``, its checksum verified (and removed).
+
+    Raises CheckpointError, with one line and the file left as it is, when the file is
+    missing, unreadable, not a checkpoint of this command, or damaged.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no checkpoint there (a run writes checkpoint.pt "
                               "into its --out-dir)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch reports truncation and foreign objects in many ways
-        raise CheckpointError(f"{path}: unreadable checkpoint ({e})") from None
+        raise CheckpointError(f"{path}: {_unreadable(e)}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: not a checkpoint of this command (it holds a "
+                              f"{type(state).__name__}, not a dict)")
+    state = dict(state)
+    saved = state.pop(CHECKSUM_KEY, None)
+    if not isinstance(saved, str):
+        raise CheckpointError(f"{path}: no content checksum: not a checkpoint written by this "
+                              "command (or one changed by hand); it is not used")
+    if content_digest(state) != saved:
+        raise CheckpointError(f"{path}: damaged checkpoint: its content no longer matches the "
+                              "checksum written with it (bytes changed on disk or in transit); "
+                              "the file is kept as it is")
+    return state
+
+
+def _unreadable(e: Exception) -> str:
+    """torch's error in one line, without its advice to load untrusted files unsafely."""
+    text = str(e)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+        if "Unsupported global:" in text:
+            detail = text.strip().splitlines()[0].split(" was not ")[0]
+            return (f"not a checkpoint of this command: it holds Python objects a checkpoint "
+                    f"never holds ({detail}); they are not loaded, as loading them could run code")
+    first = text.strip().splitlines()[0].split(". ")[0].rstrip(".") if text.strip() else ""
+    return f"unreadable checkpoint ({first or type(e).__name__}: the file is truncated or damaged)"
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:
