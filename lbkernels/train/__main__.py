@@ -1,9 +1,19 @@
-"""Entry point of ``python -m lbkernels.train`` and of the ``lbk-train`` script."""
+"""Entry point of ``python -m lbkernels.train`` and of the ``lbk-train`` script.
+
+A user's error (a bad option, a run directory in use or holding another run, a
+checkpoint that does not fit, a run too large for the memory) is one line on stderr
+and exit status 2, with nothing of a run written. Under ``torchrun`` every process of
+the job meets the same errors (they come from the same options), so only the first
+one (``RANK`` 0) prints them and all exit with the same status.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 import traceback
+from pathlib import Path
 
 import torch.distributed as dist
 
@@ -11,35 +21,84 @@ from .checkpoint import CheckpointError
 from .cli import PROG, ConfigError, parse_args
 
 
-def _error(message: str) -> None:
-    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+def _error(message: str, *, every_process: bool = False) -> None:
+    """One line on stderr: from the job's first process only, unless the error may be
+    this process's alone (its own checkpoint, its peers lost)."""
+    if every_process or os.environ.get("RANK", "0") == "0":
+        print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+
+
+# torchrun stops every process as soon as one exits with an error: a process other than
+# the first, stopping on an error the first one reports, leaves it this long to print it
+# (the processes start together, and reading the options takes them about as long).
+_REPORT_GRACE_S = 3.0
+
+
+def _leave_after_first(status: int) -> int:
+    """``status``, returned once the job's first process has reported the error all share."""
+    if os.environ.get("RANK", "0") != "0" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if dist.is_initialized():
+            dist.barrier()  # the first process reaches it after printing
+        else:
+            time.sleep(_REPORT_GRACE_S)
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command; returns the exit status (2: bad options, 1: the run failed)."""
     # Imported here so that --help and option errors come back without loading data or models.
-    from . import distributed
+    from . import distributed, resources, rundir
     from .data import DataError
-    from .loop import Trainer, TrainingStopped
+    from .loop import OwnCheckpointError, Trainer, TrainingStopped
 
     try:
         args, resume = parse_args(argv)
+        # The run a --resume continues: --resume RUN_DIR, or the --out-dir it names.
+        resumed_from = None if resume is None else Path(args.resume or args.out_dir)
+        if resume is not None:
+            rundir.check_resume(resume.get("config", {}), args, resumed_from)
         runtime = distributed.setup(args)
     except (ConfigError, CheckpointError) as e:
         _error(str(e))
-        return 2
+        return _leave_after_first(2)
     except dist.DistError as e:  # the other processes never came (rendezvous timeout)
-        _error(f"could not join the other processes: {e}")
+        _error(f"could not join the other processes: {e}", every_process=True)
         return 1
+    claimed = None
     try:
+        # Before anything is allocated; MemAvailable differs between processes, so they agree.
+        problem = None
+        try:
+            resources.check_memory(args, runtime.device,
+                                   int(os.environ.get("LOCAL_WORLD_SIZE", runtime.world_size)))
+        except ConfigError as e:
+            problem = str(e)
+        if (problem := runtime.first_error(problem)) is not None:
+            raise ConfigError(problem)
         trainer = Trainer(args, runtime, resume)
+        # The first process locks and checks the run directory; the others learn its verdict.
+        problem = None
+        if runtime.is_main:
+            try:
+                claimed = rundir.claim(args.out_dir, resumed_from)
+            except ConfigError as e:
+                problem = str(e)
+        if (problem := runtime.first_error(problem)) is not None:
+            raise ConfigError(problem)
         last = trainer.fit()
-    except ConfigError as e:
-        _error(str(e))
+    except OwnCheckpointError as e:
+        _error(f"process {runtime.rank}: {e}" if runtime.rank else str(e), every_process=True)
         return 2
-    except (DataError, CheckpointError, TrainingStopped) as e:
+    except (ConfigError, CheckpointError) as e:  # the same on every process: from the options
         _error(str(e))
-        return 1
+        if runtime.is_main and runtime.distributed:
+            dist.barrier()  # the others wait here for this line
+        return _leave_after_first(2)
+    except (DataError, TrainingStopped) as e:  # the same files, the same global loss
+        _error(str(e))
+        if runtime.is_main and runtime.distributed:
+            dist.barrier()
+        return _leave_after_first(1)
     except RuntimeError as e:
         if not runtime.distributed:
             raise
@@ -47,9 +106,11 @@ def main(argv: list[str] | None = None) -> int:
         # RuntimeError); the details stay above the one-line summary.
         traceback.print_exc()
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        _error(f"process {runtime.rank} of {runtime.world_size} stopped: {first}")
+        _error(f"process {runtime.rank} of {runtime.world_size} stopped: {first}", every_process=True)
         return 1
     finally:
+        if claimed is not None:
+            claimed.release()
         runtime.close()
     if runtime.is_main:
         acc = last["test_acc"]

@@ -53,6 +53,17 @@ class Runtime:
         job_rank = self.rank if self.job_rank is None else self.job_rank
         return Runtime(rank, world_size, self.device, group, job_rank)
 
+    def first_error(self, message: str | None) -> str | None:
+        """The first process's (by job rank) error among every process's ``message``
+        (None: no error), the same on every process of the job: for a check that only
+        some processes make or that may come out differently on each, after which all
+        must stop together or go on together."""
+        if not dist.is_initialized():
+            return message
+        messages: list[str | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(messages, message)
+        return next((m for m in messages if m is not None), None)
+
     def close(self) -> None:
         if dist.is_initialized():
             dist.destroy_process_group()

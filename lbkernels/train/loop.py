@@ -27,17 +27,33 @@ from . import checkpoint
 from .cli import CHECKPOINT_NAME, ConfigError, resolved
 from .data import DATASETS, TrainBatches, test_batches
 from .distributed import Runtime
-from .methods import METHODS, Context
+from .methods import METHODS, Context, peak_lr
 from .models import build_model
 from .report import Report
 
 EVAL_BATCH = 1024
 CHECKPOINT_FORMAT = 1
+# A run whose training accuracy stays within CHANCE_SE binomial standard errors above
+# chance (1 / classes) for two epochs in a row, both entirely after the warm-up and
+# neither the first (which starts from the random network), stops. Digits (1,437
+# samples, 10 classes): chance 10%, SE 0.79%, so the line is 12.4%; a network predicting
+# one class scores that class's share (9.6-10.2% on digits). Learning runs are far above
+# it by then: the default run has 91.5% in epoch 6, its first checked one; without
+# warm-up, SGD at --lr 0.01 (20x below its usual rate) has 21% and 47% in epochs 2-3.
+# --data synthetic, whose labels are random, is never checked.
+CHANCE_SE = 3
+_AT_CHANCE = "training accuracy at chance"
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TrainingStopped(RuntimeError):
-    """The run cannot go on (the loss stayed non-finite); a checkpoint was written."""
+    """The run cannot go on (the loss stayed non-finite, or it learns nothing); a
+    checkpoint was written."""
+
+
+class OwnCheckpointError(checkpoint.CheckpointError):
+    """This process's own checkpoint (``checkpoint.rank<R>.pt``) is missing, damaged or
+    out of step: an error the other processes may not share."""
 
 
 class Trainer:
@@ -54,9 +70,6 @@ class Trainer:
         self.device = runtime.device
         self.out_dir = Path(args.out_dir)
         self.checkpoint_path = self.out_dir / CHECKPOINT_NAME
-        if resume is None and self.checkpoint_path.exists():
-            raise ConfigError(f"--out-dir: {self.out_dir} already holds a run; continue it with "
-                              f"--resume {self.out_dir} or choose another --out-dir")
         self.report = Report(self.out_dir, active=runtime.is_main, quiet=args.quiet)
 
         _seed_everything(args.seed)
@@ -72,8 +85,13 @@ class Trainer:
             return ScheduledBatchSampler(n, lambda epoch: batch_size, rank=runtime.rank,
                                          world_size=runtime.world_size).num_batches(0)
 
-        self.recipe = METHODS[args.method].build(
-            Context(args, self.model, steps_per_epoch, runtime.rank, runtime.world_size))
+        try:
+            self.recipe = METHODS[args.method].build(
+                Context(args, self.model, steps_per_epoch, runtime.rank, runtime.world_size))
+        except ConfigError:
+            raise
+        except (ValueError, TypeError) as e:  # an optimizer or schedule refusing a value
+            raise ConfigError(f"--method {args.method}: {e}") from None
         self.batches = TrainBatches(self.dataset, self.recipe.batch_size, seed=args.seed,
                                     augment=args.augment, cutout=args.cutout,
                                     rank=runtime.rank, world_size=runtime.world_size)
@@ -84,6 +102,7 @@ class Trainer:
         self.steps = 0  # batches trained on, skipped ones included
         self.updates = 0  # updates applied
         self.bad_in_row = 0
+        self.epoch_skipped = 0  # steps of the epoch so far skipped for a non-finite loss
         self.elapsed = 0.0  # training seconds of earlier processes of this run
         self.epoch_sums = [0.0, 0.0, 0.0]  # loss sum, correct, samples of the epoch so far
         self.history: list[dict] = []
@@ -162,11 +181,38 @@ class Trainer:
             "test_loss": test_loss, "test_acc": test_acc,
             "wall_time": round(self.wall_time(), 3),
             **self.recipe.metrics(self, epoch),
+            "status": self._status(epoch, correct, count),
         }
         self.history.append(row)
         report.append_metrics(row)
         report.end_epoch(row, epochs, throughput)
-        self.epoch, self.epoch_sums = epoch + 1, [0.0, 0.0, 0.0]
+        self.epoch, self.epoch_sums, self.epoch_skipped = epoch + 1, [0.0, 0.0, 0.0], 0
+        if _AT_CHANCE in row["status"] and len(self.history) > 1 \
+                and _AT_CHANCE in (self.history[-2].get("status") or ""):
+            self.save()
+            raise TrainingStopped(self._at_chance_message())
+
+    def _status(self, epoch: int, correct: float, count: float) -> str:
+        """The metrics row's word on the epoch: skipped steps, accuracy at chance, or ""."""
+        words = [f"{self.epoch_skipped} steps skipped: non-finite loss"] if self.epoch_skipped else []
+        warmup_epochs = math.ceil(self.args.warmup_epochs)
+        if self.args.data != "synthetic" and epoch >= max(warmup_epochs, 1) and count:
+            chance = 1.0 / self.dataset.num_classes
+            line = chance + CHANCE_SE * math.sqrt(chance * (1 - chance) / count)
+            if correct / count <= line:
+                words.append(_AT_CHANCE)
+        return "; ".join(words)
+
+    def _at_chance_message(self) -> str:
+        a, b = self.history[-2], self.history[-1]
+        args = self.args
+        return (f"training accuracy stayed at chance after the warm-up ({100 * a['train_acc']:.1f}% "
+                f"and {100 * b['train_acc']:.1f}% in epochs {a['epoch']}-{b['epoch']}, chance "
+                f"{100 / self.dataset.num_classes:.1f}%): the learning rate is likely out of range "
+                f"for --method {args.method} (--lr {args.lr:g}, a peak of {peak_lr(args):.4g} at "
+                f"batch {args.batch_size}); start again with a smaller --lr or a longer "
+                f"--warmup-epochs (or a larger --lr if it barely moves the weights). Its last state is in "
+                f"{self.checkpoint_path}")
 
     def _step(self, x: torch.Tensor, y: torch.Tensor, total: int) -> None:
         """One step on this process's share (x, y) of a global batch of ``total``."""
@@ -188,11 +234,17 @@ class Trainer:
 
     def _skip(self, loss: float) -> None:
         self.bad_in_row += 1
+        self.epoch_skipped += 1
         limit = self.args.max_bad_steps
         self.report.message(f"step {self.steps} (epoch {self.epoch + 1}): loss is {loss}; "
                             f"update skipped ({self.bad_in_row} in a row)")
         if self.bad_in_row > limit:
             self.save()
+            # A row of the unfinished epoch in metrics.csv only (not in the history: a
+            # resumed run rewrites the file from the history and redoes the epoch).
+            self.report.append_metrics({
+                "epoch": self.epoch + 1, "step": self.steps, "updates": self.updates,
+                "status": f"stopped: {self.bad_in_row} steps in a row with a non-finite loss"})
             raise TrainingStopped(
                 f"{self.bad_in_row} steps in a row had a non-finite loss (--max-bad-steps {limit}); "
                 f"the run diverged: lower --lr or lengthen --warmup-epochs. Its last state is in "
@@ -251,7 +303,8 @@ class Trainer:
             "rng": checkpoint.rng_state(self.device),
             "progress": {
                 "epoch": self.epoch, "steps": self.steps, "updates": self.updates,
-                "bad_in_row": self.bad_in_row, "wall_time": self.wall_time(),
+                "bad_in_row": self.bad_in_row, "epoch_skipped": self.epoch_skipped,
+                "wall_time": self.wall_time(),
                 "epoch_sums": list(self.epoch_sums),
             },
             "history": self.history,
@@ -270,9 +323,12 @@ class Trainer:
     def _own_checkpoint(self, main: dict[str, Any]) -> dict[str, Any]:
         """This process's checkpoint, written beside the first process's ``main``."""
         path = self._own_checkpoint_path()
-        own = checkpoint.load(path)
+        try:
+            own = checkpoint.load(path)
+        except checkpoint.CheckpointError as e:
+            raise OwnCheckpointError(str(e)) from None
         if own.get("progress", {}).get("steps") != main["progress"]["steps"]:
-            raise checkpoint.CheckpointError(
+            raise OwnCheckpointError(
                 f"{path}: written at step {own.get('progress', {}).get('steps')}, but "
                 f"{self.checkpoint_path} at step {main['progress']['steps']}: the run stopped "
                 f"while its processes were writing; it cannot be resumed exactly")
@@ -281,19 +337,30 @@ class Trainer:
     def _restore(self, state: dict[str, Any]) -> None:
         if state.get("format") != CHECKPOINT_FORMAT:
             raise checkpoint.CheckpointError(
-                f"{self.checkpoint_path}: checkpoint format {state.get('format')!r}, "
-                f"this version reads {CHECKPOINT_FORMAT}")
-        self.model.load_state_dict(state["model"])
-        self.recipe.load_state_dict(state["method"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.batches.load_state_dict(state["data"])
-        checkpoint.set_rng_state(state["rng"], self.device)
-        p = state["progress"]
-        self.epoch, self.steps, self.updates = p["epoch"], p["steps"], p["updates"]
-        self.bad_in_row, self.elapsed = p["bad_in_row"], p["wall_time"]
-        self.epoch_sums = list(p["epoch_sums"])
-        self.history = list(state["history"])
-
+                f"--resume: checkpoint format {state.get('format')!r}, this version reads "
+                f"{CHECKPOINT_FORMAT}")
+        try:
+            self.model.load_state_dict(state["model"])
+            self.recipe.load_state_dict(state["method"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.batches.load_state_dict(state["data"])
+            checkpoint.set_rng_state(state["rng"], self.device)
+            p = state["progress"]
+            self.epoch, self.steps, self.updates = p["epoch"], p["steps"], p["updates"]
+            self.bad_in_row, self.elapsed = p["bad_in_row"], p["wall_time"]
+            self.epoch_skipped = p.get("epoch_skipped", 0)  # absent before the status column
+            self.epoch_sums = list(p["epoch_sums"])
+            self.history = list(state["history"])
+        except ConfigError:
+            raise
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+            # Options that change the state were refused before; what is left is a
+            # checkpoint whose content is not what this version writes.
+            what = f"no entry {e}" if isinstance(e, KeyError) else (
+                " ".join(str(e).split()) or type(e).__name__)
+            raise checkpoint.CheckpointError(
+                f"--resume: the checkpoint does not fit this run ({what[:300]}); was it written "
+                f"by another version of the command?") from None
 
 def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device

@@ -15,7 +15,9 @@ from tqdm import tqdm
 from .plots import plot_curves
 
 COLUMNS = ("epoch", "step", "updates", "lr", "batch_size", "noise_scale", "train_loss",
-           "train_acc", "test_loss", "test_acc", "wall_time", "phase")
+           "train_acc", "test_loss", "test_acc", "wall_time", "phase", "status")
+# status: empty, or what went wrong in the epoch (steps skipped for a non-finite loss,
+# training accuracy at chance, the run stopped).
 
 
 class Report:

@@ -1,0 +1,155 @@
+"""The run directory: one run at a time in it, no leftovers of killed saves, and no run
+overwritten by another or resumed with options that do not fit its checkpoint.
+
+The job's first process holds an exclusive ``flock`` on ``<out-dir>/.lock`` for the whole
+run: it alone writes ``checkpoint.pt``, ``metrics.csv`` and the plots, and the other
+processes of a ``torchrun`` job write their own files only while it runs, so its lock
+covers them all (a lock per process would also shut out the job's own processes). The
+kernel drops the lock when the process ends, however it ends, so a killed run never
+leaves the directory locked. The lock file stays: removing it would let a second run
+lock a new file while a third still waits on the old one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .cli import CHECKPOINT_NAME, ConfigError
+
+LOCK_NAME = ".lock"
+# What checkpoint.save leaves behind when its process is killed mid-write:
+# mkstemp(prefix=".checkpoint.pt.", suffix=".tmp"), and the same for checkpoint.rank<R>.pt.
+STALE_PATTERN = ".checkpoint*.pt.*.tmp"
+
+# Options a resumed run keeps: they decide the shapes and kinds of its checkpoint's state,
+# or the position it counts in. A change either fails to load or, worse, loads (LARS's
+# state into SGD trained on, 83.6% -> 9.4% test accuracy). Options that only steer the
+# rest of the run (--epochs, --lr, the schedule, --eval-every, ...) may change.
+_KEPT = ("method", "model", "width", "data", "seed", "batch_size", "amp")
+# Kept only where they mean something: {option: (option it depends on, its values)}.
+_KEPT_IF = {
+    "image_size": ("data", ("synthetic",)),
+    "synthetic_samples": ("data", ("synthetic",)),  # the data position counts these
+    "delay": ("method", ("delayed", "async-sim")),  # tau + 1 buffers and workers
+    "momentum_kind": ("method", ("delayed", "async-sim")),  # the optimizer's class
+    "delay_lars": ("method", ("delayed", "async-sim")),
+    "extrap_lars": ("method", ("extrap", "extrap-postlocal")),
+    "local_steps": ("method", ("extrap-postlocal",)),
+    "switch_epoch": ("method", ("extrap-postlocal",)),
+    "swap_group_size": ("method", ("swap",)),  # the sub-groups and per-process checkpoints
+    "swap_batch_size": ("method", ("swap",)),
+    "batch_schedule": ("method", ("growing-batch",)),  # the batch of every epoch
+    "max_batch": ("method", ("growing-batch",)),
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _shown(value: Any) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+def check_resume(saved: dict[str, Any], args: argparse.Namespace, run_dir: Path) -> None:
+    """Refuse to resume the run of ``saved`` (its checkpoint's config) with ``args`` that
+    change an option it keeps; the error names each such option, old and new."""
+    def kept(name: str) -> bool:
+        if name in _KEPT:
+            return True
+        on, values = _KEPT_IF[name]
+        return saved.get(on) in values
+
+    changed = [name for name in (*_KEPT, *_KEPT_IF)
+               if name in saved and hasattr(args, name) and kept(name)
+               and getattr(args, name) != saved[name]]
+    if changed:
+        given = ", ".join(f"{_flag(n)} {_shown(getattr(args, n))}" for n in changed)
+        before = ", ".join(f"{_flag(n)} {_shown(saved[n])}" for n in changed)
+        raise ConfigError(f"{given}: the run in {run_dir} was trained with {before}, which decide "
+                          f"what its checkpoint holds; a resumed run keeps them (start a new run "
+                          f"in another --out-dir to change them)")
+
+
+class RunDirectory:
+    """A run directory locked for this process (see :func:`claim`)."""
+
+    def __init__(self, path: Path, fd: int, removed: list[str]):
+        self.path = path
+        self.removed = removed  # stale files deleted when the run started
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the flock
+            self._fd = None
+
+
+def claim(out_dir: str | os.PathLike, resumed_from: str | os.PathLike | None) -> RunDirectory:
+    """Create ``out_dir`` if needed and lock it for this run; then, under the lock, refuse
+    a directory holding another run and remove the temporary files of killed saves.
+
+    ``resumed_from``: the run directory whose checkpoint this run continues (None: a new
+    run). Raises ConfigError naming --out-dir, having written nothing but the lock file.
+    """
+    path = Path(out_dir)
+    lock = path / LOCK_NAME
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        why = "a file, not a directory" if path.is_file() else (e.strerror or type(e).__name__)
+        raise ConfigError(f"--out-dir: cannot write to {path}: {why}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"--out-dir: {path} is in use by another run (it holds the lock on "
+                              f"{lock}); wait for that run to end or choose another --out-dir") from None
+        _check_writable(path)
+        _check_no_other_run(path, resumed_from)
+        removed = _remove_stale(path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return RunDirectory(path, fd, removed)
+
+
+def _check_writable(path: Path) -> None:
+    # The lock file may predate a change of permissions: the run writes new files here.
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise ConfigError(f"--out-dir: cannot write to {path}: {e.strerror or type(e).__name__}") from None
+
+
+def _check_no_other_run(path: Path, resumed_from: str | os.PathLike | None) -> None:
+    if not (path / CHECKPOINT_NAME).exists():
+        return
+    if resumed_from is None:
+        raise ConfigError(f"--out-dir: {path} already holds a run; continue it with "
+                          f"--resume {path} or choose another --out-dir")
+    source = Path(resumed_from)
+    if not (source.exists() and os.path.samefile(source, path)):
+        raise ConfigError(f"--out-dir: {path} holds another run than the one --resume {source} "
+                          f"continues, and its checkpoint would be overwritten; give an empty "
+                          f"--out-dir, or none to continue in {source}")
+
+
+def _remove_stale(path: Path) -> list[str]:
+    """Delete what killed saves left (only the lock holder writes here, so no save is
+    under way); returns their names."""
+    removed = []
+    for stale in sorted(path.glob(STALE_PATTERN)):
+        try:
+            stale.unlink()
+            removed.append(stale.name)
+        except FileNotFoundError:
+            pass
+    return removed
