@@ -185,14 +185,19 @@ def test_a_delay_beyond_the_memory_is_refused_before_allocating(tmp_path, capsys
     assert main(argv[:-1] + [str(tmp_path / "small")]) == 0  # the machine's own memory holds it
 
 
-@pytest.mark.parametrize("width", ["1e6", "1e12"])
-def test_a_width_beyond_the_memory_is_a_one_line_error(tmp_path, capsys, width):
+@pytest.mark.parametrize("argv, start, hint", [
     # --model cnn at 1e6: 9.2e16 parameters (a traceback from the allocator before); at
     # 1e12 its sizes overflow int64.
-    assert main(RUN + ["--model", "cnn", "--width", width, "--out-dir", str(tmp_path / "run")]) == 2
+    (["--model", "cnn", "--width", "1e6"], "--width: 1000000.0 needs at least ", "lower --width"),
+    (["--model", "cnn", "--width", "1e12"], "--width: 1000000000000.0 makes cnn too large to build",
+     "use a smaller --width"),
+    # 2,048 synthetic images of 3 x 1e5 x 1e5 bytes: 55.9 TiB.
+    (["--data", "synthetic", "--image-size", "100000"], "--image-size: 100000 needs 55.9 TiB", "available"),
+], ids=["width", "width-overflow", "image-size"])
+def test_values_beyond_the_memory_are_a_one_line_error(tmp_path, capsys, argv, start, hint):
+    assert main(RUN + argv + ["--out-dir", str(tmp_path / "run")]) == 2
     line = _one_line(capsys.readouterr().err)
-    assert line.startswith(f"lbk-train: error: --width: {float(width)} ")
-    assert "lower --width" in line or "use a smaller --width" in line
+    assert line.startswith(f"lbk-train: error: {start}") and hint in line
     assert not (tmp_path / "run").exists()
 
 

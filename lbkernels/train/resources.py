@@ -91,12 +91,18 @@ def check_memory(args: argparse.Namespace, device: torch.device, processes_here:
     run) exceed the memory available now."""
     if args.data not in _SHAPES:
         return
+    free = available_bytes(device)
+    sharing = processes_here if device.type == "cpu" else 1
+    if args.data == "synthetic" and free is not None:
+        # Its pools of up to 1,024 training and 1,024 test images, uint8.
+        images = (min(args.synthetic_samples, 1024) + 1024) * 3 * args.image_size ** 2 * sharing
+        if images > free:
+            raise ConfigError(f"--image-size: {args.image_size} needs {_size(images)} for the synthetic "
+                              f"images alone, but {_size(free)} of {device.type} memory is available")
     count = parameter_count(args)
     delayed = delay_copies(args)
     copies = BASE_COPIES + _METHOD_COPIES.get(args.method, 0) + delayed
-    sharing = processes_here if device.type == "cpu" else 1
     need = count * 4 * copies * sharing  # float32 parameters and state
-    free = available_bytes(device)
     if free is None or need <= free:
         return
     what = (f"at least {_size(need)}: {copies:,} copies of the {count:,} parameters of "
