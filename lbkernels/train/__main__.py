@@ -9,6 +9,7 @@ one (``RANK`` 0) prints them and all exit with the same status.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -44,6 +45,21 @@ def _leave_after_first(status: int) -> int:
     return status
 
 
+def _parse_args_once(argv: list[str] | None) -> tuple:
+    """parse_args, whose own output (argparse's usage and errors, --help) only the job's
+    first process prints; the others exit as it does, once it has printed."""
+    if os.environ.get("RANK", "0") == "0":
+        return parse_args(argv)
+    try:
+        with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), \
+                contextlib.redirect_stderr(null):
+            return parse_args(argv)
+    except SystemExit as e:
+        if e.code:
+            _leave_after_first(e.code)
+        raise
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the command; returns the exit status (2: bad options, 1: the run failed)."""
     # Imported here so that --help and option errors come back without loading data or models.
@@ -52,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     from .loop import OwnCheckpointError, Trainer, TrainingStopped
 
     try:
-        args, resume = parse_args(argv)
+        args, resume = _parse_args_once(argv)
         # The run a --resume continues: --resume RUN_DIR, or the --out-dir it names.
         resumed_from = None if resume is None else Path(args.resume or args.out_dir)
         if resume is not None:
