@@ -57,10 +57,11 @@ def extensions():
                     obj = self.compiler.object_filenames([src], output_dir=out_dir)[0]
                     newest = max(os.path.getmtime(p) for p in [src, *headers])
                     if not os.path.exists(obj) or os.path.getmtime(obj) < newest:
+                        # C++20, as cpp_extension compiles the other sources (and CMakeLists.txt).
                         self.compiler.compile(
                             [src], output_dir=out_dir, include_dirs=ext.include_dirs,
                             macros=[("CPU_CAPABILITY", cap), *ext.define_macros],
-                            extra_postargs=["-O3", "-std=c++17", "-fPIC", "-Wno-unknown-pragmas", *flags],
+                            extra_postargs=["-O3", "-std=c++20", "-fPIC", "-Wno-unknown-pragmas", *flags],
                         )
                     objects.append(obj)
             return objects

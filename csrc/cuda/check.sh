@@ -14,6 +14,10 @@
 #     c10/cuda/impl/cuda_cmake_macros.h (export macros only); the check then defines
 #     C10_CUDA_NO_CMAKE_CONFIGURE_FILE to do without it.
 #
+# A passing run is cached under ${LBK_CACHE_DIR:-~/.cache/lbkernels}, keyed on the content
+# of csrc/cuda/ and csrc/include/, the nvcc version and the torch version: unchanged
+# sources are not compiled again (minutes on two cores), changed ones are.
+#
 # Exits 0 with "nvcc not found: skipped" where there is no nvcc; non-zero on any error.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -27,6 +31,20 @@ fi
 PTXAS="$(dirname "$(command -v "$NVCC")")/ptxas"
 [ -x "$PTXAS" ] || PTXAS=ptxas
 
+key=$({
+  find csrc/cuda csrc/include -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum
+  "$NVCC" --version
+  "$PYTHON" -c 'import torch; print("torch", torch.__version__)' 2>/dev/null || echo "no torch"
+} | sha256sum | cut -c 1-16)
+cache=${LBK_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/lbkernels}
+log="$cache/cuda-check-$key.log"
+if [ -f "$log" ]; then
+  echo "cached: these sources passed with this nvcc and torch ($log)"
+  cat "$log"
+  exit 0
+fi
+
+check() {
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 
@@ -73,3 +91,11 @@ echo "host file: csrc/cuda/lars.cu compiled against torch $torch_version"
 echo "host file: csrc/cuda/average.cu compiled against torch $torch_version"
 echo "host file: csrc/cuda/extrap.cu compiled against torch $torch_version"
 echo "CUDA compile check passed"
+}
+
+mkdir -p "$cache"
+partial=$(mktemp "$cache/cuda-check.XXXXXX")
+trap 'rm -f "$partial"' EXIT
+(check) | tee "$partial"
+find "$cache" -maxdepth 1 -name 'cuda-check-*.log' -delete
+mv "$partial" "$log"
