@@ -36,11 +36,13 @@ _REPORT_GRACE_S = 3.0
 
 
 def _leave_after_first(status: int) -> int:
-    """``status``, returned once the job's first process has reported the error all share."""
-    if os.environ.get("RANK", "0") != "0" and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    """``status``, returned once the job's first process has reported the error all share
+    (call it after :func:`_error`)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if dist.is_initialized():
-            dist.barrier()  # the first process reaches it after printing
-        else:
+            with contextlib.suppress(RuntimeError):  # a process that did not share the error
+                dist.barrier()  # the first process reaches it after printing
+        elif os.environ.get("RANK", "0") != "0":
             time.sleep(_REPORT_GRACE_S)
     return status
 
@@ -107,13 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (ConfigError, CheckpointError) as e:  # the same on every process: from the options
         _error(str(e))
-        if runtime.is_main and runtime.distributed:
-            dist.barrier()  # the others wait here for this line
         return _leave_after_first(2)
     except (DataError, TrainingStopped) as e:  # the same files, the same global loss
         _error(str(e))
-        if runtime.is_main and runtime.distributed:
-            dist.barrier()
         return _leave_after_first(1)
     except RuntimeError as e:
         if not runtime.distributed:
