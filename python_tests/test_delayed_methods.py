@@ -19,9 +19,11 @@ from lbkernels.train.methods import METHODS, Context
 from lbkernels.train.models import build_model
 
 # Small runs (no BatchNorm) with a batch small enough for ~23 steps per epoch, so that a
-# delay of a few steps is a small part of an epoch.
+# delay of a few steps is a small part of an epoch. The base batch and the decay are
+# pinned: the methods' recipes differ there, and the comparisons need the same schedule.
 RUN = ["--model", "mlp", "--width", "0.25", "--epochs", "2", "--batch-size", "64",
-       "--lr", "2", "--warmup-epochs", "0.5", "--quiet"]
+       "--lr", "2", "--base-batch-size", "256", "--warmup-epochs", "0.5", "--decay", "poly",
+       "--quiet"]
 
 
 def _load(run_dir) -> dict:

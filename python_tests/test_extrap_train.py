@@ -18,8 +18,9 @@ from lbkernels.train.__main__ import main
 # Small runs (no BatchNorm, whose statistics are per process) with ~23 steps per epoch.
 # extrap-scale 0.1: with one process gamma = 0.1 * lr; at gamma = lr (scale 1, the rate of
 # K = 1 workers) this MLP diverges at lr 0.5 within the first epoch.
+# The base batch and the decay are pinned (the methods' recipes would set them).
 RUN = ["--model", "mlp", "--width", "0.25", "--epochs", "2", "--batch-size", "64",
-       "--lr", "2", "--warmup-epochs", "0.5", "--quiet"]
+       "--lr", "2", "--base-batch-size", "256", "--warmup-epochs", "0.5", "--decay", "poly", "--quiet"]
 EXTRAP = ["--method", "extrap", "--extrap-scale", "0.1"]
 POSTLOCAL = ["--method", "extrap-postlocal", "--extrap-scale", "0.1", "--switch-epoch", "1",
              "--local-steps", "3"]

@@ -76,8 +76,9 @@ def test_recipe_decay_epochs_move_with_epochs():
     assert decay("--epochs", "2") == ("step", [1, 2])
     assert decay("--epochs", "1") == ("step", [1])  # no repeated milestone
     assert decay("--decay-epochs", "5") == ("step", [5])
-    # Another --decay: the step milestones are not the recipe's to give.
+    # A --decay of the user's: the recipe's milestones detail its own schedule, not that one.
     assert decay("--decay", "poly") == ("poly", [])
+    assert decay("--decay", "step") == ("step", [])  # a constant rate after warm-up, as ever
 
 
 def test_show_config_prints_the_resolved_options_without_training(tmp_path, capsys):

@@ -26,7 +26,8 @@ WORLD = 3
 # updates); phase 2: 1 epoch at batch 96 per process (15 updates), then the average.
 SWAP_RUN = ["--method", "swap", "--model", "cnn", "--width", "0.25", "--epochs", "1",
             "--batch-size", "240", "--lr", "0.4", "--warmup-epochs", "0", "--swap-epochs", "1",
-            "--swap-batch-size", "96", "--swap-lr", "0.05", "--quiet", "--dist-timeout", "60"]
+            "--swap-batch-size", "96", "--swap-lr", "0.05", "--quiet", "--dist-timeout", "60",
+            "--base-batch-size", "256", "--decay", "poly", "--swap-stop-accuracy", "1"]  # not the recipe's
 STOP_AT = 6 + 6  # inside phase 2; the last checkpoint (every 5 steps) is at step 10
 
 
@@ -206,7 +207,8 @@ def test_swap_option_errors(tmp_path, capsys, flags, message):
 
 # -- swa -------------------------------------------------------------------------------------------
 SWA_RUN = ["--method", "swa", "--model", "cnn", "--width", "0.25", "--epochs", "2", "--batch-size", "128",
-           "--lr", "0.2", "--warmup-epochs", "0.5", "--swa-start", "1", "--swa-lr", "0.02", "--quiet"]
+           "--lr", "0.2", "--warmup-epochs", "0.5", "--swa-start", "1", "--swa-lr", "0.02", "--quiet",
+           "--base-batch-size", "256", "--decay", "poly"]  # not the recipe's
 
 
 def test_swa_command_end_to_end(tmp_path):

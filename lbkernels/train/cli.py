@@ -32,8 +32,8 @@ CHECKPOINT_NAME = "checkpoint.pt"
 _NOT_RECORDED = ("config", "resume", "show_config")
 # The key of config.yaml that lists the options whose values came from the method's recipe.
 FROM_RECIPE = "from_recipe"
-# Recipe options that belong to one --decay: taken from the recipe only with its --decay.
-_DECAY_OPTIONS = {"decay_epochs": "step", "decay_gamma": "step", "poly_power": "poly"}
+# Recipe options that detail the recipe's --decay: taken from it only with that --decay.
+_DECAY_OPTIONS = ("decay_epochs", "decay_gamma", "poly_power")
 
 
 class ConfigError(ValueError):
@@ -332,14 +332,14 @@ def apply_recipe(args: argparse.Namespace, fixed: set[str]) -> list[str]:
 
     The recipe's ``decay_epochs`` are epochs of the recipe's own ``epochs``: with another
     --epochs they move in proportion (15 23 of 30 become 20 30 of 40), so that the decay
-    keeps its place in the run. ``decay_epochs`` and ``decay_gamma`` come only with the
-    recipe's ``decay step``, ``poly_power`` only with its ``decay poly``: with another
-    --decay they keep the built-in defaults.
+    keeps its place in the run. ``decay_epochs``, ``decay_gamma`` and ``poly_power`` detail
+    the recipe's ``decay``: they come with it, not when --decay is set otherwise (``--decay
+    step`` alone has no milestones, as without a recipe).
     """
     recipe = METHODS[args.method].recipe
     filled = []
     for key in sorted(recipe, key=lambda k: k in _DECAY_OPTIONS):  # epochs and decay first
-        if key in fixed or (key in _DECAY_OPTIONS and args.decay != _DECAY_OPTIONS[key]):
+        if key in fixed or (key in _DECAY_OPTIONS and "decay" not in filled):
             continue
         value = recipe[key]
         if key == "decay_epochs":
