@@ -7,10 +7,11 @@
 #     and compiler versions: an unchanged tree is not rebuilt (a build takes minutes on
 #     two cores), a changed one is.
 #  2. Loads the built library into a Python process that imports lbkernels without its
-#     own compiled library (LBK_DISABLE_NATIVE=1: two libraries registering kernels for the
-#     same ops and dispatch key is an error), checks that it serves every op of
-#     lbkernels/_library.py on the CPU, and runs extrap_sgd_ (LARS, Nesterov momentum,
-#     past-gradient extrapolation) through it against the reference kernel in fp64.
+#     own compiled library (LBK_DISABLE_NATIVE=1: with both loaded, the later one's CPU
+#     kernels override the other's, and the check would not know whose ran), checks
+#     that it serves every op of lbkernels/_library.py on the CPU, and runs extrap_sgd_
+#     (LARS, Nesterov momentum, past-gradient extrapolation) through it against the
+#     reference kernel in fp64.
 #
 # Exits 0 with "cmake not found: skipped" where there is no cmake; non-zero on any error.
 set -euo pipefail
