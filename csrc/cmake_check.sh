@@ -31,7 +31,7 @@ key=$({
   "$CMAKE" --version | head -n 1
   "${CXX:-c++}" --version | head -n 1
 } | sha256sum | cut -c 1-16)
-cache=${LBK_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/lbkernels}
+cache=${LBK_CACHE_DIR:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/lbkernels}
 lib="$cache/cmake-$key/liblbkernels.so"
 
 if [ -f "$lib" ]; then

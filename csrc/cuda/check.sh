@@ -36,7 +36,7 @@ key=$({
   "$NVCC" --version
   "$PYTHON" -c 'import torch; print("torch", torch.__version__)' 2>/dev/null || echo "no torch"
 } | sha256sum | cut -c 1-16)
-cache=${LBK_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/lbkernels}
+cache=${LBK_CACHE_DIR:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/lbkernels}
 log="$cache/cuda-check-$key.log"
 if [ -f "$log" ]; then
   echo "cached: these sources passed with this nvcc and torch ($log)"
