@@ -208,6 +208,15 @@ def test_an_out_dir_that_cannot_be_written_is_a_one_line_error(tmp_path, capsys)
     assert f"--out-dir: cannot write to {blocker / 'run'}: " in _one_line(capsys.readouterr().err)
 
 
+def test_a_run_refused_while_it_is_built_leaves_no_directory(tmp_path, capsys):
+    # The directory is locked before the model and method are built; a bad value found
+    # while building them (here the batch) must not leave an empty run directory.
+    run = tmp_path / "runs" / "new"
+    assert main(RUN + ["--batch-size", "5000", "--out-dir", str(run)]) == 2
+    assert "--batch-size: 5000 is more than the 1437 training samples" in _one_line(capsys.readouterr().err)
+    assert not run.exists()
+
+
 # -- runs that learn nothing ------------------------------------------------------------------
 def test_a_run_at_chance_after_warm_up_stops_naming_the_learning_rate(tmp_path, capsys):
     run = tmp_path / "run"
@@ -254,3 +263,4 @@ def test_a_user_error_under_torchrun_is_one_line_from_the_first_process(tmp_path
     assert proc.stderr.count(message) == 1, proc.stderr
     # The launcher's own summary has a traceback of the launcher; none comes from the command.
     assert "lbkernels/train" not in proc.stderr and "exitcode  : 2" in proc.stderr, proc.stderr
+

@@ -82,27 +82,23 @@ def main(argv: list[str] | None = None) -> int:
     except dist.DistError as e:  # the other processes never came (rendezvous timeout)
         _error(f"could not join the other processes: {e}", every_process=True)
         return 1
-    claimed = None
+    claimed, started = None, False
     try:
-        # Before anything is allocated; MemAvailable differs between processes, so they agree.
+        # Before anything is allocated or written. Every process checks the memory (what
+        # is available differs between them); the first one also locks and checks the run
+        # directory; then all learn the first error, so that all stop or all go on.
         problem = None
         try:
             resources.check_memory(args, runtime.device,
                                    int(os.environ.get("LOCAL_WORLD_SIZE", runtime.world_size)))
+            if runtime.is_main:
+                claimed = rundir.claim(args.out_dir, resumed_from)
         except ConfigError as e:
             problem = str(e)
         if (problem := runtime.first_error(problem)) is not None:
             raise ConfigError(problem)
         trainer = Trainer(args, runtime, resume)
-        # The first process locks and checks the run directory; the others learn its verdict.
-        problem = None
-        if runtime.is_main:
-            try:
-                claimed = rundir.claim(args.out_dir, resumed_from)
-            except ConfigError as e:
-                problem = str(e)
-        if (problem := runtime.first_error(problem)) is not None:
-            raise ConfigError(problem)
+        started = True
         last = trainer.fit()
     except OwnCheckpointError as e:
         _error(f"process {runtime.rank}: {e}" if runtime.rank else str(e), every_process=True)
@@ -124,7 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     finally:
         if claimed is not None:
-            claimed.release()
+            # A run that never started leaves no directory behind (a bad option found
+            # while building it, say); one that started keeps its files.
+            claimed.release() if started else claimed.abandon()
         runtime.close()
     if runtime.is_main:
         acc = last["test_acc"]

@@ -13,6 +13,7 @@ lock a new file while a third still waits on the old one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import os
 import tempfile
@@ -79,8 +80,9 @@ def check_resume(saved: dict[str, Any], args: argparse.Namespace, run_dir: Path)
 class RunDirectory:
     """A run directory locked for this process (see :func:`claim`)."""
 
-    def __init__(self, path: Path, fd: int, removed: list[str]):
+    def __init__(self, path: Path, fd: int, created: bool, removed: list[str]):
         self.path = path
+        self.created = created  # by this claim
         self.removed = removed  # stale files deleted when the run started
         self._fd: int | None = fd
 
@@ -88,6 +90,16 @@ class RunDirectory:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
+
+    def abandon(self) -> None:
+        """Release a directory whose run never started: one this claim created goes
+        again (a run that another process opened the lock file of meanwhile sees it
+        gone, and refuses to start, see claim)."""
+        if self._fd is not None and self.created:
+            with contextlib.suppress(OSError):
+                (self.path / LOCK_NAME).unlink()
+                self.path.rmdir()  # only if empty
+        self.release()
 
 
 def claim(out_dir: str | os.PathLike, resumed_from: str | os.PathLike | None) -> RunDirectory:
@@ -99,6 +111,7 @@ def claim(out_dir: str | os.PathLike, resumed_from: str | os.PathLike | None) ->
     """
     path = Path(out_dir)
     lock = path / LOCK_NAME
+    created = not path.exists()
     try:
         path.mkdir(parents=True, exist_ok=True)
         fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -108,7 +121,11 @@ def claim(out_dir: str | os.PathLike, resumed_from: str | os.PathLike | None) ->
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            # The lock file may have been removed (RunDirectory.abandon) while this
+            # process waited to lock it: then the lock is on a file no one else sees.
+            if os.stat(lock).st_ino != os.fstat(fd).st_ino:
+                raise BlockingIOError
+        except (BlockingIOError, FileNotFoundError):
             raise ConfigError(f"--out-dir: {path} is in use by another run (it holds the lock on "
                               f"{lock}); wait for that run to end or choose another --out-dir") from None
         _check_writable(path)
@@ -117,7 +134,7 @@ def claim(out_dir: str | os.PathLike, resumed_from: str | os.PathLike | None) ->
     except BaseException:
         os.close(fd)
         raise
-    return RunDirectory(path, fd, removed)
+    return RunDirectory(path, fd, created, removed)
 
 
 def _check_writable(path: Path) -> None:
