@@ -121,8 +121,8 @@ def claim(out_dir: str | os.PathLike, resumed_from: str | os.PathLike | None) ->
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            # The lock file may have been removed (RunDirectory.abandon) while this
-            # process waited to lock it: then the lock is on a file no one else sees.
+            # A run that never started may have removed the lock file (RunDirectory.abandon)
+            # between this process's open and its lock: a lock on a file no one else sees.
             if os.stat(lock).st_ino != os.fstat(fd).st_ino:
                 raise BlockingIOError
         except (BlockingIOError, FileNotFoundError):
