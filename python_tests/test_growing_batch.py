@@ -117,7 +117,7 @@ def test_ghost_batch_converts_every_batch_norm(tmp_path):
     assert len(norms) == 3
     assert all(isinstance(m, GhostBatchNorm2d) and m.ghost_batch_size == 16 for m in norms)
     # The optimizer steps the converted model's parameters.
-    stepped = {id(p) for g in trainer.recipe.optimizer.param_groups for p in g["params"]}
+    stepped = {id(p) for g in trainer.plan.optimizer.param_groups for p in g["params"]}
     assert stepped == {id(p) for p in trainer.model.parameters()}
 
 

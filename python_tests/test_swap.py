@@ -239,20 +239,20 @@ def test_swa_equals_averaged_model_on_the_same_trajectory(tmp_path):
                                         "--out-dir", str(tmp_path)])
     trainer = loop.Trainer(args, distributed.setup(args))
     reference = torch.optim.swa_utils.AveragedModel(trainer.model)
-    averager = trainer.recipe.averager
+    averager = trainer.plan.averager
     update, points = averager.update, []
 
     def both(*a, **k):
         update(*a, **k)
         reference.update_parameters(trainer.model)
-        points.append(trainer.recipe.scheduler.last_epoch)  # updates so far
+        points.append(trainer.plan.scheduler.last_epoch)  # updates so far
 
     averager.update = both
     trainer.fit()
     # At the end of every 3-update cycle of the 12-update tail (after update 12), where
     # the update just taken had the cycle's lowest rate, --swa-lr.
     assert points == [15, 18, 21, 24] and averager.n_averaged == int(reference.n_averaged) == 4
-    factor, peak = trainer.recipe.scheduler.lr_lambdas[0], trainer.recipe.scheduler.base_lrs[0]
+    factor, peak = trainer.plan.scheduler.lr_lambdas[0], trainer.plan.scheduler.base_lrs[0]
     assert all(factor(n - 1) * peak == pytest.approx(0.02, rel=1e-12) for n in points)
     # Same recurrence avg += (w - avg) / (n + 1); AveragedModel multiplies by 1 / (n + 1)
     # (lerp) where average_ divides: each update may differ by an ulp of |w| < 4

@@ -61,7 +61,7 @@ class Trainer:
 
     Attributes a method's hooks may use: ``args``, ``runtime``, ``dataset``, ``model``
     (the network), ``net`` (what the steps call: ``model`` or its DDP wrapper),
-    ``recipe``, ``batches`` and :meth:`evaluate`.
+    ``plan``, ``batches`` and :meth:`evaluate`.
     """
 
     def __init__(self, args: argparse.Namespace, runtime: Runtime, resume: dict | None = None):
@@ -86,13 +86,13 @@ class Trainer:
                                          world_size=runtime.world_size).num_batches(0)
 
         try:
-            self.recipe = METHODS[args.method].build(
+            self.plan = METHODS[args.method].build(
                 Context(args, self.model, steps_per_epoch, runtime.rank, runtime.world_size))
         except ConfigError:
             raise
         except (ValueError, TypeError) as e:  # an optimizer or schedule refusing a value
             raise ConfigError(f"--method {args.method}: {e}") from None
-        self.batches = TrainBatches(self.dataset, self.recipe.batch_size, seed=args.seed,
+        self.batches = TrainBatches(self.dataset, self.plan.batch_size, seed=args.seed,
                                     augment=args.augment, cutout=args.cutout,
                                     rank=runtime.rank, world_size=runtime.world_size)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=args.amp == "fp16")
@@ -106,7 +106,7 @@ class Trainer:
         self.elapsed = 0.0  # training seconds of earlier processes of this run
         self.epoch_sums = [0.0, 0.0, 0.0]  # loss sum, correct, samples of the epoch so far
         self.history: list[dict] = []
-        self.recipe.attach(self)
+        self.plan.attach(self)
         if resume is not None:
             if resume.get("per_process") and not runtime.is_main:
                 resume = self._own_checkpoint(resume)
@@ -119,8 +119,8 @@ class Trainer:
             self.net = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 process_group=self.runtime.group)
-            if self.recipe.comm_hook is not None:
-                self.net.register_comm_hook(*self.recipe.comm_hook)
+            if self.plan.comm_hook is not None:
+                self.net.register_comm_hook(*self.plan.comm_hook)
 
     # -- the run ------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -132,13 +132,13 @@ class Trainer:
         report.write_metrics(self.history)
         self._started = time.perf_counter()
         try:
-            while self.epoch < self.recipe.num_epochs(args.epochs):
+            while self.epoch < self.plan.num_epochs(args.epochs):
                 self._run_epoch(self.epoch)
-                done = self.epoch == self.recipe.num_epochs(args.epochs)
+                done = self.epoch == self.plan.num_epochs(args.epochs)
                 if done or (args.checkpoint_every and self.epoch % args.checkpoint_every == 0):
                     self.save()
         finally:
-            self.recipe.on_train_end(self)
+            self.plan.on_train_end(self)
             report.close()
             report.plot(self.history, f"{args.method} / {args.model} / {args.data}, "
                                       f"batch {args.batch_size}")
@@ -146,10 +146,10 @@ class Trainer:
 
     def _run_epoch(self, epoch: int) -> None:
         args, report = self.args, self.report
-        self.recipe.on_epoch_start(self, epoch)
+        self.plan.on_epoch_start(self, epoch)
         self.net.train()
         steps = self.batches.num_batches(epoch)
-        report.start_epoch(epoch, self.recipe.num_epochs(args.epochs), steps, self.batches.taken(epoch))
+        report.start_epoch(epoch, self.plan.num_epochs(args.epochs), steps, self.batches.taken(epoch))
         samples, t0 = 0, time.perf_counter()
         for x, y, total in self.batches.epoch(epoch):
             self._step(x, y, total)
@@ -160,14 +160,14 @@ class Trainer:
             if args.checkpoint_every_steps and self.steps % args.checkpoint_every_steps == 0:
                 self.save()
         throughput = samples / max(time.perf_counter() - t0, 1e-9)
-        self.recipe.on_epoch_end(self, epoch)
-        epochs = self.recipe.num_epochs(args.epochs)
+        self.plan.on_epoch_end(self, epoch)
+        epochs = self.plan.num_epochs(args.epochs)
 
         test_loss = test_acc = None
         if (epoch + 1) % args.eval_every == 0 or epoch + 1 == epochs:
             test_loss, test_acc = self.evaluate()
         loss_sum, correct, count = self.epoch_sums
-        group, batch_size = self.recipe.optimizer.param_groups[0], self.recipe.batch_size(epoch)
+        group, batch_size = self.plan.optimizer.param_groups[0], self.plan.batch_size(epoch)
         row = {
             "epoch": epoch + 1, "step": self.steps, "updates": self.updates,
             "lr": group["lr"], "batch_size": batch_size,
@@ -180,7 +180,7 @@ class Trainer:
             "train_acc": correct / count if count else None,
             "test_loss": test_loss, "test_acc": test_acc,
             "wall_time": round(self.wall_time(), 3),
-            **self.recipe.metrics(self, epoch),
+            **self.plan.metrics(self, epoch),
             "status": self._status(epoch, correct, count),
         }
         self.history.append(row)
@@ -216,18 +216,18 @@ class Trainer:
 
     def _step(self, x: torch.Tensor, y: torch.Tensor, total: int) -> None:
         """One step on this process's share (x, y) of a global batch of ``total``."""
-        self.recipe.optimizer.zero_grad(set_to_none=True)
-        loss_sum, correct = self.recipe.forward_backward(self, x, y, total)
+        self.plan.optimizer.zero_grad(set_to_none=True)
+        loss_sum, correct = self.plan.forward_backward(self, x, y, total)
         # Every process agrees on the global loss before anyone steps: one process with a
         # non-finite loss makes them all skip, and the metrics are those of the whole batch.
         loss_total, correct = self.runtime.sum(torch.stack([loss_sum.double(), correct.double()])).tolist()
         self.steps += 1
         if not math.isfinite(loss_total):
-            self.recipe.optimizer.zero_grad(set_to_none=True)
+            self.plan.optimizer.zero_grad(set_to_none=True)
             self._skip(loss_total)
             return
         self.bad_in_row = 0
-        if self.recipe.step(self.scaler):
+        if self.plan.step(self.scaler):
             self.updates += 1
         sums = self.epoch_sums
         sums[0], sums[1], sums[2] = sums[0] + loss_total, sums[1] + correct, sums[2] + total
@@ -252,8 +252,8 @@ class Trainer:
 
     def evaluate(self) -> tuple[float, float]:
         """Mean loss and accuracy on the test set (each process takes a share), of the
-        weights the method evaluates (:meth:`Recipe.eval_context`)."""
-        with self.recipe.eval_context(self):
+        weights the method evaluates (:meth:`Plan.eval_context`)."""
+        with self.plan.eval_context(self):
             return self._evaluate()
 
     @torch.no_grad()
@@ -283,14 +283,14 @@ class Trainer:
     # -- checkpoints ----------------------------------------------------------------------------
     def save(self) -> None:
         """Checkpoint the run: the first process writes it. While the method says the
-        processes hold different states (:meth:`Recipe.shared_state`), every other
+        processes hold different states (:meth:`Plan.shared_state`), every other
         process also writes its own, ``checkpoint.rank<R>.pt``, which it resumes from."""
-        shared = self.recipe.shared_state()
+        shared = self.plan.shared_state()
         if not (self.runtime.is_main or not shared):
             return
         # The method's state first: its eval_context may change the weights for a while.
-        method_state = self.recipe.state_dict()
-        with self.recipe.eval_context(self):
+        method_state = self.plan.state_dict()
+        with self.plan.eval_context(self):
             # The weights the method evaluates, copied: those in the block are transient.
             model_state = {k: v.clone() for k, v in self.model.state_dict().items()}
         state = {
@@ -341,7 +341,7 @@ class Trainer:
                 f"{CHECKPOINT_FORMAT}")
         try:
             self.model.load_state_dict(state["model"])
-            self.recipe.load_state_dict(state["method"])
+            self.plan.load_state_dict(state["method"])
             self.scaler.load_state_dict(state["scaler"])
             self.batches.load_state_dict(state["data"])
             checkpoint.set_rng_state(state["rng"], self.device)
