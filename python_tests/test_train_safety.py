@@ -68,10 +68,13 @@ def test_resume_into_a_directory_holding_another_run_is_refused(lars_run, tmp_pa
 
 @pytest.mark.parametrize("change, named", [
     # Loaded silently before: LARS's state trained on by SGD.
-    (["--method", "sgd", "--width", "0.5"], "--method sgd, --width 0.5: the run in {run} was trained "
-                                            "with --method lars, --width 0.25"),
+    (["--method", "sgd", "--width", "0.5"], "--width 0.5, --method sgd: the run in {run} was trained "
+                                            "with --width 0.25, --method lars"),
     (["--seed", "3"], "--seed 3: the run in {run} was trained with --seed 0"),  # a ValueError traceback
     (["--batch-size", "128"], "--batch-size 128: "),  # silently counted its position in other batches
+    # Ignored without a word before: the optimizer and schedule states bring back lr 5, momentum 0.9.
+    (["--lr", "0.5", "--momentum", "0.5"], "--lr 0.5, --momentum 0.5: the run in {run} was trained "
+                                           "with --lr 5.0, --momentum 0.9"),
 ])
 def test_resume_with_options_that_change_the_state_is_refused(lars_run, tmp_path, capsys, change, named):
     run = _copy(lars_run, tmp_path / "run")

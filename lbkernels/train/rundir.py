@@ -20,33 +20,25 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .cli import CHECKPOINT_NAME, ConfigError
+from .cli import CHECKPOINT_NAME, FROM_RECIPE, ConfigError
 
 LOCK_NAME = ".lock"
 # What checkpoint.save leaves behind when its process is killed mid-write:
 # mkstemp(prefix=".checkpoint.pt.", suffix=".tmp"), and the same for checkpoint.rank<R>.pt.
 STALE_PATTERN = ".checkpoint*.pt.*.tmp"
 
-# Options a resumed run keeps: they decide the shapes and kinds of its checkpoint's state,
-# or the position it counts in. A change either fails to load or, worse, loads (LARS's
-# state into SGD trained on, 83.6% -> 9.4% test accuracy). Options that only steer the
-# rest of the run (--epochs, --lr, the schedule, --eval-every, ...) may change.
-_KEPT = ("method", "model", "width", "data", "seed", "batch_size", "amp")
-# Kept only where they mean something: {option: (option it depends on, its values)}.
-_KEPT_IF = {
-    "image_size": ("data", ("synthetic",)),
-    "synthetic_samples": ("data", ("synthetic",)),  # the data position counts these
-    "delay": ("method", ("delayed", "async-sim")),  # tau + 1 buffers and workers
-    "momentum_kind": ("method", ("delayed", "async-sim")),  # the optimizer's class
-    "delay_lars": ("method", ("delayed", "async-sim")),
-    "extrap_lars": ("method", ("extrap", "extrap-postlocal")),
-    "local_steps": ("method", ("extrap-postlocal",)),
-    "switch_epoch": ("method", ("extrap-postlocal",)),
-    "swap_group_size": ("method", ("swap",)),  # the sub-groups and per-process checkpoints
-    "swap_batch_size": ("method", ("swap",)),
-    "batch_schedule": ("method", ("growing-batch",)),  # the batch of every epoch
-    "max_batch": ("method", ("growing-batch",)),
-}
+# Options a resumed run may change, and that take effect when it does: how long it goes on,
+# how it reports, checkpoints and waits, where it reads its data, and the shape of the
+# learning-rate schedule (rebuilt from the options; its peak rates come from the checkpoint).
+# Every other option is held by the checkpoint or decides what it holds, and a change would
+# fail to load, load into the wrong thing (LARS's state trained on by SGD: 83.6% -> 9.4% test
+# accuracy) or be ignored without a word (--lr, --momentum: the optimizer and schedule states
+# bring back the recorded values): refused, naming the options.
+_MAY_CHANGE = frozenset({
+    "out_dir", "epochs", "eval_every", "checkpoint_every", "checkpoint_every_steps",
+    "max_bad_steps", "quiet", "device", "dist_timeout", "data_dir",
+    "warmup_epochs", "decay", "poly_power", "decay_epochs", "decay_gamma", FROM_RECIPE,
+})
 
 
 def _flag(name: str) -> str:
@@ -59,22 +51,16 @@ def _shown(value: Any) -> str:
 
 def check_resume(saved: dict[str, Any], args: argparse.Namespace, run_dir: Path) -> None:
     """Refuse to resume the run of ``saved`` (its checkpoint's config) with ``args`` that
-    change an option it keeps; the error names each such option, old and new."""
-    def kept(name: str) -> bool:
-        if name in _KEPT:
-            return True
-        on, values = _KEPT_IF[name]
-        return saved.get(on) in values
-
-    changed = [name for name in (*_KEPT, *_KEPT_IF)
-               if name in saved and hasattr(args, name) and kept(name)
-               and getattr(args, name) != saved[name]]
+    change an option outside ``_MAY_CHANGE``; the error names each, old and new."""
+    changed = [name for name, value in saved.items()
+               if name not in _MAY_CHANGE and hasattr(args, name) and getattr(args, name) != value]
     if changed:
         given = ", ".join(f"{_flag(n)} {_shown(getattr(args, n))}" for n in changed)
         before = ", ".join(f"{_flag(n)} {_shown(saved[n])}" for n in changed)
-        raise ConfigError(f"{given}: the run in {run_dir} was trained with {before}, which decide "
-                          f"what its checkpoint holds; a resumed run keeps them (start a new run "
-                          f"in another --out-dir to change them)")
+        raise ConfigError(f"{given}: the run in {run_dir} was trained with {before}, which its "
+                          f"checkpoint holds or depends on; a resumed run keeps them and may change "
+                          f"only its length, schedule shape, reporting and checkpointing (start a "
+                          f"new run in another --out-dir to change them)")
 
 
 class RunDirectory:
