@@ -8,6 +8,8 @@ dead process ends the others' run with an error.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -64,9 +66,17 @@ class Runtime:
         dist.all_gather_object(messages, message)
         return next((m for m in messages if m is not None), None)
 
-    def close(self) -> None:
+    def close(self, finished: bool = False) -> None:
+        """Leave the job. ``finished`` (every process ran to the end): first wait until
+        all have done their last collective, so that none tears its connections down
+        while a peer still uses them. Then the process groups go, and with them (once
+        nothing else holds them) gloo's threads."""
         if dist.is_initialized():
+            if finished and self.distributed:
+                with contextlib.suppress(RuntimeError):  # a peer already lost
+                    dist.barrier()
             dist.destroy_process_group()
+        gc.collect()
 
 
 def _env_int(name: str, default: int) -> int:
