@@ -147,5 +147,11 @@ def _leave(status: int) -> None:
     sys.exit(status)
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """``python -m lbkernels.train`` and the ``lbk-train`` script: :func:`main`, then
+    :func:`_leave` with its status."""
     _leave(main())
+
+
+if __name__ == "__main__":
+    run()
