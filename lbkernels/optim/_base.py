@@ -303,8 +303,10 @@ class FusedOptimizer(Optimizer):
                         check_grads(params, grads)
                     except (TypeError, ValueError) as e:
                         raise type(e)(f"param group {g}: {e}") from None
-            work.append((group, grads, has_grad))
-        return [(group, grads, self._group_buckets(group, has_grad)) for group, grads, has_grad in work]
+            work.append((group, grads, has_grad, None if entry is None else entry[1]))
+        # Buckets not cached yet are made only now: making them creates lazy state.
+        return [(group, grads, self._group_buckets(group, has_grad) if buckets is None else buckets)
+                for group, grads, has_grad, buckets in work]
 
     def _recheck_group(self, g: int, group: dict) -> None:
         """Checks ``group``'s hyper-parameters again when one changed since its last step
