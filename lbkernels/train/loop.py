@@ -348,7 +348,7 @@ class Trainer:
             p = state["progress"]
             self.epoch, self.steps, self.updates = p["epoch"], p["steps"], p["updates"]
             self.bad_in_row, self.elapsed = p["bad_in_row"], p["wall_time"]
-            self.epoch_skipped = p.get("epoch_skipped", 0)  # absent before the status column
+            self.epoch_skipped = p["epoch_skipped"]
             self.epoch_sums = list(p["epoch_sums"])
             self.history = list(state["history"])
         except ConfigError:
