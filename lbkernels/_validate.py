@@ -62,17 +62,36 @@ def check_scalar_tensor(name: str, t: torch.Tensor | None) -> None:
         raise ValueError(f"{name} must hold exactly one element, got shape {tuple(t.shape)}")
 
 
-def check_int(name: str, value: Any, minimum: int) -> int:
-    """``value`` as an int >= ``minimum`` (bools and floats refused); ValueError naming ``name``."""
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+def check_int(name: str, value: Any, minimum: int = 0, *, maximum: int | None = None,
+              error: type[Exception] = ValueError, allow_none: bool = False) -> int | None:
+    """``value`` as an int in ``[minimum, maximum]`` (None passes with ``allow_none``).
+
+    Bools and floats are refused with ``error`` (``TypeError`` where a caller's API says a
+    wrong type is one), a value out of range with ValueError; both messages name ``name``.
+    """
+    if value is None and allow_none:
+        return None
+    bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
     try:
+        if isinstance(value, bool):  # True is no count of anything
+            raise TypeError
         value = operator.index(value)
     except TypeError:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        raise error(f"{name} must be an integer {bound}{' or None' if allow_none else ''}, "
+                    f"got {value!r}") from None
+    if value < minimum or (maximum is not None and value > maximum):
+        raise ValueError(f"{name} must be {bound}, got {value}")
     return value
+
+
+def tensor_list(name: str, value: Any) -> list[torch.Tensor]:
+    """A module's parameters, or the items of an iterable, as a list; a lone tensor is
+    refused (TypeError naming ``name``): iterating it would yield its rows."""
+    if isinstance(value, torch.nn.Module):
+        return list(value.parameters())
+    if isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a module or an iterable of tensors, not a single tensor")
+    return list(value)
 
 
 def check_number(name: str, value: Any, *, positive: bool = False, tensor: bool = False,

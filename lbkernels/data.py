@@ -6,12 +6,13 @@ the learning rate (see :class:`lbkernels.schedules.BatchSizeSchedule`).
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable, Iterator
-from typing import Any, Protocol, Union
+from typing import Protocol, Union
 
 import torch
 from torch.utils.data import Sampler
+
+from ._validate import check_int
 
 
 class _HasAt(Protocol):
@@ -19,16 +20,6 @@ class _HasAt(Protocol):
 
 
 BatchSchedule = Union[_HasAt, Callable[[int], int]]
-
-
-def _index(name: str, value: Any, minimum: int) -> int:
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an integer, got {value!r}") from None
-    if v < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {v}")
-    return v
 
 
 def split_evenly(total: int, parts: int) -> list[int]:
@@ -90,15 +81,15 @@ class ScheduledBatchSampler(Sampler[list[int]]):
             initialised = dist.is_available() and dist.is_initialized()
             world_size = (dist.get_world_size() if initialised else 1) if world_size is None else world_size
             rank = (dist.get_rank() if initialised else 0) if rank is None else rank
-        self.world_size = _index("world_size", world_size, 1)
-        self.rank = _index("rank", rank, 0)
+        self.world_size = check_int("world_size", world_size, 1)
+        self.rank = check_int("rank", rank, 0)
         if self.rank >= self.world_size:
             raise ValueError(f"rank must be < world_size, got rank {self.rank} with world_size {self.world_size}")
-        self.dataset_size = _index("dataset_size", dataset_size, self.world_size)
+        self.dataset_size = check_int("dataset_size", dataset_size, self.world_size)
         if not (hasattr(schedule, "at") or callable(schedule)):
             raise ValueError("schedule must have .at(epoch) -> (lr, batch_size) or be a callable epoch -> batch_size")
         self.schedule = schedule
-        self.seed = _index("seed", seed, 0)
+        self.seed = check_int("seed", seed, 0)
         self.drop_last = bool(drop_last)
         self.epoch = 0
         self._resume = 0  # batch of self.epoch the next iteration starts at
@@ -107,7 +98,7 @@ class ScheduledBatchSampler(Sampler[list[int]]):
     def batch_size(self, epoch: int) -> int:
         """The global batch ``B(epoch)`` the schedule asks for."""
         b = self.schedule.at(epoch)[1] if hasattr(self.schedule, "at") else self.schedule(epoch)
-        b = _index(f"batch size of epoch {epoch}", b, 1)
+        b = check_int(f"batch size of epoch {epoch}", b, 1)
         if b < self.world_size:
             raise ValueError(f"the global batch of epoch {epoch} is {b}, smaller than world_size {self.world_size}")
         return b
@@ -131,7 +122,7 @@ class ScheduledBatchSampler(Sampler[list[int]]):
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch the next iteration draws from. Staying on the current epoch
         keeps a position restored by :meth:`load_state_dict`; a new epoch starts at 0."""
-        epoch = _index("epoch", epoch, 0)
+        epoch = check_int("epoch", epoch, 0)
         if epoch != self.epoch:
             self.epoch, self._resume, self._step = epoch, 0, 0
 
@@ -164,7 +155,7 @@ class ScheduledBatchSampler(Sampler[list[int]]):
         epoch. A ``DataLoader`` with workers fetches batches ahead of the training loop;
         then pass the number of steps the loop has completed.
         """
-        step = self._step if step is None else _index("step", step, 0)
+        step = self._step if step is None else check_int("step", step, 0)
         return {"epoch": self.epoch, "step": step, "seed": self.seed, "dataset_size": self.dataset_size}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
@@ -172,8 +163,8 @@ class ScheduledBatchSampler(Sampler[list[int]]):
         for key in ("seed", "dataset_size"):
             if state[key] != getattr(self, key):
                 raise ValueError(f"state was saved with {key}={state[key]}, this sampler has {getattr(self, key)}")
-        epoch = _index("epoch", state["epoch"], 0)
-        step = _index("step", state["step"], 0)
+        epoch = check_int("epoch", state["epoch"], 0)
+        step = check_int("step", state["step"], 0)
         if step > self.num_batches(epoch):
             raise ValueError(f"step {step} is past the {self.num_batches(epoch)} batches of epoch {epoch}")
         self.epoch, self._resume, self._step = epoch, step, step

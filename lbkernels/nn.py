@@ -10,25 +10,33 @@ learning rate.
 
 from __future__ import annotations
 
-import operator
-
 import torch
 from torch import Tensor, nn
 
+from ._validate import check_int
+
 
 class _GhostBatchNorm:
-    """The ghost forward, shared by the 1d and 2d modules (mixed into nn.BatchNormNd)."""
+    """The constructor and ghost forward of the 1d and 2d modules (mixed into nn.BatchNormNd)."""
 
     ghost_batch_size: int
 
+    def __init__(
+        self,
+        num_features: int,
+        ghost_batch_size: int = 128,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self._set_ghost_batch_size(ghost_batch_size)
+
     def _set_ghost_batch_size(self, ghost_batch_size: int) -> None:
-        try:
-            g = operator.index(ghost_batch_size)
-        except TypeError:
-            raise ValueError(f"ghost_batch_size must be an integer, got {ghost_batch_size!r}") from None
-        if g < 1:
-            raise ValueError(f"ghost_batch_size must be >= 1, got {g}")
-        self.ghost_batch_size = g
+        self.ghost_batch_size = check_int("ghost_batch_size", ghost_batch_size, 1)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", ghost_batch_size={self.ghost_batch_size}"
@@ -78,37 +86,9 @@ _DOC = r"""Ghost batch normalisation over {input}: batch norm of every ghost bat
 class GhostBatchNorm1d(_GhostBatchNorm, nn.BatchNorm1d):
     __doc__ = _DOC.format(input="``(N, C)`` or ``(N, C, L)``", base="nn.BatchNorm1d")
 
-    def __init__(
-        self,
-        num_features: int,
-        ghost_batch_size: int = 128,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device=None,
-        dtype=None,
-    ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
-        self._set_ghost_batch_size(ghost_batch_size)
-
 
 class GhostBatchNorm2d(_GhostBatchNorm, nn.BatchNorm2d):
     __doc__ = _DOC.format(input="``(N, C, H, W)``", base="nn.BatchNorm2d")
-
-    def __init__(
-        self,
-        num_features: int,
-        ghost_batch_size: int = 128,
-        eps: float = 1e-5,
-        momentum: float | None = 0.1,
-        affine: bool = True,
-        track_running_stats: bool = True,
-        device=None,
-        dtype=None,
-    ) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
-        self._set_ghost_batch_size(ghost_batch_size)
 
 
 _GHOST_OF = {nn.BatchNorm1d: GhostBatchNorm1d, nn.BatchNorm2d: GhostBatchNorm2d}

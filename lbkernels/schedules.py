@@ -62,16 +62,6 @@ def warmup_multistep(
 # --------------------------------------------------------------------------------------
 
 
-def _positive_int(name: str, value) -> int:
-    try:
-        v = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an integer, got {value!r}") from None
-    if v <= 0:
-        raise ValueError(f"{name} must be > 0, got {v}")
-    return v
-
-
 def _positive_float(name: str, value, *, above: float = 0.0) -> float:
     try:
         v = float(value)
@@ -110,8 +100,8 @@ def noise_scale(
         raise ValueError(f"lr must be a number, got {lr!r}") from None
     if not (math.isfinite(lr) and lr >= 0):
         raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
-    n = _positive_int("dataset_size", dataset_size)
-    b = _positive_int("batch_size", batch_size)
+    n = check_int("dataset_size", dataset_size, 1)
+    b = check_int("batch_size", batch_size, 1)
     if b > n:
         raise ValueError(f"batch_size must be <= dataset_size, got {b} > {n}")
     m = _check_momentum("momentum", momentum)
@@ -126,7 +116,7 @@ def scale_lr_with_batch(lr: float, batch_size: int, factor: float) -> tuple[floa
     become 0.5 and 640 with ``factor=5``). The batch is rounded to the nearest integer.
     """
     lr = _positive_float("lr", lr)
-    b = _positive_int("batch_size", batch_size)
+    b = check_int("batch_size", batch_size, 1)
     factor = _positive_float("factor", factor)
     new_b = round(b * factor)
     if new_b < 1:
@@ -143,7 +133,7 @@ def scale_batch_with_momentum(batch_size: int, momentum: float, new_momentum: fl
     Example: momentum 0.9 -> 0.98 turns a batch of 640 into 3200. Rounded to the nearest
     integer.
     """
-    b = _positive_int("batch_size", batch_size)
+    b = check_int("batch_size", batch_size, 1)
     m = _check_momentum("momentum", momentum)
     m_new = _check_momentum("new_momentum", new_momentum)
     return max(1, round(b * (1.0 - m) / (1.0 - m_new)))
@@ -210,7 +200,7 @@ class BatchSizeSchedule:
         mode: str = "increase_batch",
     ) -> None:
         self.lr = _positive_float("lr", lr)
-        self.batch_size = _positive_int("batch_size", batch_size)
+        self.batch_size = check_int("batch_size", batch_size, 1)
         try:
             ms = [operator.index(m) for m in milestones]
         except TypeError:
@@ -223,7 +213,7 @@ class BatchSizeSchedule:
         # A decay multiplier (gamma=0.2) passed by habit would grow the noise: say so.
         self.factor = _positive_float("factor (the divisor of the noise scale, e.g. 5)", factor, above=1.0)
         if max_batch is not None:
-            max_batch = _positive_int("max_batch", max_batch)
+            max_batch = check_int("max_batch", max_batch, 1)
             if max_batch < self.batch_size:
                 raise ValueError(f"max_batch must be >= batch_size, got {max_batch} < {self.batch_size}")
         self.max_batch = max_batch
@@ -268,7 +258,7 @@ class BatchSizeSchedule:
 
     def updates(self, dataset_size: int, epochs: int, drop_last: bool = False) -> int:
         """Number of optimizer steps over ``epochs`` epochs of ``dataset_size`` samples."""
-        n = _positive_int("dataset_size", dataset_size)
+        n = check_int("dataset_size", dataset_size, 1)
         if epochs < 0:
             raise ValueError(f"epochs must be >= 0, got {epochs}")
         per_epoch = (lambda b: n // b) if drop_last else (lambda b: -(-n // b))
@@ -304,10 +294,6 @@ _DELAY_RULES = ("stability", "inverse")
 _MOMENTUM_KINDS = ("none", "standard", "shifted")
 
 
-def _delay(name: str, value) -> int:
-    return check_int(name, value, 0)
-
-
 def delay_scaled_lr(lr0: float, tau: int, rule: str = "stability") -> float:
     r"""The learning rate for gradients that are ``tau`` steps stale, from the synchronous ``lr0``.
 
@@ -323,7 +309,7 @@ def delay_scaled_lr(lr0: float, tau: int, rule: str = "stability") -> float:
     inverse rule at ``tau = 2``, 0.83 at ``tau = 8``, tending to ``pi / 4``.
     """
     lr0 = _positive_float("lr0", lr0)
-    tau = _delay("tau", tau)
+    tau = check_int("tau", tau)
     if rule == "stability":
         return lr0 * math.sin(math.pi / (4 * tau + 2))
     if rule == "inverse":
@@ -379,7 +365,7 @@ def stability_threshold(tau: int, momentum: float = 0.0, kind: str = "none") -> 
         momentum: ``m`` in ``[0, 1)``; must be 0 for ``kind="none"``.
         kind: ``"none"``, ``"standard"`` or ``"shifted"``.
     """
-    tau = _delay("tau", tau)
+    tau = check_int("tau", tau)
     m = _check_momentum("momentum", momentum)
     if kind not in _MOMENTUM_KINDS:
         raise ValueError(f"kind must be one of {_MOMENTUM_KINDS}, got {kind!r}")

@@ -2,7 +2,7 @@
 
 from .accumulation import StepStats, accumulate_gradients
 from .async_sim import AsyncSimulator
-from .averaging import average_parameters
+from .worker_mean import average_parameters
 from .delayed import DelayedGradients, delayed_allreduce_hook
 
 __all__ = ["StepStats", "accumulate_gradients", "AsyncSimulator", "DelayedGradients", "delayed_allreduce_hook"]

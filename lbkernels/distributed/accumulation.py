@@ -18,7 +18,6 @@ Growing the batch during training (Smith, Kindermans, Le 2018), put together::
 from __future__ import annotations
 
 import contextlib
-import operator
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,6 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
+
+from .._validate import check_int
 
 
 @dataclass(frozen=True)
@@ -129,9 +130,8 @@ def accumulate_gradients(
         raise ValueError("inputs is empty: every rank needs at least one sample per step")
     if targets.shape[0] != n:
         raise ValueError(f"targets has {targets.shape[0]} samples, inputs {n}")
-    micro = n if max_micro_batch is None else operator.index(max_micro_batch)
-    if micro < 1:
-        raise ValueError(f"max_micro_batch must be >= 1, got {max_micro_batch}")
+    micro = n if max_micro_batch is None else check_int("max_micro_batch", max_micro_batch, 1,
+                                                        error=TypeError)
     ddp = isinstance(model, DistributedDataParallel)
     if world_size is None:
         world_size = dist.get_world_size(model.process_group) if ddp else 1

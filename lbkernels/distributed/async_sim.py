@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
+from .._validate import check_int
 from ..optim.shifted_momentum import ShiftedMomentumSGD
 
 
@@ -55,8 +55,7 @@ class AsyncSimulator:
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        if isinstance(delay, bool) or not isinstance(delay, int) or delay < 0:
-            raise ValueError(f"delay must be an integer >= 0, got {delay!r}")
+        delay = check_int("delay", delay)
         if isinstance(optimizer, ShiftedMomentumSGD) and optimizer.delay != delay:
             raise ValueError(f"optimizer has delay={optimizer.delay} but the simulator delay={delay}: "
                              "shifted momentum needs one buffer per worker")
@@ -107,7 +106,7 @@ class AsyncSimulator:
         return {"step": self._t, "held": [[w.clone() for w in ws] for ws in self._held]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        held, step = state["held"], operator.index(state["step"])
+        held, step = state["held"], check_int("step", state["step"], error=TypeError)
         if len(held) != self.delay + 1 or any(len(ws) != len(self.params) for ws in held):
             raise ValueError(f"state holds {len(held)} workers' weights; this simulator has "
                              f"{self.delay + 1} workers of {len(self.params)} tensors")

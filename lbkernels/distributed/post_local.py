@@ -23,7 +23,7 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from .._validate import check_int
-from .averaging import average_parameters
+from .worker_mean import average_parameters
 
 _STEP_KEY = "post_local_step"
 

@@ -11,8 +11,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..averaging import update_bn
-from .averaging import average_parameters
+from .._validate import check_int
+from ..bn_stats import update_bn
+from .worker_mean import average_parameters
 
 LARGE_BATCH, INDEPENDENT, AVERAGED = 1, 2, 3
 PHASE_NAMES = {LARGE_BATCH: "large-batch", INDEPENDENT: "independent", AVERAGED: "averaged"}
@@ -51,7 +52,7 @@ class SWAP:
        groups' models), with :func:`lbkernels.distributed.average_parameters` (one
        all-reduce; every rank ends bitwise equal). Buffers are not averaged: the
        batch-norm statistics of the averaged model are recomputed with one pass over
-       the training data (:func:`lbkernels.averaging.update_bn`, distributed).
+       the training data (:func:`lbkernels.bn_stats.update_bn`, distributed).
 
     The loop calls :meth:`end_epoch` after every training epoch with the epoch's
     training accuracy; it returns the phase that starts next when one does, and the
@@ -78,12 +79,10 @@ class SWAP:
                  group_size: int = 1, seed: int = 0):
         for name, value in (("max_large_batch_epochs", max_large_batch_epochs),
                             ("swap_epochs", swap_epochs), ("group_size", group_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            check_int(name, value, 1)
         if not 0.0 < stop_accuracy <= 1.0:
             raise ValueError(f"stop_accuracy must be in (0, 1], got {stop_accuracy}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        check_int("seed", seed)
         rank, world = _world()
         if world % group_size:
             raise ValueError(f"group_size {group_size} does not divide the {world} processes")

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from .. import ops
+from .._validate import tensor_list
 
 # Flat buffers kept per process, keyed on the params' addresses and layouts. One entry
 # is a copy of the averaged parameters (e.g. 102 MB for ResNet-50 in fp32), so only a
@@ -76,7 +77,7 @@ def average_parameters(params: torch.nn.Module | Iterable[torch.Tensor],
 
     Only what is passed is averaged: give ``model.parameters()`` (or the module, whose
     parameters are taken) to leave batch-norm buffers alone, as SWAP does before it
-    recomputes them (:func:`lbkernels.averaging.update_bn`).
+    recomputes them (:func:`lbkernels.bn_stats.update_bn`).
 
     With no initialised process group, a group of one worker, or a rank outside
     ``group``, this returns without doing anything. The params must live where the
@@ -88,12 +89,7 @@ def average_parameters(params: torch.nn.Module | Iterable[torch.Tensor],
         impl: backend of the write-back, as for every op in :mod:`lbkernels.ops`.
     """
     ops.check_impl(impl)
-    if isinstance(params, torch.nn.Module):
-        params = list(params.parameters())
-    elif isinstance(params, torch.Tensor):
-        raise TypeError("params must be a module or an iterable of tensors, not a single tensor")
-    else:
-        params = list(params)
+    params = tensor_list("params", params)
     _check_params(params)
     if not params or not dist.is_available() or not dist.is_initialized():
         return

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from .. import ops
+from .._validate import check_int, tensor_list
 from ..reference.average import METHODS, average_dtype
 
 
@@ -51,7 +52,7 @@ class WeightAverager:
     is an int64 tensor on the parameters' device, so :meth:`update` never synchronises
     with the host; :attr:`n_averaged` reads it (a sync). Only parameters are averaged;
     batch-norm statistics of the averaged model are recomputed with
-    :func:`lbkernels.averaging.update_bn`.
+    :func:`lbkernels.bn_stats.update_bn`.
 
     Args:
         model_or_params: a ``torch.nn.Module`` (its ``parameters()``) or an iterable of
@@ -94,12 +95,7 @@ class WeightAverager:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
         ops.check_impl(impl)
-        if isinstance(model_or_params, torch.nn.Module):
-            params = list(model_or_params.parameters())
-        elif isinstance(model_or_params, torch.Tensor):
-            raise TypeError("pass a module or an iterable of tensors, not a single tensor")
-        else:
-            params = list(model_or_params)
+        params = tensor_list("model_or_params", model_or_params)
         if not params:
             raise ValueError("no parameters to average")
         for i, p in enumerate(params):
@@ -318,10 +314,9 @@ class WeightAverager:
     def _checked_count(self, count: Any) -> torch.Tensor:
         """The state's update count(s) as int64: integers >= 0 (a negative count would make
         the next SWA weight 1/0, a fraction is no count), one or one per group when fused."""
-        integral = (isinstance(count, int) and not isinstance(count, bool)) or (
-            isinstance(count, torch.Tensor) and not count.is_floating_point()
-            and not count.is_complex() and count.dtype != torch.bool)
-        if not integral:
+        if not isinstance(count, torch.Tensor):
+            count = check_int("count", count)
+        elif count.is_floating_point() or count.is_complex() or count.dtype == torch.bool:
             raise ValueError(f"count must be an integer or an integer tensor, got {count!r}")
         count = torch.as_tensor(count, dtype=torch.int64)
         if count.numel() not in (1, self._count.numel()):
