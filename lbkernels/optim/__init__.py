@@ -1,7 +1,8 @@
 """Fused optimizers (drop-in ``torch.optim.Optimizer`` subclasses)."""
 
-from .averaging import WeightAverager
-from .extrap import ExtrapAdam, ExtrapSGD
+from .weight_averager import WeightAverager
+from .extrap import ExtrapSGD
+from .extrap_adam import ExtrapAdam
 from .lars import LARS, lars_param_groups
 from .shifted_momentum import ShiftedMomentumSGD
 

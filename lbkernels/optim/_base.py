@@ -35,6 +35,12 @@ def check_bools(group: dict, *names: str) -> None:
         check_bool(name, group[name])
 
 
+def group_args(group: dict, *names: str) -> dict[str, Any]:
+    """The hyper-parameters ``names`` of ``group``, and its ``impl``, as keyword arguments
+    of its op (each optimizer's hyper-parameters are named as the op's arguments)."""
+    return {name: group[name] for name in (*names, "impl")}
+
+
 def zeros_state(p: torch.Tensor) -> torch.Tensor:
     """Zero state shaped like ``p`` (momentum buffers); see ``_make_flat_state``."""
     return torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -261,18 +267,45 @@ class FusedOptimizer(Optimizer):
                         self.state[p][name].copy_(p.detach())
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
-        for group, grads, buckets in self._checked_work():
-            for bucket in buckets:
-                bgrads = grads if bucket.index is None else [grads[i] for i in bucket.index]
-                self._step_bucket(group, bucket, bgrads, grad_scale, found_inf)
+    def step(self, closure: Callable[[], torch.Tensor] | None = None,
+             **options: Any) -> torch.Tensor | None:
+        """One fused op per (param group, device); ``closure`` re-evaluates the loss.
+
+        ``options`` are the subclass's (``ShiftedMomentumSGD``: ``worker``). A
+        ``GradScaler`` hands ``grad_scale``/``found_inf`` to the ops, which skip the step on
+        the device: nothing here reads them on the host.
+        """
+        self._before_step(**options)
+        stepped = False
+        try:
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            self._check_step()
+            grad_scale = getattr(self, "grad_scale", None)
+            found_inf = getattr(self, "found_inf", None)
+            for group, grads, buckets in self._checked_work():
+                for bucket in buckets:
+                    bgrads = grads if bucket.index is None else [grads[i] for i in bucket.index]
+                    self._step_bucket(group, bucket, bgrads, grad_scale, found_inf)
+            stepped = True
+        finally:
+            self._after_step(stepped)
         return loss
+
+    # Hooks of the step. None may read a tensor on the host: a step runs in a CUDA graph.
+    def _before_step(self, **options: Any) -> None:
+        """Before the closure: refuse the step's ``options`` (nothing has run yet)."""
+        if options:
+            raise TypeError(f"{type(self).__name__}.step() takes no argument {', '.join(options)}")
+
+    def _check_step(self) -> None:
+        """After the closure, before the first write: refuse a step that cannot run."""
+
+    def _after_step(self, stepped: bool) -> None:
+        """The step is over: ``stepped`` is False when it raised (also on a step that a
+        ``GradScaler`` skips on the device it is True)."""
 
     def _checked_work(self) -> list[tuple[dict, list, list[_Bucket]]]:
         """(group, grads, buckets) of every group with a gradient, once every check that

@@ -2,22 +2,24 @@
 
 The model's parameters hold the extrapolated point ``w`` (where the next forward and
 backward run); each parameter's anchor ``x`` (the real iterate) lives in the optimizer
-state. See :class:`ExtrapSGD`, :class:`ExtrapAdam`, and
+state. See :class:`ExtrapSGD`, :class:`~lbkernels.optim.ExtrapAdam` (built on this
+module's ``_Extrapolated``, in ``extrap_adam.py``), and
 :func:`lbkernels.distributed.extrap_allreduce_hook` for the DDP side.
 """
 
 from __future__ import annotations
 
 import contextlib
-import operator
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from .. import ops
-from ._base import FusedOptimizer, _Bucket, check_bools, check_numbers, copy_state, zeros_state
+from .._validate import check_int
+from ._base import (FusedOptimizer, _Bucket, check_bools, check_numbers, copy_state, group_args,
+                    zeros_state)
 
 EXTRAPOLATIONS = ("past_grad", "gaussian", "uniform", "weight", "filter")
 
@@ -34,30 +36,8 @@ def _device_key(device: torch.device) -> int:
     return 0 if device.type == "cpu" else 1 + (device.index or 0)
 
 
-def _check_world_size(world_size: Any) -> int | None:
-    if world_size is None:
-        return None
-    if isinstance(world_size, bool):
-        raise TypeError(f"world_size must be an int >= 1 or None, got {world_size!r}")
-    try:
-        world_size = operator.index(world_size)
-    except TypeError:
-        raise TypeError(f"world_size must be an int >= 1 or None, got {type(world_size).__name__}") from None
-    if world_size < 1:
-        raise ValueError(f"Invalid world_size: {world_size} (must be >= 1)")
-    return world_size
-
-
-def _check_int(name: str, value: Any, minimum: int = 0) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if value < minimum:
-        raise ValueError(f"Invalid {name}: {value} (must be >= {minimum})")
-    return value
+def _check_seed(seed: Any) -> int:
+    return check_int("seed", seed, 0, maximum=2**63 - 1, error=TypeError)  # the op's seed is an int64
 
 
 class _Extrapolated(FusedOptimizer):
@@ -65,7 +45,7 @@ class _Extrapolated(FusedOptimizer):
     shared by :class:`ExtrapSGD` and :class:`ExtrapAdam`."""
 
     def __init__(self, params: Any, defaults: dict[str, Any], world_size: int | None):
-        self.world_size = _check_world_size(world_size)
+        self.world_size = check_int("world_size", world_size, 1, error=TypeError, allow_none=True)
         self.process_group: dist.ProcessGroup | None = None  # set by attach()
         self._reset_transient()
         super().__init__(params, defaults)
@@ -207,22 +187,17 @@ class _Extrapolated(FusedOptimizer):
         self.process_group = ddp_model.process_group
         ddp_model.register_comm_hook(self, extrap_allreduce_hook)
 
-    # -- the step -----------------------------------------------------------------------
-    @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
+    # -- the step: FusedOptimizer.step's hooks --------------------------------------------
+    def _before_step(self) -> None:
         if self._in_anchor:
             raise RuntimeError("step() inside anchor_weights(): the parameters hold the anchors; "
                                "step after the with-block")
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()  # its backward captures g^k through the hook
-        try:
-            self._check_local_grads()
-            super().step()
-        finally:
-            self._captured.clear()
-        return loss
+
+    def _check_step(self) -> None:
+        self._check_local_grads()  # after the closure, whose backward captures g^k
+
+    def _after_step(self, stepped: bool) -> None:
+        self._captured.clear()  # g^k belongs to one step, also to one that raised
 
     @contextlib.contextmanager
     def anchor_weights(self) -> Iterator[None]:
@@ -366,7 +341,7 @@ class ExtrapSGD(_Extrapolated):
             # Independent noise per group: the key is the group's seed (and the tensor's
             # position in its group), so equal seeds would give equal noise.
             param_group = {**param_group,
-                           "seed": _check_int("seed", self.defaults["seed"]) + len(self.param_groups)}
+                           "seed": _check_seed(self.defaults["seed"]) + len(self.param_groups)}
         super().add_param_group(param_group)
 
     def _check_group(self, group: dict, values: bool = True) -> None:
@@ -379,8 +354,7 @@ class ExtrapSGD(_Extrapolated):
                              "pass nesterov=False for plain SGD")
         if group["extrapolation"] not in EXTRAPOLATIONS:
             raise ValueError(f"extrapolation must be one of {EXTRAPOLATIONS}, got {group['extrapolation']!r}")
-        if _check_int("seed", group["seed"]) >= 2**63:  # the op's seed is an int64
-            raise ValueError(f"Invalid seed: {group['seed']} (must be < 2**63)")
+        _check_seed(group["seed"])
 
     def _state_kinds(self) -> dict[str, str]:
         return {"anchor": "param", "momentum_buffer": "param"}
@@ -396,14 +370,12 @@ class ExtrapSGD(_Extrapolated):
         if st.get("momentum_buffer") is None:
             st.pop("momentum_buffer", None)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor | None:
-        loss = super().step(closure)
-        if any(g["extrapolation"] != "past_grad" for g in self.param_groups):
+    def _after_step(self, stepped: bool) -> None:
+        super()._after_step(stepped)
+        if stepped and any(g["extrapolation"] != "past_grad" for g in self.param_groups):
             # Also after a step the GradScaler skipped (it drew nothing): reusing its offset
             # would take a host read of found_inf every step.
             self._rng_step += 1
-        return loss
 
     def _step_bucket(self, group: dict, bucket: _Bucket, grads: list[torch.Tensor],
                      grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> None:
@@ -423,22 +395,13 @@ class ExtrapSGD(_Extrapolated):
             grads,
             local,
             [group["lars_exclude"]] * len(grads),
-            lr=group["lr"],
             extrap_lr=gamma,
-            momentum=group["momentum"],
-            weight_decay=group["weight_decay"],
-            nesterov=group["nesterov"],
-            lars=group["lars"],
-            trust_coefficient=group["trust_coefficient"],
-            eps=group["eps"],
-            clip=group["clip"],
-            extrapolation=group["extrapolation"],
             noise_scale=a,
-            seed=group["seed"],
             offset=self._rng_step + (_device_key(bucket.params[0].device) << DEVICE_OFFSET_SHIFT),
             grad_scale=grad_scale,
             found_inf=found_inf,
-            impl=group["impl"],
+            **group_args(group, "lr", "momentum", "weight_decay", "nesterov", "lars",
+                         "trust_coefficient", "eps", "clip", "extrapolation", "seed"),
         )
 
     # -- state: anchors and buffers are per-param state; the noise offset is global -------
@@ -453,102 +416,9 @@ class ExtrapSGD(_Extrapolated):
         extra = state_dict.get("extrap", {"rng_step": 0})
         if not isinstance(extra, dict) or "rng_step" not in extra:
             raise ValueError("state_dict['extrap'] must be a dict with 'rng_step'")
-        rng_step = _check_int("state_dict['extrap']['rng_step']", extra["rng_step"])
+        rng_step = check_int("state_dict['extrap']['rng_step']", extra["rng_step"], error=TypeError)
         super().load_state_dict({k: v for k, v in state_dict.items() if k != "extrap"})
         self._rng_step = rng_step
 
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), "_rng_step": self._rng_step}
-
-
-class ExtrapAdam(_Extrapolated):
-    r"""Extrapolated Adam, one fused op per bucket (ALGORITHMS.md section 2.2).
-
-    ``torch.optim.Adam`` (``amsgrad=False``) on the anchor ``x``, with moments of the
-    all-reduced gradient ``g``; the extrapolation is this worker's local gradient ``g^k``
-    preconditioned by the current second moment. At step ``t`` (counted per parameter)::
-
-        g     = g + weight_decay * x           (L2)  or  x = x * (1 - lr * weight_decay)
-                                               (decoupled_weight_decay=True: AdamW)
-        m     = beta1 * m + (1 - beta1) * g;   v = beta2 * v + (1 - beta2) * g * g
-        denom = sqrt(v / (1 - beta2^t)) + eps
-        x     = x - lr / (1 - beta1^t) * m / denom
-        w     = x - gamma * g^k / denom
-
-    ``gamma = extrap_scale * lr / K`` unless a group sets ``extrap_lr``; ``K``, the anchors,
-    the local gradients, :meth:`attach` and :meth:`anchor_weights` are as in
-    :class:`ExtrapSGD`. Memory: anchors, two moments and the local gradients.
-
-    Args:
-        params: parameters or param groups.
-        lr: learning rate (a float, or a one-element tensor).
-        betas, eps, weight_decay: as in ``torch.optim.Adam``.
-        decoupled_weight_decay: AdamW's decay of ``x`` instead of L2 on ``g``.
-        extrap_scale, extrap_lr, world_size: ``gamma`` and ``K``, as in :class:`ExtrapSGD`.
-        impl: ``"auto"``, ``"reference"``, ``"native"`` or ``"triton"`` (see ``lbkernels.ops``).
-    """
-
-    def __init__(
-        self,
-        params: Any,
-        lr: float | torch.Tensor = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        decoupled_weight_decay: bool = False,
-        extrap_scale: float = 1.0,
-        extrap_lr: float | torch.Tensor | None = None,
-        world_size: int | None = None,
-        impl: str = "auto",
-    ):
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                        decoupled_weight_decay=decoupled_weight_decay, extrap_scale=extrap_scale,
-                        extrap_lr=extrap_lr, impl=impl)
-        super().__init__(params, defaults, world_size)
-
-    def _check_group(self, group: dict, values: bool = True) -> None:
-        self._check_extrap(group, values)
-        check_numbers(group, "eps")
-        check_bools(group, "decoupled_weight_decay")
-        betas = group["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"betas must be a pair of floats, got {betas!r}")
-        for i, b in enumerate(betas):
-            if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 <= b < 1.0:
-                raise ValueError(f"Invalid betas[{i}]: {b!r} (must be in [0, 1))")
-
-    def _state_kinds(self) -> dict[str, str]:
-        return {"anchor": "param", "step": "count", "exp_avg": "param", "exp_avg_sq": "param"}
-
-    def _state_spec(self, group: dict) -> dict:
-        return {"anchor": copy_state, "step": _step_counter, "exp_avg": zeros_state,
-                "exp_avg_sq": zeros_state}
-
-    def _step_bucket(self, group: dict, bucket: _Bucket, grads: list[torch.Tensor],
-                     grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> None:
-        gamma = self.extrap_lr(group)
-        beta1, beta2 = group["betas"]
-        ops.extrap_adam_(
-            bucket.params,
-            bucket.state["anchor"],
-            bucket.state["exp_avg"],
-            bucket.state["exp_avg_sq"],
-            bucket.state["step"],
-            grads,
-            self._local_grads(bucket, grads, gamma),
-            lr=group["lr"],
-            extrap_lr=gamma,
-            beta1=float(beta1),
-            beta2=float(beta2),
-            eps=group["eps"],
-            weight_decay=group["weight_decay"],
-            decoupled_weight_decay=group["decoupled_weight_decay"],
-            grad_scale=grad_scale,
-            found_inf=found_inf,
-            impl=group["impl"],
-        )
-
-
-def _step_counter(p: torch.Tensor) -> torch.Tensor:
-    return torch.zeros((), dtype=torch.float32, device=p.device)
-

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from .. import ops
-from ._base import FusedOptimizer, _Bucket, check_bools, check_numbers, zeros_state
+from ._base import FusedOptimizer, _Bucket, check_bools, check_numbers, group_args, zeros_state
 from ._folded import folded_average_arguments
 
 _MOMENTUM_STYLES = ("torch", "paper")
@@ -136,19 +136,10 @@ class LARS(FusedOptimizer):
             bucket.state.get("momentum_buffer", []),
             bucket.state.get("step", []),
             exclude,
-            lr=group["lr"],
-            momentum=group["momentum"],
-            dampening=group["dampening"],
-            weight_decay=group["weight_decay"],
-            nesterov=group["nesterov"],
-            trust_coefficient=group["trust_coefficient"],
-            eps=group["eps"],
-            clip=group["clip"],
-            zero_norm_decay=group["zero_norm_decay"],
-            momentum_style=group["momentum_style"],
             grad_scale=grad_scale,
             found_inf=found_inf,
-            impl=group["impl"],
+            **group_args(group, "lr", "momentum", "dampening", "weight_decay", "nesterov",
+                         "trust_coefficient", "eps", "clip", "zero_norm_decay", "momentum_style"),
             **folded_average_arguments(self, group, bucket),
         )
 

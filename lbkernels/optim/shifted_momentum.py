@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -10,20 +9,8 @@ import torch
 
 from .. import ops
 from .._validate import check_int
-from ._base import FusedOptimizer, _Bucket, check_bools, check_numbers, zeros_state
+from ._base import FusedOptimizer, _Bucket, check_bools, check_numbers, group_args, zeros_state
 from ._folded import folded_average_arguments
-
-
-def _check_delay(delay: Any) -> int:
-    if isinstance(delay, bool):
-        raise TypeError(f"delay must be an integer >= 0, got {delay!r}")
-    try:
-        delay = operator.index(delay)
-    except TypeError:
-        raise TypeError(f"delay must be an integer >= 0, got {type(delay).__name__}") from None
-    if delay < 0:
-        raise ValueError(f"Invalid delay: {delay} (must be >= 0)")
-    return delay
 
 
 class ShiftedMomentumSGD(FusedOptimizer):
@@ -91,7 +78,7 @@ class ShiftedMomentumSGD(FusedOptimizer):
         lars_exclude: bool = False,
         impl: str = "auto",
     ):
-        self.delay = _check_delay(delay)
+        self.delay = check_int("delay", delay, error=TypeError)
         self._position = 0
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
                         lars=lars, trust_coefficient=trust_coefficient,
@@ -119,24 +106,18 @@ class ShiftedMomentumSGD(FusedOptimizer):
             return {}
         return {f"momentum_buffer_{k}": zeros_state for k in range(self.delay + 1)}
 
-    def _check_worker(self, worker: Any) -> int:
-        if isinstance(worker, bool) or not isinstance(worker, int):
-            raise TypeError(f"worker must be an int in [0, {self.delay}], got {worker!r}")
-        if not 0 <= worker <= self.delay:
-            raise ValueError(f"worker must be in [0, {self.delay}] (delay={self.delay}), got {worker}")
-        return worker
+    # -- the step: FusedOptimizer.step's hooks; step(worker=k) takes worker k's buffers ------
+    def _before_step(self, worker: int | None = None) -> None:
+        """``worker``: whose buffers the step updates (default: the next in the round robin)."""
+        self._worker = self.next_worker if worker is None else check_int(
+            "worker", worker, 0, maximum=self.delay, error=TypeError)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], torch.Tensor] | None = None,
-             worker: int | None = None) -> torch.Tensor | None:
-        """One update with the buffers of ``worker`` (default: the next in the round robin)."""
-        self._worker = self.next_worker if worker is None else self._check_worker(worker)
-        loss = super().step(closure)
+    def _after_step(self, stepped: bool) -> None:
         # Also after a step the GradScaler skipped (no tensor changed): that worker's turn
         # is taken, as when a server drops one worker's gradient and takes the next one's.
         # Keeping the position would take a host read of found_inf every step.
-        self._position += 1
-        return loss
+        if stepped:
+            self._position += 1
 
     def _step_bucket(self, group: dict, bucket: _Bucket, grads: list[torch.Tensor],
                      grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> None:
@@ -146,14 +127,9 @@ class ShiftedMomentumSGD(FusedOptimizer):
             bucket.state.get(f"momentum_buffer_{self._worker}", []),
             [],
             [group["lars_exclude"] or not group["lars"]] * len(grads),
-            lr=group["lr"],
-            momentum=group["momentum"],
-            weight_decay=group["weight_decay"],
-            nesterov=group["nesterov"],
-            trust_coefficient=group["trust_coefficient"],
             grad_scale=grad_scale,
             found_inf=found_inf,
-            impl=group["impl"],
+            **group_args(group, "lr", "momentum", "weight_decay", "nesterov", "trust_coefficient"),
             **folded_average_arguments(self, group, bucket),
         )
 
