@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import backend_params
+from helpers import backend_params
 from lbkernels import ops
 from lbkernels.reference.average import average_dtype
 

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from conftest import backend_params
+from helpers import M32, backend_params, documented_draw, noise_call, philox4x32_10
 from lbkernels import _library, ops
 from lbkernels.reference import extrap as ref
 
@@ -332,18 +332,6 @@ def test_many_small_tensors(impl, device):
 
 # --- noise variants (section 2.1) ------------------------------------------------------
 
-def noise_call(impl, device, extrapolation, anchors, *, a=0.5, seed=11, offset=3):
-    """w - x of one step that leaves x unchanged (zero gradients), in fp64."""
-    x = [t.to(device) for t in anchors]
-    params = [torch.full_like(t, 7.0) for t in x]
-    grads = [torch.zeros_like(t) for t in x]
-    ops.extrap_sgd_(params, x, [], grads, [], [False] * len(x), lr=0.1, impl=impl,
-                    extrapolation=extrapolation, noise_scale=a, seed=seed, offset=offset)
-    for t, t0 in zip(x, anchors):
-        assert torch.equal(t.cpu(), t0)  # the anchor does not move with a zero gradient
-    return [(p.cpu().double() - t.double()) for p, t in zip(params, anchors)]
-
-
 def noise_numel(impl):
     # The Triton interpreter is ~1 us per element: 20K there, 256K elsewhere.
     return 20_000 if impl == "triton" and not torch.cuda.is_available() else 1 << 18
@@ -442,48 +430,16 @@ def test_noise_reproducible_per_seed_and_offset(impl, device, extrapolation):
 
 # --- Philox4x32-10 and the counter layout of philox.h --------------------------------
 
-_M32 = 0xFFFFFFFF
-
-
-def philox4x32_10(ctr, key):
-    """Philox4x32-10 in Python integers (Salmon et al. 2011), for the layout test."""
-    c0, c1, c2, c3 = ctr
-    k0, k1 = key
-    for rnd in range(10):
-        if rnd:
-            k0, k1 = (k0 + 0x9E3779B9) & _M32, (k1 + 0xBB67AE85) & _M32
-        p0, p1 = 0xD2511F53 * c0, 0xCD9E8D57 * c2
-        c0, c1, c2, c3 = (p1 >> 32) ^ c1 ^ k0, p1 & _M32, (p0 >> 32) ^ c3 ^ k1, p0 & _M32
-    return c0, c1, c2, c3
-
-
 def test_philox_known_answers():
     """The known-answer vectors of the Random123 distribution (kat_vectors)."""
     kat = [
         ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
-        ((_M32,) * 4, (_M32, _M32), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+        ((M32,) * 4, (M32, M32), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
         ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
          (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
     ]
     for ctr, key, want in kat:
         assert philox4x32_10(ctr, key) == want
-
-
-def documented_draw(numel, tensor, seed, offset, gaussian):
-    """The values philox.h promises for elements 0..numel-1 of one tensor, in fp64."""
-    key = (seed & _M32, ((seed >> 32) ^ (offset >> 32)) & _M32)
-    out = []
-    for q in range((numel + 3) // 4):
-        w = philox4x32_10((q & _M32, q >> 32, tensor, offset & _M32), key)
-        if gaussian:
-            for w0, w1 in ((w[0], w[1]), (w[2], w[3])):
-                a = ((w0 >> 8) + 1) * 2.0 ** -24
-                b = (w1 >> 8) * 2.0 ** -24
-                r = math.sqrt(-2 * math.log(a))
-                out += [r * math.cos(2 * math.pi * b), r * math.sin(2 * math.pi * b)]
-        else:
-            out += [(2 * (v >> 8) + 1 - 2 ** 24) * 2.0 ** -24 for v in w]
-    return torch.tensor(out[:numel], dtype=torch.float64)
 
 
 @pytest.mark.parametrize("impl,device", [p for p in BACKENDS if p.values[0] == "native"])

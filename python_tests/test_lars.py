@@ -5,54 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import backend_params
+from helpers import LARS_CONFIGS as CONFIGS
+from helpers import LARS_TOL as TOL
+from helpers import assert_lists_close, backend_params, grads_for, make_state
+from helpers import lars_shapes as shapes_for
 from lbkernels import ops
 
 BACKENDS = backend_params()
-
-# Shapes of A1: 1, a chunk (65536), chunk + 1, an odd prime, empty, 0-dim, 2-D.
-SHAPES = [(1,), (65536,), (65537,), (7919,), (0,), (), (33, 17)]
-# The Triton interpreter costs ~1 us per element: it gets the same kinds of shapes, small
-# (its own chunk-boundary tests live in test_triton.py).
-SHAPES_INTERPRETED = [(1,), (1024,), (1025,), (127,), (0,), (), (9, 7)]
-# ~100 tensors of mixed sizes, as a model of many small layers.
-MIXED = [(int(n),) for n in torch.randint(1, 300, (100,), generator=torch.Generator().manual_seed(7))]
-
-CONFIGS = {
-    "plain": dict(lr=0.1),
-    "momentum-wd": dict(lr=0.5, momentum=0.9, weight_decay=1e-2),
-    "nesterov": dict(lr=0.5, momentum=0.9, nesterov=True, weight_decay=1e-3),
-    "dampening-clip": dict(lr=2.0, momentum=0.8, dampening=0.3, weight_decay=1e-2, clip=True),
-    "paper-apex": dict(lr=0.3, momentum=0.9, momentum_style="paper", trust_coefficient=0.02,
-                       zero_norm_decay=False, weight_decay=5e-3),
-}
-
-# fp32 after 7 steps: norms reduced in a different order and coefficients folded, a few
-# ulps per step; fp64 the same in its own ulps.
-TOL = {torch.float32: dict(rtol=2e-6, atol=2e-6), torch.float64: dict(rtol=1e-13, atol=1e-13)}
-
-
-def shapes_for(impl: str, mixed: bool = False):
-    base = SHAPES_INTERPRETED if impl == "triton" and not torch.cuda.is_available() else SHAPES
-    return base + (MIXED if mixed else [])
-
-
-def make_state(shapes, dtype, device, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    params = [torch.randn(s, generator=g, dtype=torch.float64).to(device, dtype) for s in shapes]
-    if len(params) > 3:
-        params[2].zero_()  # a zero weight: the ratio falls back to 1
-    bufs = [torch.zeros_like(p) for p in params]
-    steps = [torch.zeros((), device=device) for _ in params]
-    return params, bufs, steps
-
-
-def grads_for(step, shapes, dtype, device):
-    g = torch.Generator().manual_seed(1000 + step)
-    grads = [torch.randn(s, generator=g, dtype=torch.float64).to(device, dtype) for s in shapes]
-    if len(grads) > 4 and step % 3 == 1:
-        grads[4 if len(grads[4].shape) else 0].zero_()  # a zero gradient now and then
-    return grads
 
 
 def run(impl, shapes, dtype, device, cfg, steps=7, exclude_every=3, lr_tensor=False,
@@ -73,12 +32,6 @@ def run(impl, shapes, dtype, device, cfg, steps=7, exclude_every=3, lr_tensor=Fa
                       exclude, grad_scale=None if grad_scale is None else torch.tensor(grad_scale, device=device),
                       impl=impl, **cfg)
     return params, bufs, steps_t
-
-
-def assert_lists_close(actual, expected, **tol):
-    assert len(actual) == len(expected)
-    for i, (a, e) in enumerate(zip(actual, expected)):
-        torch.testing.assert_close(a.cpu(), e.cpu(), msg=lambda m: f"tensor {i}: {m}", **tol)
 
 
 @pytest.mark.parametrize("impl,device", BACKENDS)

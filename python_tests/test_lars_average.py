@@ -6,10 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import backend_params
+from helpers import LARS_CONFIGS as CONFIGS
+from helpers import LARS_TOL as TOL
+from helpers import assert_lists_close, backend_params, grads_for, make_state
+from helpers import lars_shapes as shapes_for
 from lbkernels import ops
 from lbkernels.reference.average import average_dtype
-from test_lars import CONFIGS, TOL, assert_lists_close, grads_for, make_state, shapes_for
 
 BACKENDS = backend_params()
 ALL = BACKENDS + [pytest.param("reference", "cpu", id="reference")]

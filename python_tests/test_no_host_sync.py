@@ -11,8 +11,7 @@ import torch
 
 from lbkernels.distributed import PostLocalSGD
 from lbkernels.optim import LARS, ShiftedMomentumSGD, WeightAverager
-from optim_suite import OPTIMIZERS
-from test_optim_generic import batch, model, train
+from helpers import OPTIMIZERS, batch, model, train
 
 HOST_READS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "cpu", "numpy")
 

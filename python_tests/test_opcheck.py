@@ -20,7 +20,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import backend_params
+from helpers import backend_params
 from lbkernels import _library
 
 _reference_lib = torch.library.Library("lbkernels_reference", "DEF")

@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from lbkernels.optim import LARS, ExtrapAdam, ExtrapSGD, ShiftedMomentumSGD, WeightAverager
-from optim_suite import OPTIMIZERS
-from test_optim_generic import model, train
+from helpers import OPTIMIZERS, model, train
 
 each_optimizer = pytest.mark.parametrize("entry", OPTIMIZERS, ids=[e.name for e in OPTIMIZERS])
 

@@ -1,4 +1,4 @@
-"""Checks every optimizer of the project must pass, applied to each row of optim_suite."""
+"""Checks every optimizer of the project must pass, applied to each row of helpers.OPTIMIZERS."""
 
 from __future__ import annotations
 
@@ -8,36 +8,9 @@ import io
 import pytest
 import torch
 
-from optim_suite import OPTIMIZERS
+from helpers import OPTIMIZERS, batch, model, train
 
 IMPLS = ["reference", "auto"]
-
-
-def model(seed=0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).to(dtype)
-
-
-def batch(t, dtype=torch.float32):
-    g = torch.Generator().manual_seed(100 + t)
-    return torch.randn(16, 6, generator=g, dtype=dtype), torch.randint(0, 3, (16,), generator=g)
-
-
-def train(m, opt, steps, start=0, scaler=None, inf_at=()):
-    """``steps`` steps from batch ``start``; the loss is made infinite at the steps in ``inf_at``."""
-    for t in range(start, start + steps):
-        x, y = batch(t, next(m.parameters()).dtype)
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(m(x), y)
-        if t in inf_at:
-            loss = loss * float("inf")
-        if scaler is None:
-            loss.backward()
-            opt.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
 
 
 def params_equal(a, b):

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from conftest import backend_params
+from helpers import backend_params
 from lbkernels.distributed import AsyncSimulator
 from lbkernels.optim import LARS, ShiftedMomentumSGD, lars_param_groups
 

@@ -11,43 +11,24 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import TRITON_CHUNK, TRITON_SHAPES, randn, triton_chunked_device
 from lbkernels import ops
 from lbkernels import triton as lbk_triton
 from lbkernels.reference import lars as ref
 
-CHUNK = 64
-# 1, a chunk, a chunk + 1, an odd prime, empty, 0-dim, several chunks in 2-D, empty 3-D.
-SHAPES = [(1,), (CHUNK,), (CHUNK + 1,), (97,), (0,), (), (3, 50), (2, 0, 3)]
+CHUNK = TRITON_CHUNK
+SHAPES = TRITON_SHAPES
 STEPS = 7
 TOL = {torch.float32: dict(rtol=2e-6, atol=1e-7), torch.float64: dict(rtol=1e-13, atol=1e-15)}
 
-
-def _device_params():
-    out = []
-    for dev in ("cpu", "cuda"):
-        ok, why = lbk_triton.available(dev)
-        out.append(pytest.param(dev, marks=[] if ok else [pytest.mark.skip(reason=why)], id=dev))
-    return out
-
-
-@pytest.fixture(params=_device_params())
-def device(request, monkeypatch):
-    from lbkernels.triton import multi_tensor
-
-    monkeypatch.setattr(multi_tensor, "CHUNK_SIZE", CHUNK)
-    return request.param
-
-
-def _tensors(shapes, dtype, device, seed):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=g, dtype=torch.float64).to(device, dtype) for s in shapes]
+device = triton_chunked_device
 
 
 class State:
     """params, momentum buffers and steps of one run, cloned per backend."""
 
     def __init__(self, shapes, dtypes, device, momentum=True):
-        self.params = [_tensors([s], dt, device, 10 + i)[0] for i, (s, dt) in enumerate(zip(shapes, dtypes))]
+        self.params = [randn([s], 10 + i, dt, device)[0] for i, (s, dt) in enumerate(zip(shapes, dtypes))]
         self.bufs = [torch.full_like(p, float("nan")) for p in self.params] if momentum else []
         self.steps = [torch.zeros((), device=device) for _ in self.params] if momentum else []
 
@@ -65,7 +46,7 @@ class State:
 def _grads(state, step, scale=1.0):
     grads = []
     for i, p in enumerate(state.params):
-        g = _tensors([p.shape], torch.float64, p.device, 1000 * step + i)[0] * scale
+        g = randn([p.shape], 1000 * step + i, torch.float64, p.device)[0] * scale
         grads.append(g.to(p.dtype))
     return grads
 
@@ -208,7 +189,7 @@ def test_lars_non_contiguous(device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16],
                          ids=["fp32", "fp64", "fp16", "bf16"])
 def test_l2norm_matches_reference(device, dtype):
-    xs = _tensors(SHAPES, dtype, device, 3) + [torch.randn(5, 40, device=device).to(dtype).t()]
+    xs = randn(SHAPES, 3, dtype, device) + [torch.randn(5, 40, device=device).to(dtype).t()]
     got = lbk_triton.get_op("multi_tensor_l2norm", device)(xs)
     expected = ref.multi_tensor_l2norm(xs)
     assert got.dtype == torch.float32 and got.device.type == device

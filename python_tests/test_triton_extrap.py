@@ -16,48 +16,27 @@ import math
 import pytest
 import torch
 
+from helpers import TRITON_CHUNK, TRITON_SHAPES, documented_draw, noise_call, randn, triton_chunked_device
 from lbkernels import ops
-from lbkernels import triton as lbk_triton
-from test_extrap_ops import documented_draw, noise_call
 
-CHUNK = 64
-# 1, a chunk, a chunk + 1, an odd prime, empty, 0-dim, several chunks in 2-D, empty 3-D.
-SHAPES = [(1,), (CHUNK,), (CHUNK + 1,), (97,), (0,), (), (3, 50), (2, 0, 3)]
+CHUNK = TRITON_CHUNK
+SHAPES = TRITON_SHAPES
 STEPS = 7
 # fp32 over 7 steps: the same operations as the reference but LARS norms summed per
 # chunk and coefficients folded, a few ulps per step compounding through the buffers;
 # fp64 the same in its own ulps (the tolerances of test_extrap_ops.py).
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float64: dict(rtol=1e-12, atol=1e-13)}
 
-
-def _device_params():
-    out = []
-    for dev in ("cpu", "cuda"):
-        ok, why = lbk_triton.available(dev)
-        out.append(pytest.param(dev, marks=[] if ok else [pytest.mark.skip(reason=why)], id=dev))
-    return out
-
-
-@pytest.fixture(params=_device_params())
-def device(request, monkeypatch):
-    from lbkernels.triton import multi_tensor
-
-    monkeypatch.setattr(multi_tensor, "CHUNK_SIZE", CHUNK)
-    return request.param
-
-
-def _randn(shapes, seed, dtype, device):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=g, dtype=torch.float64).to(device, dtype) for s in shapes]
+device = triton_chunked_device
 
 
 def _sgd(impl, device, dtype, local, **cfg):
-    x = _randn(SHAPES, 0, dtype, device)
+    x = randn(SHAPES, 0, dtype, device)
     state = [[t.clone() for t in x], x, [torch.zeros_like(t) for t in x] if cfg.get("momentum") else []]
     exclude = [i % 3 == 1 for i in range(len(SHAPES))]
     for t in range(STEPS):
-        grads = _randn(SHAPES, 100 + t, dtype, device)
-        local_grads = _randn(SHAPES, 200 + t, dtype, device) if local else []
+        grads = randn(SHAPES, 100 + t, dtype, device)
+        local_grads = randn(SHAPES, 200 + t, dtype, device) if local else []
         ops.extrap_sgd_(*state, grads, local_grads, exclude, impl=impl, **cfg)
     return state
 
@@ -90,13 +69,13 @@ def test_adam_across_chunk_boundaries(device, dtype, local, first_step):
     repeated squaring in the kernel, against the reference's pow)."""
     results = []
     for impl in ("reference", "triton"):
-        x = _randn(SHAPES, 0, dtype, device)
+        x = randn(SHAPES, 0, dtype, device)
         state = [[t.clone() for t in x], x, [torch.zeros_like(t) for t in x],
                  [torch.zeros_like(t) for t in x],
                  [torch.full((), float(first_step), device=device) for _ in x]]
         for t in range(STEPS):
-            grads = _randn(SHAPES, 100 + t, dtype, device)
-            local_grads = _randn(SHAPES, 200 + t, dtype, device) if local else []
+            grads = randn(SHAPES, 100 + t, dtype, device)
+            local_grads = randn(SHAPES, 200 + t, dtype, device) if local else []
             ops.extrap_adam_(*state, grads, local_grads, lr=1e-2, extrap_lr=5e-3, weight_decay=1e-2,
                              decoupled_weight_decay=local, impl=impl)
         results.append(state)

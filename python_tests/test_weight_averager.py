@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from conftest import backend_params
+from helpers import backend_params
 from lbkernels.averaging import update_bn
 from lbkernels.optim import WeightAverager
 

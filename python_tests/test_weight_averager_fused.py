@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import backend_params
+from helpers import backend_params
 from lbkernels.optim import LARS, ShiftedMomentumSGD, WeightAverager, lars_param_groups
 
 IMPLS = [pytest.param("reference", "cpu", id="reference")] + backend_params(("cpu",))
