@@ -18,14 +18,19 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from . import resources, rundir
 from .checkpoint import CheckpointError
-from .cli import PROG, ConfigError, parse_args
+from .cli import parse_args
+from .config import PROG, ConfigError
+from .data import DataError
+from .distributed import first_process, in_a_job, setup
+from .loop import OwnCheckpointError, Trainer, TrainingStopped
 
 
 def _error(message: str, *, every_process: bool = False) -> None:
     """One line on stderr: from the job's first process only, unless the error may be
     this process's alone (its own checkpoint, its peers lost)."""
-    if every_process or os.environ.get("RANK", "0") == "0":
+    if every_process or first_process():
         print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
 
 
@@ -38,11 +43,11 @@ _REPORT_GRACE_S = 3.0
 def _leave_after_first(status: int) -> int:
     """``status``, returned once the job's first process has reported the error all share
     (call it after :func:`_error`)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if in_a_job():
         if dist.is_initialized():
             with contextlib.suppress(RuntimeError):  # a process that did not share the error
                 dist.barrier()  # the first process reaches it after printing
-        elif os.environ.get("RANK", "0") != "0":
+        elif not first_process():
             time.sleep(_REPORT_GRACE_S)
     return status
 
@@ -50,7 +55,7 @@ def _leave_after_first(status: int) -> int:
 def _parse_args_once(argv: list[str] | None) -> tuple:
     """parse_args, whose own output (argparse's usage and errors, --help) only the job's
     first process prints; the others exit as it does, once it has printed."""
-    if os.environ.get("RANK", "0") == "0":
+    if first_process():
         return parse_args(argv)
     try:
         with open(os.devnull, "w") as null, contextlib.redirect_stdout(null), \
@@ -64,18 +69,13 @@ def _parse_args_once(argv: list[str] | None) -> tuple:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command; returns the exit status (2: bad options, 1: the run failed)."""
-    # Imported here so that --help and option errors come back without loading data or models.
-    from . import distributed, resources, rundir
-    from .data import DataError
-    from .loop import OwnCheckpointError, Trainer, TrainingStopped
-
     try:
         args, resume = _parse_args_once(argv)
         # The run a --resume continues: --resume RUN_DIR, or the --out-dir it names.
         resumed_from = None if resume is None else Path(args.resume or args.out_dir)
         if resume is not None:
             rundir.check_resume(resume.get("config", {}), args, resumed_from)
-        runtime = distributed.setup(args)
+        runtime = setup(args)
     except (ConfigError, CheckpointError) as e:
         _error(str(e))
         return _leave_after_first(2)
@@ -140,7 +140,7 @@ def _leave(status: int) -> None:
     run in 7 ("terminate called without an active exception", SIGABRT) on a process
     other than the first. Every process has passed the final barrier and written
     everything by then, so the interpreter's teardown is skipped."""
-    if dist.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if dist.is_available() and in_a_job():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)

@@ -4,40 +4,29 @@ The options are set in layers, each overriding the one before: the built-in defa
 the method's recipe (``Method.recipe``: the values that make that method train well),
 the configuration of a resumed run (``--resume``), a config file (``--config``, YAML or
 TOML, keys named like the flags: ``batch-size`` or ``batch_size``), then the flags.
-The result is one ``argparse.Namespace``; ``resolved(args)`` is what a run directory's
-``config.yaml`` records (with ``from_recipe``, the options the recipe set), and that
-file is itself a valid ``--config``.
+The result is one ``argparse.Namespace``; ``config.resolved(args)`` is what a run
+directory's ``config.yaml`` records (with ``from_recipe``, the options the recipe set),
+and that file is itself a valid ``--config`` (read by ``config.read_config_file``).
 """
 
 from __future__ import annotations
 
 import argparse
-import difflib
-import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from . import checkpoint
 from .argtypes import fraction, nonnegative_float, nonnegative_int, positive_float, positive_int
+from .config import (CHECKPOINT_NAME, FROM_RECIPE, PROG, ConfigError, check_values, flag,
+                     read_config_file, resolved)
 from .data import DATASETS
+from .distributed import first_process
 from .methods import METHODS
 from .models import MODELS
 
-PROG = "lbk-train"
-CHECKPOINT_NAME = "checkpoint.pt"
-
-# Options that say how to start this process rather than what the run is.
-_NOT_RECORDED = ("config", "resume", "show_config")
-# The key of config.yaml that lists the options whose values came from the method's recipe.
-FROM_RECIPE = "from_recipe"
 # Recipe options that detail the recipe's --decay: taken from it only with that --decay.
 _DECAY_OPTIONS = ("decay_epochs", "decay_gamma", "poly_power")
-
-
-class ConfigError(ValueError):
-    """A bad option value; the message starts with the option's name."""
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -60,13 +49,13 @@ def recipe_flags(recipe: dict[str, Any]) -> str:
     """A recipe as the flags that would give it (for --help and the docs)."""
     parts = []
     for key, value in recipe.items():
-        flag = "--" + key.replace("_", "-")
+        spelled = flag(key)
         if isinstance(value, bool):
-            parts.append(flag if value else "--no-" + key.replace("_", "-"))
+            parts.append(spelled if value else "--no-" + spelled[2:])
         elif isinstance(value, (list, tuple)):
-            parts.append(f"{flag} {' '.join(map(str, value))}")
+            parts.append(f"{spelled} {' '.join(map(str, value))}")
         else:
-            parts.append(f"{flag} {value}")
+            parts.append(f"{spelled} {value}")
     return " ".join(parts)
 
 
@@ -184,88 +173,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _option_table(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
-    return {a.dest: a for a in parser._actions if a.dest != "help"}
-
-
-def _coerce(action: argparse.Action, key: str, value: Any, source: str) -> Any:
-    """A config-file value as the flag would have parsed it."""
-    flag = action.option_strings[-1] if action.option_strings else key
-
-    def fail(why: str) -> ConfigError:
-        return ConfigError(f"{source}: {key} (--{flag.lstrip('-')}): {why}")
-
-    if action.nargs == 0 or isinstance(action, argparse.BooleanOptionalAction):
-        if not isinstance(value, bool):
-            raise fail(f"expected true or false, got {value!r}")
-        return value
-    if action.nargs in ("*", "+"):
-        values = value if isinstance(value, list) else [value]
-        return [_coerce_one(action, v, fail) for v in values]
-    if value is None and action.default is None:
-        return None
-    return _coerce_one(action, value, fail)
-
-
-def _coerce_one(action: argparse.Action, value: Any, fail: Callable[[str], ConfigError]) -> Any:
-    if isinstance(value, (bool, list, dict)):
-        raise fail(f"expected a single value, got {value!r}")
-    text = str(value)
-    try:
-        parsed = action.type(text) if action.type else text
-    except argparse.ArgumentTypeError as e:
-        raise fail(str(e)) from None
-    if action.choices is not None and parsed not in action.choices:
-        raise fail(f"expected one of {', '.join(map(str, action.choices))}, got {value!r}")
-    return parsed
-
-
-def read_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
-    """Option values from a YAML or TOML file, checked like the flags."""
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"--config: {path}: no such file")
-    try:
-        if file.suffix == ".toml":
-            import tomllib
-
-            with file.open("rb") as f:
-                raw = tomllib.load(f)
-        elif file.suffix in (".yaml", ".yml"):
-            import yaml
-
-            raw = yaml.safe_load(file.read_text()) or {}
-        else:
-            raise ConfigError(f"--config: {path}: expected a .yaml, .yml or .toml file")
-    except ConfigError:
-        raise
-    except Exception as e:  # the parsers' own errors say where the syntax broke
-        raise ConfigError(f"--config: {path}: cannot parse: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"--config: {path}: expected a mapping of option names to values")
-    return _check_values(raw, parser, f"--config {path}")
-
-
-def _check_values(raw: dict, parser: argparse.ArgumentParser, source: str) -> dict[str, Any]:
-    table = _option_table(parser)
-    out = {}
-    for key, value in raw.items():
-        dest = str(key).replace("-", "_")
-        if dest == FROM_RECIPE:
-            # What config.yaml says about its own values: a record, not an option.
-            if not isinstance(value, list) or not all(str(v).replace("-", "_") in table for v in value):
-                raise ConfigError(f"{source}: {key}: expected a list of option names, got {value!r}")
-            out[dest] = [str(v).replace("-", "_") for v in value]
-            continue
-        if dest not in table or dest in _NOT_RECORDED:
-            known = [k for k in table if k not in _NOT_RECORDED]
-            close = difflib.get_close_matches(dest, known, n=1)
-            hint = f" (did you mean {close[0]}?)" if close else ""
-            raise ConfigError(f"{source}: unknown option {key!r}{hint}")
-        out[dest] = _coerce(table[dest], key, value, source)
-    return out
-
-
 def _resume_dir(pre: argparse.Namespace, file_values: dict[str, Any]) -> Path:
     if pre.resume:
         return Path(pre.resume)
@@ -295,13 +202,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict 
     if pre_args.resume is not None:
         run_dir = _resume_dir(pre_args, file_values)
         state = checkpoint.load(run_dir / CHECKPOINT_NAME)
-        layers.update(_check_values(state["config"], parser, f"--resume {run_dir}"))
+        layers.update(check_values(state["config"], parser, f"--resume {run_dir}"))
         recorded = layers.pop(FROM_RECIPE, [])
         layers["out_dir"] = str(run_dir)
     layers.update(file_values)
     parser.set_defaults(**layers)
-    args = parser.parse_args(argv)
-    given = _given_flags(argv)
+    args, given = _parse_flags(parser, argv)
     # A resumed run keeps its recorded values (the recipe may have changed since), and
     # their origin, unless a file or a flag sets them now.
     kept = [k for k in recorded if k not in file_values and k not in given]
@@ -311,7 +217,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict 
         args.out_dir = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     _check_relations(args)
     if args.show_config:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun, once
+        if first_process():  # under torchrun, once
             import yaml
 
             print(yaml.safe_dump(resolved(args), sort_keys=False), end="", flush=True)
@@ -319,12 +225,26 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict 
     return args, state
 
 
-def _given_flags(argv: list[str] | None) -> set[str]:
-    """The options set by flags on the command line (not by a default or a layer)."""
-    probe = build_parser()
-    for action in probe._actions:
-        action.default = argparse.SUPPRESS  # unset options then stay out of the namespace
-    return set(vars(probe.parse_args(argv)))
+# Stands for "no flag gave this option" while the flags are parsed: argparse sets only
+# the attributes it is given.
+_UNSET = object()
+
+
+def _parse_flags(parser: argparse.ArgumentParser,
+                 argv: list[str] | None) -> tuple[argparse.Namespace, set[str]]:
+    """``parser.parse_args(argv)`` and the options set by flags (not by a default or a
+    layer), in one parse: every option starts out unset, so argparse writes only those
+    the flags give; the others then take their defaults, in the parser's order (that of
+    config.yaml)."""
+    actions = [a for a in parser._actions if a.default is not argparse.SUPPRESS]
+    args = parser.parse_args(argv, argparse.Namespace(**{a.dest: _UNSET for a in actions}))
+    given = {a.dest for a in actions if getattr(args, a.dest) is not _UNSET}
+    for a in actions:
+        if a.dest not in given:
+            # As argparse treats a default: a string goes through the option's type.
+            default = a.default
+            setattr(args, a.dest, a.type(default) if isinstance(default, str) and a.type else default)
+    return args, given
 
 
 def apply_recipe(args: argparse.Namespace, fixed: set[str]) -> list[str]:
@@ -373,8 +293,3 @@ def _check_relations(args: argparse.Namespace) -> None:
     side = args.image_size if args.data == "synthetic" else 32
     if args.cutout > side:
         raise ConfigError(f"--cutout: {args.cutout} is larger than the {side}x{side} images")
-
-
-def resolved(args: argparse.Namespace) -> dict[str, Any]:
-    """The options that define the run, as plain values (for config.yaml and checkpoints)."""
-    return {k: v for k, v in vars(args).items() if k not in _NOT_RECORDED}

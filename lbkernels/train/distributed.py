@@ -17,8 +17,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
-from .cli import ConfigError
+from .config import ConfigError
 
 
 @dataclass
@@ -47,6 +48,15 @@ class Runtime:
         if self.distributed:
             dist.all_reduce(t, group=self.group)
         return t
+
+    def data_parallel(self, model: torch.nn.Module) -> torch.nn.Module:
+        """What the steps call: ``model`` itself in a single process, else ``model`` in a
+        DistributedDataParallel over this runtime's processes."""
+        if not self.distributed:
+            return model
+        return DistributedDataParallel(
+            model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            process_group=self.group)
 
     def within(self, group: Any, rank: int, world_size: int) -> Runtime:
         """This process as rank ``rank`` of the ``world_size`` processes of ``group``:
@@ -77,6 +87,17 @@ class Runtime:
                     dist.barrier()
             dist.destroy_process_group()
         gc.collect()
+
+
+def first_process() -> bool:
+    """Whether this is the job's first process (``RANK`` 0), the one that prints what
+    every process would; a process not started by torchrun is."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def in_a_job() -> bool:
+    """Whether torchrun started this process among others (``WORLD_SIZE`` > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def _env_int(name: str, default: int) -> int:

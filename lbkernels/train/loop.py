@@ -18,13 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 
 from lbkernels.data import ScheduledBatchSampler
 from lbkernels.schedules import noise_scale
 
 from . import checkpoint
-from .cli import CHECKPOINT_NAME, ConfigError, resolved
+from .config import CHECKPOINT_NAME, ConfigError, resolved
 from .data import DATASETS, TrainBatches, test_batches
 from .distributed import Runtime
 from .methods import METHODS, Context, peak_lr
@@ -114,13 +113,9 @@ class Trainer:
 
         # Data-parallel over the processes of the runtime, which a method's attach or
         # load_state_dict may have narrowed to a sub-group (self.runtime, not runtime).
-        self.net: torch.nn.Module = self.model
-        if self.runtime.distributed:
-            self.net = DistributedDataParallel(
-                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                process_group=self.runtime.group)
-            if self.plan.comm_hook is not None:
-                self.net.register_comm_hook(*self.plan.comm_hook)
+        self.net = self.runtime.data_parallel(self.model)
+        if self.runtime.distributed and self.plan.comm_hook is not None:
+            self.net.register_comm_hook(*self.plan.comm_hook)
 
     # -- the run ------------------------------------------------------------------------------
     def fit(self) -> dict:

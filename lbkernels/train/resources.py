@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .cli import ConfigError
+from .config import ConfigError
 from .models import build_model
 
 # (channels, height, width) and classes of each data set, known without loading it.

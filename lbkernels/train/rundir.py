@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .cli import CHECKPOINT_NAME, FROM_RECIPE, ConfigError
+from .config import CHECKPOINT_NAME, FROM_RECIPE, ConfigError, flag
 
 LOCK_NAME = ".lock"
 # What checkpoint.save leaves behind when its process is killed mid-write:
@@ -41,10 +41,6 @@ _MAY_CHANGE = frozenset({
 })
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
 def _shown(value: Any) -> str:
     return " ".join(map(str, value)) if isinstance(value, list) else str(value)
 
@@ -55,8 +51,8 @@ def check_resume(saved: dict[str, Any], args: argparse.Namespace, run_dir: Path)
     changed = [name for name, value in saved.items()
                if name not in _MAY_CHANGE and hasattr(args, name) and getattr(args, name) != value]
     if changed:
-        given = ", ".join(f"{_flag(n)} {_shown(getattr(args, n))}" for n in changed)
-        before = ", ".join(f"{_flag(n)} {_shown(saved[n])}" for n in changed)
+        given = ", ".join(f"{flag(n)} {_shown(getattr(args, n))}" for n in changed)
+        before = ", ".join(f"{flag(n)} {_shown(saved[n])}" for n in changed)
         raise ConfigError(f"{given}: the run in {run_dir} was trained with {before}, which its "
                           f"checkpoint holds or depends on; a resumed run keeps them and may change "
                           f"only its length, schedule shape, reporting and checkpointing (start a "

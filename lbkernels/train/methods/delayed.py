@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,9 @@ from lbkernels.optim import LARS, ShiftedMomentumSGD, lars_param_groups
 from lbkernels.schedules import delay_scaled_lr
 
 from ..argtypes import nonnegative_int
-from . import SGD_RECIPE, Context, Method, Plan, _groups, lr_schedule, peak_lr, register
+from ..config import ConfigError
+from .plan import Context, Method, Plan, decay_groups, lr_schedule, peak_lr, register
+from .sgd import SGD_RECIPE
 
 if TYPE_CHECKING:
     from ..loop import Trainer
@@ -45,13 +47,6 @@ def _arguments(group: argparse._ArgumentGroup) -> None:
                             "on the weights of convolution and linear layers")
 
 
-def _config_error(message: str) -> Exception:
-    # Imported here: the options module imports this package to list the methods.
-    from ..cli import ConfigError
-
-    return ConfigError(message)
-
-
 def _optimizer(ctx: Context) -> torch.optim.Optimizer:
     """The optimizer of --momentum-kind at the delay-scaled peak learning rate."""
     args = ctx.args
@@ -64,7 +59,7 @@ def _optimizer(ctx: Context) -> torch.optim.Optimizer:
         if args.delay_lars:
             return LARS(lars_param_groups(ctx.model, args.weight_decay), lr=lr,
                         momentum=args.momentum, trust_coefficient=args.trust_coefficient)
-        return torch.optim.SGD(_groups(ctx.model, args.weight_decay), lr=lr, momentum=args.momentum)
+        return torch.optim.SGD(decay_groups(ctx.model, args.weight_decay), lr=lr, momentum=args.momentum)
     # Without momentum there are no buffers, and this is plain SGD (or LARS) whatever tau.
     momentum = args.momentum if args.momentum_kind == "shifted" else 0.0
     return ShiftedMomentumSGD(lars_param_groups(ctx.model, args.weight_decay), lr=lr,
@@ -74,7 +69,7 @@ def _optimizer(ctx: Context) -> torch.optim.Optimizer:
 
 def _reject_fp16(args: argparse.Namespace, method: str) -> None:
     if args.amp == "fp16":
-        raise _config_error(
+        raise ConfigError(
             f"--amp fp16: --method {method} steps the optimizer without the loss scaler "
             f"(a gradient would be unscaled with a scale set steps later); use --amp bf16 or none")
 
@@ -167,6 +162,8 @@ class AsyncSimPlan(Plan):
     continues exactly.
     """
 
+    stateful = ("simulator",)
+
     def __init__(self, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
                  batch_size: int, simulator: AsyncSimulator):
         super().__init__(optimizer, scheduler, batch_size)
@@ -198,18 +195,11 @@ class AsyncSimPlan(Plan):
         self.scheduler.step()  # the simulator stepped the optimizer in forward_backward
         return True
 
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "simulator": self.simulator.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.simulator.load_state_dict(state["simulator"])
-
 
 def build_async_sim(ctx: Context) -> Plan:
     args = ctx.args
     if ctx.world_size > 1:
-        raise _config_error(
+        raise ConfigError(
             f"--method async-sim: simulates asynchronous workers in a single process, not under "
             f"torchrun ({ctx.world_size} processes); for delayed gradients across processes "
             f"use --method delayed")

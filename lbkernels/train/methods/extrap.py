@@ -30,7 +30,9 @@ from lbkernels.distributed import PostLocalSGD, average_parameters, extrap_allre
 from lbkernels.optim import ExtrapSGD, lars_param_groups
 
 from ..argtypes import nonnegative_float, nonnegative_int, positive_int
-from . import SGD_RECIPE, Context, Method, Plan, lr_schedule, peak_lr, register
+from ..config import ConfigError
+from .plan import Context, Method, Plan, lr_schedule, peak_lr, register
+from .sgd import SGD_RECIPE
 
 if TYPE_CHECKING:
     from ..loop import Trainer
@@ -64,20 +66,14 @@ def _arguments(group: argparse._ArgumentGroup) -> None:
                        help="extrap-postlocal: keep extrapolating after --switch-epoch")
 
 
-def _config_error(message: str) -> Exception:
-    from ..cli import ConfigError  # the options module imports this package: not at import time
-
-    return ConfigError(message)
-
-
 def _optimizer(ctx: Context) -> ExtrapSGD:
     args = ctx.args
     if args.extrapolation != "past_grad" and args.noise_scale == 0:
-        raise _config_error(f"--noise-scale: --extrapolation {args.extrapolation} adds noise of "
-                            f"this amplitude; give a value > 0 (0 would be plain SGD)")
+        raise ConfigError(f"--noise-scale: --extrapolation {args.extrapolation} adds noise of "
+                          f"this amplitude; give a value > 0 (0 would be plain SGD)")
     if args.extrapolation == "past_grad" and (args.noise_scale or args.noise_anneal):
-        raise _config_error("--noise-scale: only used with a noise --extrapolation "
-                            "(gaussian, uniform, weight, filter), not past_grad")
+        raise ConfigError("--noise-scale: only used with a noise --extrapolation "
+                          "(gaussian, uniform, weight, filter), not past_grad")
     # Weight decay and LARS on weights only, not on biases and normalisation parameters.
     # Each process draws its own noise (the smoothing averages the gradients taken at K
     # perturbed points): group i of rank r is keyed seed + 10000 r + i (two groups here).
@@ -119,8 +115,8 @@ class ExtrapPlan(Plan):
         params = self._params()
         saved = state["extrapolated"]
         if len(saved) != len(params) or any(s.shape != p.shape for s, p in zip(saved, params)):
-            raise _config_error("--resume: the checkpoint's extrapolated weights do not fit this "
-                                "model (another --model or --width?)")
+            raise ConfigError("--resume: the checkpoint's extrapolated weights do not fit this "
+                              "model (another --model or --width?)")
         super().load_state_dict(state)
         self._put_back(saved)
         # Again before the next step: the trainer wraps the model in DDP after this, and
@@ -221,18 +217,18 @@ class ExtrapPostLocalPlan(ExtrapPlan):
 def build_extrap_postlocal(ctx: Context) -> Plan:
     args = ctx.args
     if args.amp == "fp16":
-        raise _config_error("--amp fp16: --method extrap-postlocal does not pass the loss scale "
-                            "through its post-local wrapper; use --amp bf16 or none")
+        raise ConfigError("--amp fp16: --method extrap-postlocal does not pass the loss scale "
+                          "through its post-local wrapper; use --amp bf16 or none")
     switch_epoch = args.switch_epoch
     if switch_epoch is None:
         if args.decay != "step" or not args.decay_epochs:
-            raise _config_error("--switch-epoch: give the first epoch of local steps, or --decay step "
-                                "with --decay-epochs (the default is the first of them)")
+            raise ConfigError("--switch-epoch: give the first epoch of local steps, or --decay step "
+                              "with --decay-epochs (the default is the first of them)")
         switch_epoch = args.decay_epochs[0]
     if switch_epoch > args.epochs:
         # Equal is allowed: a run cut there switches when it is resumed for more epochs.
-        raise _config_error(f"--switch-epoch: {switch_epoch} is after --epochs {args.epochs}: "
-                            f"the run would never take a local step")
+        raise ConfigError(f"--switch-epoch: {switch_epoch} is after --epochs {args.epochs}: "
+                          f"the run would never take a local step")
     extrap = _optimizer(ctx)
     switch_step = switch_epoch * ctx.steps_per_epoch(args.batch_size)
     optimizer = AnchorPostLocalSGD(extrap, switch_step=switch_step, period=args.local_steps)

@@ -32,11 +32,12 @@ import torch.nn.functional as F
 
 from lbkernels.distributed import accumulate_gradients
 from lbkernels.nn import convert_to_ghost_bn
-from lbkernels.optim import LARS, lars_param_groups
 from lbkernels.schedules import BatchSizeSchedule
 
 from ..argtypes import nonnegative_int
-from . import Context, Method, Plan, _groups, peak_lr, register
+from ..config import ConfigError
+from .plan import Context, Method, Plan, peak_lr, register
+from .sgd import lars_optimizer, sgd_optimizer
 
 if TYPE_CHECKING:
     from ..loop import Trainer
@@ -109,8 +110,6 @@ class GrowingBatchPlan(Plan):
 
 
 def _schedule(ctx: Context) -> BatchSizeSchedule:
-    from ..cli import ConfigError  # the options module imports the registry: not at import time
-
     args = ctx.args
     if args.decay != "step":
         raise ConfigError("--decay: --method growing-batch follows a step schedule: give --decay step "
@@ -141,13 +140,7 @@ def build_growing_batch(ctx: Context) -> Plan:
         # tensors (checkpoints of either kind load into the other).
         convert_to_ghost_bn(ctx.model, args.ghost_batch)
     schedule = _schedule(ctx)
-    if args.batch_lars:
-        optimizer: torch.optim.Optimizer = LARS(
-            lars_param_groups(ctx.model, args.weight_decay), lr=schedule.lr, momentum=args.momentum,
-            trust_coefficient=args.trust_coefficient, clip=args.lars_clip)
-    else:
-        optimizer = torch.optim.SGD(_groups(ctx.model, args.weight_decay), lr=schedule.lr,
-                                    momentum=args.momentum, nesterov=args.nesterov and args.momentum > 0)
+    optimizer = (lars_optimizer if args.batch_lars else sgd_optimizer)(ctx, schedule.lr)
     return GrowingBatchPlan(optimizer, schedule, warmup_epochs=args.warmup_epochs,
                               max_micro_batch=args.max_micro_batch)
 

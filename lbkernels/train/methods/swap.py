@@ -29,30 +29,21 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lbkernels.averaging import update_bn
+from lbkernels.bn_stats import update_bn
 from lbkernels.data import ScheduledBatchSampler
 from lbkernels.distributed.swap import AVERAGED, INDEPENDENT, PHASE_NAMES, SWAP
 from lbkernels.optim import WeightAverager
 
 from ..argtypes import _number, nonnegative_float, nonnegative_int, positive_float, positive_int
-from . import SGD_RECIPE, Context, Method, Plan, _groups, lr_schedule, peak_lr, register
+from ..config import ConfigError
+from ..data import TrainBatches
+from .plan import Context, Method, Plan, lr_schedule, peak_lr, register
+from .sgd import SGD_RECIPE, sgd_optimizer
 
 if TYPE_CHECKING:
     from ..loop import Trainer
 
 _accuracy = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
-
-
-def _config_error(message: str) -> Exception:
-    from ..cli import ConfigError  # the options module imports this package
-
-    return ConfigError(message)
-
-
-def _sgd(ctx: Context, lr: float) -> torch.optim.SGD:
-    args = ctx.args
-    return torch.optim.SGD(_groups(ctx.model, args.weight_decay), lr=lr, momentum=args.momentum,
-                           nesterov=args.nesterov and args.momentum > 0)
 
 
 def _bn_batches(trainer: Trainer) -> Iterator[torch.Tensor]:
@@ -100,7 +91,7 @@ class SwapPlan(Plan):
     """
 
     def __init__(self, ctx: Context, controller: SWAP):
-        optimizer = _sgd(ctx, peak_lr(ctx.args))
+        optimizer = sgd_optimizer(ctx, peak_lr(ctx.args))
         super().__init__(optimizer, lr_schedule(ctx, optimizer), ctx.args.batch_size)
         self.ctx = ctx
         self.controller = controller
@@ -151,10 +142,6 @@ class SwapPlan(Plan):
     def _enter_independent(self, fresh: bool) -> None:
         """Phase 2's optimizer, schedule, runtime, batches and wrapper (``fresh``: at the
         switch; else when a run resumes inside phase 2, whose state then loads into them)."""
-        from torch.nn.parallel import DistributedDataParallel
-
-        from ..data import TrainBatches
-
         args, trainer, c = self.ctx.args, self.trainer, self.controller
         self._installed = True
         job = self.job_runtime
@@ -173,15 +160,11 @@ class SwapPlan(Plan):
                                       world_size=runtime.world_size).num_batches(0)
         total = steps * c.swap_epochs
         # A new optimizer: phase 2 starts without phase 1's momentum.
-        self.optimizer = _sgd(self.ctx, args.swap_lr)
+        self.optimizer = sgd_optimizer(self.ctx, args.swap_lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: max(0.0, 1.0 - step / total))
         if fresh:
-            trainer.net = trainer.model
-            if runtime.distributed:
-                trainer.net = DistributedDataParallel(
-                    trainer.model, device_ids=[trainer.device.index] if trainer.device.type == "cuda" else None,
-                    process_group=runtime.group)
+            trainer.net = runtime.data_parallel(trainer.model)
 
     def _average(self, trainer: Trainer) -> None:
         c = self.controller
@@ -214,14 +197,14 @@ def build_swap(ctx: Context) -> Plan:
     args = ctx.args
     k, g, b2 = ctx.world_size, args.swap_group_size, args.swap_batch_size
     if k % g:
-        raise _config_error(f"--swap-group-size: {g} does not divide the {k} processes")
+        raise ConfigError(f"--swap-group-size: {g} does not divide the {k} processes")
     if b2 < g:
-        raise _config_error(f"--swap-batch-size: {b2} is less than one sample for each of the "
-                            f"{g} processes of a group")
+        raise ConfigError(f"--swap-batch-size: {b2} is less than one sample for each of the "
+                          f"{g} processes of a group")
     try:  # b2 against the training set (a batch of at least k samples: the check's sharding)
         ctx.steps_per_epoch(max(b2, k))
     except Exception as e:
-        raise _config_error(f"--swap-batch-size: {str(e).split(': ', 1)[-1]}") from None
+        raise ConfigError(f"--swap-batch-size: {str(e).split(': ', 1)[-1]}") from None
     controller = SWAP(max_large_batch_epochs=args.epochs, swap_epochs=args.swap_epochs,
                       stop_accuracy=args.swap_stop_accuracy, group_size=g, seed=args.seed)
     return SwapPlan(ctx, controller)
@@ -264,6 +247,8 @@ class SwaPlan(Plan):
     """SGD whose tail is averaged by a :class:`WeightAverager`; the schedule counts the
     updates, so the averaging points follow from it (nothing else to checkpoint)."""
 
+    stateful = ("averager",)
+
     def __init__(self, optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
                  batch_size: int, averager: WeightAverager, start: int, every: int, epochs: int):
         super().__init__(optimizer, scheduler, batch_size)
@@ -299,31 +284,24 @@ class SwaPlan(Plan):
         trainer.report.message(f"swa: {self.result['n_averaged']} snapshots averaged; test accuracy "
                                f"{100 * last_acc:.2f}% (last iterate), {100 * acc:.2f}% (average)")
 
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "averager": self.averager.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        super().load_state_dict(state)
-        self.averager.load_state_dict(state["averager"])
-
 
 def build_swa(ctx: Context) -> Plan:
     args = ctx.args
     # Three quarters of the run, but at least one epoch before and after (a 2-epoch run: 1).
     start_epoch = args.swa_start or max(1, min(round(0.75 * args.epochs), args.epochs - 1))
     if not 0 < start_epoch < args.epochs:
-        raise _config_error(f"--swa-start: epoch {start_epoch} leaves no averaging tail in "
-                            f"{args.epochs} --epochs (expected 1 .. {args.epochs - 1})")
+        raise ConfigError(f"--swa-start: epoch {start_epoch} leaves no averaging tail in "
+                          f"{args.epochs} --epochs (expected 1 .. {args.epochs - 1})")
     peak = peak_lr(args)
     if peak <= 0:
-        raise _config_error("--lr: swa sets its tail relative to the peak rate, which must be > 0")
+        raise ConfigError("--lr: swa sets its tail relative to the peak rate, which must be > 0")
     steps = ctx.steps_per_epoch(args.batch_size)
     start, tail = start_epoch * steps, (args.epochs - start_epoch) * steps
     cycle = args.swa_cycle or steps
     every = args.swa_every or (cycle if args.swa_schedule == "cyclic" else steps)
     if every > tail:
-        raise _config_error(f"--swa-every: {every} updates is longer than the {tail} updates of the tail")
-    optimizer = _sgd(ctx, peak)
+        raise ConfigError(f"--swa-every: {every} updates is longer than the {tail} updates of the tail")
+    optimizer = sgd_optimizer(ctx, peak)
     base = lr_schedule(ctx, optimizer).lr_lambdas[0]  # the usual warm-up and decay
     high = base(start)  # the cyclic tail starts each cycle at the rate reached at --swa-start
 
