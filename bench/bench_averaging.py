@@ -1,7 +1,8 @@
-"""Weight averaging with the LARS step: ``python -m bench.averaging [--sets ...] [--reps N]``.
+"""Weight averaging with the LARS step: ``python -m bench.bench_averaging [--sets ...] [--reps N]``.
 
 Four ways to take a LARS step and keep an SWA running mean of the weights, interleaved
-round by round in one process with the step alone (``bench.__main__.measure``):
+round by round in one process with the step alone (``bench.harness.measure``; the
+variants are in ``bench.params``):
 
 - ``lbkernels LARS native-<dev>``: the step alone, the anchor of the ratios here;
 - ``SWA folded into LARS step``: ``WeightAverager(fused_with=LARS)``, the step's pass
@@ -18,73 +19,10 @@ round by round in one process with the step alone (``bench.__main__.measure``):
 
 from __future__ import annotations
 
-import argparse
 import os
 
-import torch
-from torch import nn
-from torch.optim.swa_utils import AveragedModel
-
-from lbkernels.optim import LARS, WeightAverager
-
-from .params import PARAM_SETS
-
-ANCHOR_PREFIX = "lbkernels LARS native-"
-
-
-class FoldedSWALARS:
-    """LARS whose step also updates an SWA mean of the weights (one pass)."""
-
-    BYTES_PER_PARAM = 28
-
-    def __init__(self, params, **hp):
-        self.opt = LARS(params, impl="native", **hp)
-        self.averager = WeightAverager(params, mode="swa", fused_with=self.opt)
-
-    def step(self):
-        self.opt.step()
-
-
-class LARSThenWeightAverager:
-    """The LARS step, then ``WeightAverager.update()`` (a second sweep over w)."""
-
-    BYTES_PER_PARAM = 32
-
-    def __init__(self, params, **hp):
-        self.opt = LARS(params, impl="native", **hp)
-        self.averager = WeightAverager(params, mode="swa", impl="native")
-
-    def step(self):
-        self.opt.step()
-        self.averager.update()
-
-
-class LARSThenAveragedModel:
-    """The LARS step, then ``AveragedModel.update_parameters`` (torch's SWA)."""
-
-    BYTES_PER_PARAM = 32
-
-    def __init__(self, params, **hp):
-        self.opt = LARS(params, impl="native", **hp)
-        self.module = nn.ParameterList(params)
-        self.swa = AveragedModel(self.module)
-
-    def step(self):
-        self.opt.step()
-        self.swa.update_parameters(self.module)
-
-
-def averaging_variants(device: str, hp: dict) -> dict:
-    """The three averaging variants (native LARS kernels; empty where not built)."""
-    from lbkernels import _library
-
-    if not _library.has_native_kernel("lars_sgd_", device):
-        return {}
-    return {
-        "SWA folded into LARS step": lambda ps: FoldedSWALARS(ps, **hp),
-        "SWA LARS step + WeightAverager.update": lambda ps: LARSThenWeightAverager(ps, **hp),
-        "SWA LARS step + AveragedModel.update_parameters": lambda ps: LARSThenAveragedModel(ps, **hp),
-    }
+from .harness import measure, parser, start
+from .params import ANCHOR, ANCHOR_PREFIX, variants
 
 
 def table(rows: list[dict]) -> str:
@@ -93,7 +31,7 @@ def table(rows: list[dict]) -> str:
     lines = ["| set | variant | median ms | x LARS step alone | x folded | GB/s (bytes/param) |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]
     for r in rows:
-        if r["variant"] == "SGD fused":
+        if r["variant"] == ANCHOR:
             continue
         lines.append(f"| {r['set']} | {r['variant']} | {r['ms']:.2f} | "
                      f"{r['ms'] / anchor[r['set']]:.2f} | {r['ms'] / folded[r['set']]:.2f} | "
@@ -102,20 +40,12 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> None:
-    from .__main__ import header, measure
-
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sets", nargs="+", default=["resnet50"], choices=list(PARAM_SETS))
-    ap.add_argument("--reps", type=int, default=21, help="measured rounds per variant (median reported)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = ap.parse_args(argv)
-    if "OMP_NUM_THREADS" in os.environ:
-        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    print(header())
+    args = parser(__doc__.splitlines()[0], ["resnet50"]).parse_args(argv)
+    start()
     print(f"load average before: {os.getloadavg()[0]:.1f}")
     rows = []
     for s in args.sets:
-        rows += measure(s, args.device, args.reps, only=["LARS native", "SWA"])
+        rows += measure(s, args.device, args.reps, variants(args.device), only=["LARS native", "SWA"])
     print(f"load average after: {os.getloadavg()[0]:.1f}")
     print(table(rows))
 

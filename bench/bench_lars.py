@@ -10,8 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.__main__ import variants
-from bench.params import PARAM_SETS, make_params
+from bench.params import PARAM_SETS, make_params, variants
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 VARIANTS = variants(DEVICE)

@@ -1,10 +1,17 @@
-"""Parameter sets and the anchors a user would otherwise pick, shared by the benchmarks."""
+"""Parameter sets and the step variants the benchmarks time: lbkernels' optimizers, the
+anchors a user would otherwise pick, and SWA kept beside the LARS step
+(``python -m bench.bench_averaging`` compares those)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel
+
+from lbkernels import _library
+from lbkernels.optim import LARS, ExtrapSGD, WeightAverager
 
 
 def resnet50_shapes() -> list[tuple[int, ...]]:
@@ -98,8 +105,6 @@ class ExtrapSGDWithLocalGrads:
     BYTES_PER_PARAM = 28
 
     def __init__(self, params, lr, momentum, weight_decay, impl="native"):
-        from lbkernels.optim import ExtrapSGD
-
         self.opt = ExtrapSGD(params, lr=lr, momentum=momentum, nesterov=False,
                              weight_decay=weight_decay, impl=impl)
 
@@ -108,3 +113,89 @@ class ExtrapSGDWithLocalGrads:
 
     def step(self):
         self.opt.step()
+
+
+# -- weight averaging with the LARS step (bench/bench_averaging.py) ------------------------
+# The name of the native LARS step but for its device: the anchor of bench_averaging's ratios.
+ANCHOR_PREFIX = "lbkernels LARS native-"
+
+
+class FoldedSWALARS:
+    """LARS whose step also updates an SWA mean of the weights (one pass)."""
+
+    BYTES_PER_PARAM = 28
+
+    def __init__(self, params, **hp):
+        self.opt = LARS(params, impl="native", **hp)
+        self.averager = WeightAverager(params, mode="swa", fused_with=self.opt)
+
+    def step(self):
+        self.opt.step()
+
+
+class LARSThenWeightAverager:
+    """The LARS step, then ``WeightAverager.update()`` (a second sweep over w)."""
+
+    BYTES_PER_PARAM = 32
+
+    def __init__(self, params, **hp):
+        self.opt = LARS(params, impl="native", **hp)
+        self.averager = WeightAverager(params, mode="swa", impl="native")
+
+    def step(self):
+        self.opt.step()
+        self.averager.update()
+
+
+class LARSThenAveragedModel:
+    """The LARS step, then ``AveragedModel.update_parameters`` (torch's SWA)."""
+
+    BYTES_PER_PARAM = 32
+
+    def __init__(self, params, **hp):
+        self.opt = LARS(params, impl="native", **hp)
+        self.module = nn.ParameterList(params)
+        self.swa = AveragedModel(self.module)
+
+    def step(self):
+        self.opt.step()
+        self.swa.update_parameters(self.module)
+
+
+def averaging_variants(device: str, hp: dict) -> dict:
+    """The three averaging variants (native LARS kernels; empty where not built)."""
+    if not _library.has_native_kernel("lars_sgd_", device):
+        return {}
+    return {
+        "SWA folded into LARS step": lambda ps: FoldedSWALARS(ps, **hp),
+        "SWA LARS step + WeightAverager.update": lambda ps: LARSThenWeightAverager(ps, **hp),
+        "SWA LARS step + AveragedModel.update_parameters": lambda ps: LARSThenAveragedModel(ps, **hp),
+    }
+
+
+# -- every variant -----------------------------------------------------------------------
+# The anchor of every ratio.
+ANCHOR = "SGD fused"
+HP = dict(lr=0.1, momentum=0.9, weight_decay=5e-5)
+
+
+def variants(device: str) -> dict[str, Callable]:
+    """Every step variant on ``device``: name -> factory of an optimizer over a parameter
+    list (those whose kernels are not built left out)."""
+    out = {
+        "SGD foreach": lambda ps: torch.optim.SGD(ps, foreach=True, **HP),
+        "SGD fused": lambda ps: torch.optim.SGD(ps, fused=True, **HP),
+        "LARS timm-style loop": lambda ps: TimmStyleLARS(ps, **HP),
+        "LARS torch._foreach_": lambda ps: ForeachLARS(ps, **HP),
+    }
+    if _library.has_native_kernel("lars_sgd_", device):
+        out[ANCHOR_PREFIX + device] = lambda ps: LARS(ps, impl="native", **HP)
+    out.update(averaging_variants(device, HP))
+    if _library.has_native_kernel("extrap_sgd_", device):
+        out[f"lbkernels ExtrapSGD native-{device}"] = lambda ps: ExtrapSGDWithLocalGrads(ps, **HP)
+    if device == "cuda":
+        from lbkernels import triton as lbk_triton  # only with CUDA: triton is a GPU backend
+
+        if lbk_triton.available("cuda")[0]:
+            out["lbkernels LARS triton"] = lambda ps: LARS(ps, impl="triton", **HP)
+    return out
