@@ -1,18 +1,12 @@
 """Helpers for data-parallel jobs (``torchrun``, gloo on CPU, NCCL on GPU)."""
 
+from ..optim.extrap_hook import extrap_allreduce_hook
 from .accumulation import StepStats, accumulate_gradients
 from .async_sim import AsyncSimulator
-from .worker_mean import average_parameters
 from .delayed import DelayedGradients, delayed_allreduce_hook
+from .post_local import PostLocalSGD, post_local_hook
+from .swap import SWAP
+from .worker_mean import average_parameters
 
-__all__ = ["StepStats", "accumulate_gradients", "AsyncSimulator", "DelayedGradients", "delayed_allreduce_hook"]
-__all__ += ["average_parameters"]
-from .post_local import PostLocalSGD, post_local_hook  # noqa: E402
-
-__all__ += ["PostLocalSGD", "post_local_hook"]
-from .extrap import extrap_allreduce_hook  # noqa: E402
-
-__all__ += ["extrap_allreduce_hook"]
-from .swap import SWAP  # noqa: E402
-
-__all__ += ["SWAP"]
+__all__ = ["StepStats", "accumulate_gradients", "AsyncSimulator", "DelayedGradients", "delayed_allreduce_hook",
+           "average_parameters", "PostLocalSGD", "post_local_hook", "extrap_allreduce_hook", "SWAP"]

@@ -1,10 +1,9 @@
 """Fused optimizers (drop-in ``torch.optim.Optimizer`` subclasses)."""
 
-from .weight_averager import WeightAverager
 from .extrap import ExtrapSGD
 from .extrap_adam import ExtrapAdam
 from .lars import LARS, lars_param_groups
 from .shifted_momentum import ShiftedMomentumSGD
+from .weight_averager import WeightAverager
 
-__all__ = ["LARS", "lars_param_groups", "ShiftedMomentumSGD", "WeightAverager"]
-__all__ += ["ExtrapSGD", "ExtrapAdam"]
+__all__ = ["LARS", "lars_param_groups", "ShiftedMomentumSGD", "WeightAverager", "ExtrapSGD", "ExtrapAdam"]

@@ -20,6 +20,7 @@ from .. import ops
 from .._validate import check_int
 from ._base import (FusedOptimizer, _Bucket, check_bools, check_numbers, copy_state, group_args,
                     zeros_state)
+from .extrap_hook import extrap_allreduce_hook
 
 EXTRAPOLATIONS = ("past_grad", "gaussian", "uniform", "weight", "filter")
 
@@ -177,8 +178,6 @@ class _Extrapolated(FusedOptimizer):
         every backward then copies each bucket's local gradient into this optimizer's
         local-gradient buffers before averaging it over ``ddp_model.process_group``.
         Call once, before the first forward."""
-        from ..distributed.extrap import extrap_allreduce_hook
-
         if not isinstance(ddp_model, torch.nn.parallel.DistributedDataParallel):
             raise TypeError(f"ddp_model must be a DistributedDataParallel, got {type(ddp_model).__name__}")
         mine = {p for g in self.param_groups for p in g["params"]}

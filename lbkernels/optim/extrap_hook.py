@@ -1,5 +1,9 @@
 """The DDP comm hook of extrapolated SGD: capture each worker's local gradient, then all-reduce.
 
+It lives beside the optimizers it serves (``attach`` registers it), so that
+``lbkernels.optim`` never imports ``lbkernels.distributed``, whose helpers build on the
+optimizers; ``lbkernels.distributed.extrap_allreduce_hook`` is this function.
+
 Usage (what :meth:`lbkernels.optim.ExtrapSGD.attach` does)::
 
     ddp = DistributedDataParallel(model)
