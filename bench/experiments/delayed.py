@@ -34,6 +34,8 @@ from lbkernels.schedules import delay_scaled_lr
 from lbkernels.train import checkpoint
 from lbkernels.train.__main__ import main as train
 
+from . import runs as common
+
 LR0 = 0.1
 TAU = 8
 COMMON = ["--data", "digits", "--model", "mlp", "--batch-size", "32", "--base-batch-size", "32",
@@ -75,34 +77,26 @@ def _summary(results: list[dict]) -> str:
 
 
 def plot(all_results: dict[str, list[dict]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for name, results in all_results.items():
-        longest = max(len(r["acc"]) for r in results)
-        epochs, mean, lo, hi = [], [], [], []
-        for e in range(longest):
-            vals = [r["acc"][e] for r in results if len(r["acc"]) > e]
-            epochs.append(e + 1)
-            mean.append(100 * statistics.mean(vals))
-            lo.append(100 * min(vals))
-            hi.append(100 * max(vals))
-        label = f"{name}" + (" (diverged)" if all(r["diverged"] for r in results) else "")
-        (line,) = ax.plot(epochs, mean, label=label, marker="x" if len(epochs) < 3 else None)
-        ax.fill_between(epochs, lo, hi, color=line.get_color(), alpha=0.2)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title(f"async-sim on digits, tau = {TAU}, lr0 = {LR0} (mean and min-max over seeds)")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with common.figure(path, ncols=1, figsize=(7, 4.2), dpi=120, layout=None) as (fig, ax):
+        for name, results in all_results.items():
+            longest = max(len(r["acc"]) for r in results)
+            epochs, mean, lo, hi = [], [], [], []
+            for e in range(longest):
+                vals = [r["acc"][e] for r in results if len(r["acc"]) > e]
+                epochs.append(e + 1)
+                mean.append(100 * statistics.mean(vals))
+                lo.append(100 * min(vals))
+                hi.append(100 * max(vals))
+            label = f"{name}" + (" (diverged)" if all(r["diverged"] for r in results) else "")
+            (line,) = ax.plot(epochs, mean, label=label, marker="x" if len(epochs) < 3 else None)
+            ax.fill_between(epochs, lo, hi, color=line.get_color(), alpha=0.2)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_ylim(0, 100)
+        ax.set_title(f"async-sim on digits, tau = {TAU}, lr0 = {LR0} (mean and min-max over seeds)")
+        ax.grid(alpha=0.3)
+        ax.legend(loc="lower right", fontsize=8)
+        fig.tight_layout()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,20 +19,23 @@ Markdown table, and plots the training loss and test accuracy per epoch.
 
 from __future__ import annotations
 
-import argparse
-import csv
-import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+import yaml
 
+from lbkernels.train import checkpoint
 from lbkernels.train.__main__ import main as train
+from lbkernels.train.cli import build_parser, parse_args
+from lbkernels.train.config import resolved
+from lbkernels.train.data import DATASETS
+from lbkernels.train.models import build_model
+
+from . import runs as common
 
 SGD = ["--method", "sgd", "--nesterov"]
 # gamma = lr / K, pinned: --method extrap's recipe halves it for runs in one process.
@@ -62,28 +65,13 @@ def command(method: list[str], lr: float, seed: int, out_dir: Path) -> list[str]
     return RECIPE + method + ["--lr", str(lr), "--seed", str(seed), "--out-dir", str(out_dir)]
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    def value(v: str):
-        try:
-            return float(v) if v else None
-        except ValueError:
-            return v  # the phase column
-
-    with open(run_dir / "metrics.csv", newline="") as f:
-        return [{k: value(v) for k, v in row.items()} for row in csv.DictReader(f)]
-
-
 def finished(run_dir: Path, argv: list[str]) -> bool:
     """Whether ``run_dir`` holds a finished run of exactly ``argv`` (read, not rerun)."""
-    import yaml
-
-    from lbkernels.train.cli import parse_args, resolved
-
     if not (run_dir / "checkpoint.pt").exists() or not (run_dir / "config.yaml").exists():
         return False
     want = resolved(parse_args(argv)[0])
     have = yaml.safe_load((run_dir / "config.yaml").read_text())
-    rows = read_metrics(run_dir)
+    rows = common.read_metrics(run_dir)
     return have == want and len(rows) == want["epochs"]
 
 
@@ -91,11 +79,6 @@ def finished(run_dir: Path, argv: list[str]) -> bool:
 def saved_train_loss(run_dir: Path) -> float:
     """Mean training-set loss of the run's saved weights (extrap: the anchors), BatchNorm
     in evaluation mode with the first process's statistics."""
-    from lbkernels.train import checkpoint
-    from lbkernels.train.cli import build_parser
-    from lbkernels.train.data import DATASETS
-    from lbkernels.train.models import build_model
-
     args = build_parser().parse_args(RECIPE + ["--lr", "1"])
     data = DATASETS[args.data](args)
     model = build_model(args.model, data.input_shape, data.num_classes, args.width)
@@ -108,10 +91,7 @@ def saved_train_loss(run_dir: Path) -> float:
 def run_one(argv: list[str], nproc: int) -> int:
     if nproc == 1:
         return train(argv)
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-         "-m", "lbkernels.train", *argv],
-        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    proc = common.torchrun(argv, nproc)
     if proc.returncode != 0:
         print(proc.stderr[-3000:], file=sys.stderr)
     return proc.returncode
@@ -128,19 +108,13 @@ def run_all(seeds: list[int], out_dir: Path, nproc: int) -> dict[str, list[list[
                 shutil.rmtree(run_dir, ignore_errors=True)  # a run directory is never overwritten
                 if run_one(argv, nproc) != 0:
                     raise SystemExit(f"{name}, seed {seed}: the training command failed")
-            rows = read_metrics(run_dir)
+            rows = common.read_metrics(run_dir)
             rows[-1]["saved_train_loss"] = saved_train_loss(run_dir)
             runs[name].append(rows)
             print(f"  {name}, seed {seed}: train loss {rows[-1]['train_loss']:.4f} "
                   f"(saved weights {rows[-1]['saved_train_loss']:.4f}), "
                   f"test accuracy {100 * rows[-1]['test_acc']:.2f}%", flush=True)
     return runs
-
-
-def _stats(values: list[float], fmt: str) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return (f"{format(statistics.mean(values), fmt)} ± {format(sd, fmt)} "
-            f"[{format(min(values), fmt)}, {format(max(values), fmt)}]")
 
 
 def summarise(runs: dict[str, list[list[dict]]]) -> str:
@@ -157,8 +131,8 @@ def summarise(runs: dict[str, list[list[dict]]]) -> str:
         accs = [100 * rows[-1]["test_acc"] for rows in seeds]
         wall = statistics.median(rows[-1]["wall_time"] for rows in seeds)
         means[name] = [statistics.mean(v) for v in (at_decay, final, saved)]
-        lines.append(f"| {name} | {_stats(at_decay, '.4f')} | {_stats(final, '.4f')} "
-                     f"| {_stats(saved, '.4f')} | {_stats(accs, '.2f')} | {wall:.1f} |")
+        lines.append(f"| {name} | {common.spread(at_decay, '.4f')} | {common.spread(final, '.4f')} "
+                     f"| {common.spread(saved, '.4f')} | {common.spread(accs, '.2f')} | {wall:.1f} |")
     lines.append("")
     for lr in sorted({lr for _, _, lr in CONFIGS}):
         sgd, ext = means[f"Nesterov SGD, lr {lr:g}"], means[f"extrap-SGD, lr {lr:g}"]
@@ -169,57 +143,37 @@ def summarise(runs: dict[str, list[list[dict]]]) -> str:
 
 
 def plot(runs: dict[str, list[list[dict]]], path: Path, nproc: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
     colors = {"sgd": "C0", "extrap": "C1", "extrap-postlocal": "C2"}
-    for (name, flags, lr), seeds in zip(CONFIGS, runs.values()):
-        color, style = colors[flags[1]], "o-" if lr == 2.0 else "s--"
-        epochs = [r["epoch"] for r in seeds[0]]
-        for ax, key, scale in ((axes[0], "train_loss", 1), (axes[1], "test_acc", 100)):
-            values = [[scale * r[key] for r in rows] for rows in seeds]
-            mean = [statistics.mean(v) for v in zip(*values)]
-            lo, hi = [min(v) for v in zip(*values)], [max(v) for v in zip(*values)]
-            ax.plot(epochs, mean, style, color=color, markersize=3, label=f"{name} (mean of {len(seeds)})")
-            ax.fill_between(epochs, lo, hi, color=color, alpha=0.2, linewidth=0)
-    axes[0].set(xlabel="epoch", ylabel="training loss", yscale="log")
-    axes[1].set(xlabel="epoch", ylabel="test accuracy (%)", ylim=(80, 100))
-    for ax in axes:
-        for e in DECAY_EPOCHS:
-            ax.axvline(e, color="grey", linewidth=0.8, linestyle=":")
-        ax.grid(alpha=0.3)
-        ax.legend(loc="upper right" if ax is axes[0] else "lower right", fontsize=8)
-    fig.suptitle(f"digits, CNN, global batch 360 (N/4) on {nproc} processes: extrap-SGD vs Nesterov SGD "
-                 f"(band: min-max over seeds; dotted: LR decays)")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with common.figure(path) as (fig, axes):
+        for (name, flags, lr), seeds in zip(CONFIGS, runs.values()):
+            epochs = [r["epoch"] for r in seeds[0]]
+            for ax, key, scale in ((axes[0], "train_loss", 1), (axes[1], "test_acc", 100)):
+                common.band(ax, epochs, [[scale * r[key] for r in rows] for rows in seeds],
+                            "o-" if lr == 2.0 else "s--", colors[flags[1]], name)
+        axes[0].set(xlabel="epoch", ylabel="training loss", yscale="log")
+        axes[1].set(xlabel="epoch", ylabel="test accuracy (%)", ylim=(80, 100))
+        for ax in axes:
+            for e in DECAY_EPOCHS:
+                ax.axvline(e, color="grey", linewidth=0.8, linestyle=":")
+            ax.grid(alpha=0.3)
+            ax.legend(loc="upper right" if ax is axes[0] else "lower right", fontsize=8)
+        fig.suptitle(f"digits, CNN, global batch 360 (N/4) on {nproc} processes: extrap-SGD vs Nesterov "
+                     f"SGD (band: min-max over seeds; dotted: LR decays)")
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.experiments.extrap", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, default=3, help="seeds per method (0, 1, ...)")
+    p = common.parser("extrap", __doc__, per="method", out_dir="runs/extrap", plot="docs/extrap.png",
+                      out_dir_note=" (finished runs of the same options are read, not rerun)")
     p.add_argument("--nproc", type=int, default=2, help="processes per run (torchrun when > 1)")
-    p.add_argument("--out-dir", default="runs/extrap",
-                   help="parent of the run directories (finished runs of the same options are read, "
-                        "not rerun)")
-    p.add_argument("--plot", default="docs/extrap.png", help="where the figure goes")
     args = p.parse_args()
 
     started = time.perf_counter()
     runs = run_all(list(range(args.seeds)), Path(args.out_dir), args.nproc)
     table = summarise(runs)
     plot(runs, Path(args.plot), args.nproc)
-    print(f"torch {torch.__version__}, {platform.platform()}, {os.cpu_count()} cores; "
-          f"{time.perf_counter() - started:.0f} s in all")
-    print(f"recipe ({args.nproc} processes): python -m lbkernels.train {' '.join(RECIPE)} METHOD "
-          f"--lr LR --seed SEED")
-    print()
-    print(table)
-    print(f"\nplot: {args.plot}")
+    common.report(started, table, args.plot,
+                  [f"recipe ({args.nproc} processes): python -m lbkernels.train {' '.join(RECIPE)} "
+                   f"METHOD --lr LR --seed SEED"])
 
 
 if __name__ == "__main__":

@@ -14,18 +14,14 @@ against updates.
 
 from __future__ import annotations
 
-import argparse
-import csv
-import os
-import platform
 import shutil
 import statistics
 import time
 from pathlib import Path
 
-import torch
-
 from lbkernels.train.__main__ import main as train
+
+from . import runs as common
 
 SCHEDULES = {"decaying LR": "decay-lr", "hybrid": "hybrid", "increasing batch": "increase"}
 
@@ -46,11 +42,6 @@ def command(schedule: str, seed: int, out_dir: Path) -> list[str]:
     return RECIPE + ["--batch-schedule", schedule, "--seed", str(seed), "--out-dir", str(out_dir)]
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    with open(run_dir / "metrics.csv", newline="") as f:
-        return [{k: float(v) if v else None for k, v in row.items()} for row in csv.DictReader(f)]
-
-
 def run_all(seeds: list[int], out_dir: Path) -> dict[str, list[list[dict]]]:
     runs: dict[str, list[list[dict]]] = {name: [] for name in SCHEDULES}
     # Seed by seed, the schedules in turn: drifts of a shared machine hit all of them alike.
@@ -62,7 +53,7 @@ def run_all(seeds: list[int], out_dir: Path) -> dict[str, list[list[dict]]]:
             status = train(command(schedule, seed, run_dir))
             if status != 0:
                 raise SystemExit(f"{name}, seed {seed}: the training command failed ({status})")
-            runs[name].append(read_metrics(run_dir))
+            runs[name].append(common.read_metrics(run_dir))
     return runs
 
 
@@ -76,10 +67,8 @@ def summarise(runs: dict[str, list[list[dict]]]) -> tuple[str, bool]:
         ups = sorted({int(rows[-1]["updates"]) for rows in seeds})
         # The median: the first run of a process also pays one-off start-up costs.
         wall = statistics.median(rows[-1]["wall_time"] for rows in seeds)
-        sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
         means[name], updates[name] = statistics.mean(accs), ups[0]
-        lines.append(f"| {name} | {means[name]:.2f} ± {sd:.2f} [{min(accs):.2f}, {max(accs):.2f}] "
-                     f"| {'/'.join(map(str, ups))} | {wall:.1f} |")
+        lines.append(f"| {name} | {common.spread(accs)} | {'/'.join(map(str, ups))} | {wall:.1f} |")
     spread = max(means.values()) - min(means.values())
     ratio = updates["decaying LR"] / updates["increasing batch"]
     met = spread <= 1.0 and ratio >= 2.0
@@ -91,50 +80,30 @@ def summarise(runs: dict[str, list[list[dict]]]) -> tuple[str, bool]:
 
 
 def plot(runs: dict[str, list[list[dict]]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
-    for i, (name, seeds) in enumerate(runs.items()):
-        color = f"C{i}"
-        # Every seed of a schedule takes the same updates per epoch: the curves share x.
-        epochs = [r["epoch"] for r in seeds[0]]
-        ups = [r["updates"] for r in seeds[0]]
-        accs = [[100 * r["test_acc"] for r in rows] for rows in seeds]
-        mean = [statistics.mean(a) for a in zip(*accs)]
-        lo, hi = [min(a) for a in zip(*accs)], [max(a) for a in zip(*accs)]
-        for ax, x in ((axes[0], epochs), (axes[1], ups)):
-            ax.plot(x, mean, "o-", color=color, markersize=3, label=f"{name} (mean of {len(seeds)})")
-            ax.fill_between(x, lo, hi, color=color, alpha=0.2, linewidth=0)
-    for ax, label in ((axes[0], "epoch"), (axes[1], "parameter updates")):
-        ax.set(xlabel=label, ylabel="test accuracy (%)", ylim=(90, 100))
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower right")
-    fig.suptitle("digits, CNN: decaying the learning rate vs growing the batch (band: min-max over seeds)")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with common.figure(path) as (fig, axes):
+        for i, (name, seeds) in enumerate(runs.items()):
+            # Every seed of a schedule takes the same updates per epoch: the curves share x.
+            accs = [[100 * r["test_acc"] for r in rows] for rows in seeds]
+            for ax, key in ((axes[0], "epoch"), (axes[1], "updates")):
+                common.band(ax, [r[key] for r in seeds[0]], accs, "o-", f"C{i}", name)
+        for ax, label in ((axes[0], "epoch"), (axes[1], "parameter updates")):
+            ax.set(xlabel=label, ylabel="test accuracy (%)", ylim=(90, 100))
+            ax.grid(alpha=0.3)
+            ax.legend(loc="lower right")
+        fig.suptitle("digits, CNN: decaying the learning rate vs growing the batch (band: min-max over seeds)")
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.experiments.growing_batch", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, default=3, help="seeds per schedule (0, 1, ...)")
-    p.add_argument("--out-dir", default="runs/growing_batch", help="parent of the run directories")
-    p.add_argument("--plot", default="docs/growing_batch.png", help="where the figure goes")
+    p = common.parser("growing_batch", __doc__, per="schedule", out_dir="runs/growing_batch",
+                      plot="docs/growing_batch.png")
     args = p.parse_args()
 
     started = time.perf_counter()
     runs = run_all(list(range(args.seeds)), Path(args.out_dir))
     table, _ = summarise(runs)
     plot(runs, Path(args.plot))
-    print(f"torch {torch.__version__}, {platform.platform()}, {os.cpu_count()} cores; "
-          f"{time.perf_counter() - started:.0f} s in all")
-    print(f"recipe: python -m lbkernels.train {' '.join(RECIPE)} --batch-schedule SCHEDULE --seed SEED")
-    print()
-    print(table)
-    print(f"\nplot: {args.plot}")
+    common.report(started, table, args.plot,
+                  [f"recipe: python -m lbkernels.train {' '.join(RECIPE)} --batch-schedule SCHEDULE --seed SEED"])
 
 
 if __name__ == "__main__":

@@ -22,19 +22,13 @@ plots test accuracy against epochs and the per-seed workers against their averag
 
 from __future__ import annotations
 
-import argparse
-import csv
 import json
-import os
-import platform
 import shutil
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import torch
+from . import runs as common
 
 WORKERS = 4
 EPOCHS = 12  # the budget of every variant
@@ -57,28 +51,15 @@ VARIANTS = {
 }
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    def value(v: str):
-        try:
-            return float(v)
-        except ValueError:
-            return v or None
-
-    with open(run_dir / "metrics.csv", newline="") as f:
-        return [{k: value(v) for k, v in row.items()} for row in csv.DictReader(f)]
-
-
 def run_one(name: str, seed: int, out_dir: Path) -> dict:
     run_dir = out_dir / f"{name}-seed{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)  # a run directory holding a checkpoint is never reused
-    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORKERS}",
-            "-m", "lbkernels.train", *COMMON, *VARIANTS[name], "--seed", str(seed), "--out-dir", str(run_dir)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+    argv = [*COMMON, *VARIANTS[name], "--seed", str(seed), "--out-dir", str(run_dir)]
     started = time.perf_counter()
-    proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+    proc = common.torchrun(argv, WORKERS, timeout=600, MALLOC_MMAP_THRESHOLD_="65536")
     if proc.returncode != 0:
         raise SystemExit(f"{name}, seed {seed}: the training command failed:\n{proc.stderr[-3000:]}")
-    rows = read_metrics(run_dir)
+    rows = common.read_metrics(run_dir)
     result = {"rows": rows, "test_acc": rows[-1]["test_acc"], "updates": int(rows[-1]["updates"]),
               "train_s": rows[-1]["wall_time"], "process_s": time.perf_counter() - started}
     if name == "swap":
@@ -98,17 +79,12 @@ def run_all(seeds: list[int], out_dir: Path) -> dict[str, list[dict]]:
     return runs
 
 
-def _spread(values: list[float]) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.2f} ± {sd:.2f} [{min(values):.2f}, {max(values):.2f}]"
-
-
 def summarise(runs: dict[str, list[dict]]) -> str:
     lines = ["| variant | test accuracy (%): mean ± sd [min, max] | updates per process | "
              "training time (s), median |", "|---|---|---|---|"]
     for name, seeds in runs.items():
         ups = sorted({r["updates"] for r in seeds})
-        lines.append(f"| {name} | {_spread([100 * r['test_acc'] for r in seeds])} | "
+        lines.append(f"| {name} | {common.spread([100 * r['test_acc'] for r in seeds])} | "
                      f"{'/'.join(map(str, ups))} | {statistics.median(r['train_s'] for r in seeds):.1f} |")
     lines += ["", "| seed | switch epoch | phase-2 workers' test accuracy (%) | their mean | averaged | "
               "averaged - mean |", "|---|---|---|---|---|---|"]
@@ -134,13 +110,14 @@ def summarise(runs: dict[str, list[dict]]) -> str:
 
 
 def plot(runs: dict[str, list[dict]], path: Path) -> None:
-    import matplotlib
+    with common.figure(path) as (fig, axes):
+        _plot_runs(axes[0], runs)
+        _plot_workers(axes[1], runs)
+        fig.suptitle(f"digits, BN CNN, {WORKERS} gloo processes, {EPOCHS} epochs: "
+                     f"batch {B1} vs {B2} vs SWAP ({B1} then {B2} per worker)")
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
-    ax = axes[0]
+def _plot_runs(ax, runs: dict[str, list[dict]]) -> None:
     for i, (name, seeds) in enumerate(runs.items()):
         # SWAP's switch epoch may differ between seeds: each seed is its own line.
         for j, r in enumerate(seeds):
@@ -151,7 +128,9 @@ def plot(runs: dict[str, list[dict]], path: Path) -> None:
            title="test accuracy (SWAP: worker 0 in phase 2, the average last)")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
-    ax = axes[1]
+
+
+def _plot_workers(ax, runs: dict[str, list[dict]]) -> None:
     for j, r in enumerate(runs["swap"]):
         s = r["swap"]
         ax.scatter([j] * len(s["worker_test_acc"]), [100 * a for a in s["worker_test_acc"]], color="C2",
@@ -165,31 +144,20 @@ def plot(runs: dict[str, list[dict]], path: Path) -> None:
            title="SWAP: each phase-2 worker vs their average")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
-    fig.suptitle(f"digits, BN CNN, {WORKERS} gloo processes, {EPOCHS} epochs: "
-                 f"batch {B1} vs {B2} vs SWAP ({B1} then {B2} per worker)")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.experiments.swap", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, default=3, help="seeds per variant (0, 1, ...)")
-    p.add_argument("--out-dir", default="runs/swap", help="parent of the run directories")
-    p.add_argument("--plot", default="docs/swap.png", help="where the figure goes")
+    p = common.parser("swap", __doc__, per="variant", out_dir="runs/swap", plot="docs/swap.png")
     args = p.parse_args()
 
     started = time.perf_counter()
     runs = run_all(list(range(args.seeds)), Path(args.out_dir))
     table = summarise(runs)
     plot(runs, Path(args.plot))
-    print(f"\ntorch {torch.__version__}, Python {platform.python_version()}, {platform.platform()}, "
-          f"{os.cpu_count()} cores, {WORKERS} processes; {time.perf_counter() - started:.0f} s in all")
-    for name, flags in VARIANTS.items():
-        print(f"{name}: torchrun --nproc_per_node={WORKERS} -m lbkernels.train {' '.join(COMMON + flags)} --seed SEED")
-    print()
-    print(table)
-    print(f"\nplot: {args.plot}")
+    common.report(started, table, args.plot,
+                  [f"{name}: torchrun --nproc_per_node={WORKERS} -m lbkernels.train {' '.join(COMMON + flags)} "
+                   f"--seed SEED" for name, flags in VARIANTS.items()],
+                  setting=f", {WORKERS} processes")
 
 
 if __name__ == "__main__":
