@@ -61,7 +61,7 @@ def _flat(make: Callable) -> bool:
     return getattr(make, "flat_zeros", False) or getattr(make, "flat_copy", False)
 
 
-class _Bucket:
+class Bucket:
     """The params of one group on one device that have grads, and their state tensors."""
 
     __slots__ = ("index", "params", "state")
@@ -97,7 +97,7 @@ class FusedOptimizer(Optimizer):
         like the param) or ``"count"`` (a one-element step count): what a loaded state may hold."""
         return {}
 
-    def _step_bucket(self, group: dict, bucket: _Bucket, grads: list[torch.Tensor],
+    def _step_bucket(self, group: dict, bucket: Bucket, grads: list[torch.Tensor],
                      grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> None:
         raise NotImplementedError
 
@@ -188,11 +188,11 @@ class FusedOptimizer(Optimizer):
         self._invalidate()
 
     def _invalidate(self) -> None:
-        self._buckets: dict[tuple, tuple[list[bool], list[_Bucket]]] = {}
+        self._buckets: dict[tuple, tuple[list[bool], list[Bucket]]] = {}
         self._checked: dict[int, tuple[dict, list]] = {}  # id(group) -> (group, hyper-parameters)
 
     # -- the step ---------------------------------------------------------------------
-    def _group_buckets(self, group: dict, has_grad: list[bool]) -> list[_Bucket]:
+    def _group_buckets(self, group: dict, has_grad: list[bool]) -> list[Bucket]:
         """Per-device buckets of the params of ``group`` that have a grad, with their state.
 
         Cached while the group, the set of params with grads and the state layout stay
@@ -225,7 +225,7 @@ class FusedOptimizer(Optimizer):
                         st[name] = make(p)
                     state_lists[name].append(st[name])
             full = len(index) == len(params)
-            buckets.append(_Bucket(None if full else index, ps, state_lists))
+            buckets.append(Bucket(None if full else index, ps, state_lists))
         stepped = metadata([p for p, h in zip(params, has_grad) if h])  # what the grads must match
         self._buckets[(id(group), tuple(spec))] = (list(has_grad), buckets, stepped)
         return buckets
@@ -307,7 +307,7 @@ class FusedOptimizer(Optimizer):
         """The step is over: ``stepped`` is False when it raised (also on a step that a
         ``GradScaler`` skips on the device it is True)."""
 
-    def _checked_work(self) -> list[tuple[dict, list, list[_Bucket]]]:
+    def _checked_work(self) -> list[tuple[dict, list, list[Bucket]]]:
         """(group, grads, buckets) of every group with a gradient, once every check that
         could refuse the step has passed: nothing is written before (nor lazy state created).
 

@@ -1,10 +1,11 @@
-"""Extrapolated SGD and extrap-Adam (Lin, Kong, Stich, Jaggi, ICML 2020) as fused optimizers.
+"""Extrapolated SGD (Lin, Kong, Stich, Jaggi, ICML 2020) as a fused optimizer, and
+:class:`ExtrapOptimizer`, what it shares with :class:`~lbkernels.optim.ExtrapAdam`
+(``extrap_adam.py``).
 
 The model's parameters hold the extrapolated point ``w`` (where the next forward and
 backward run); each parameter's anchor ``x`` (the real iterate) lives in the optimizer
-state. See :class:`ExtrapSGD`, :class:`~lbkernels.optim.ExtrapAdam` (built on this
-module's ``_Extrapolated``, in ``extrap_adam.py``), and
-:func:`lbkernels.distributed.extrap_allreduce_hook` for the DDP side.
+state. See :class:`ExtrapSGD` and :func:`lbkernels.distributed.extrap_allreduce_hook`
+for the DDP side.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch.distributed as dist
 
 from .. import ops
 from .._validate import check_int
-from ._base import (FusedOptimizer, _Bucket, check_bools, check_numbers, copy_state, group_args,
+from ._base import (Bucket, FusedOptimizer, check_bools, check_numbers, copy_state, group_args,
                     zeros_state)
 from .extrap_hook import extrap_allreduce_hook
 
@@ -41,9 +42,9 @@ def _check_seed(seed: Any) -> int:
     return check_int("seed", seed, 0, maximum=2**63 - 1, error=TypeError)  # the op's seed is an int64
 
 
-class _Extrapolated(FusedOptimizer):
+class ExtrapOptimizer(FusedOptimizer):
     """Anchors, local-gradient capture, the extrapolation rate and ``anchor_weights()``,
-    shared by :class:`ExtrapSGD` and :class:`ExtrapAdam`."""
+    shared by :class:`ExtrapSGD` and :class:`~lbkernels.optim.ExtrapAdam`."""
 
     def __init__(self, params: Any, defaults: dict[str, Any], world_size: int | None):
         self.world_size = check_int("world_size", world_size, 1, error=TypeError, allow_none=True)
@@ -165,7 +166,7 @@ class _Extrapolated(FusedOptimizer):
             "with local gradients that are never reduced, capture_local_grads(copy=False), "
             "or pass world_size=1.")
 
-    def _local_grads(self, bucket: _Bucket, grads: list[torch.Tensor],
+    def _local_grads(self, bucket: Bucket, grads: list[torch.Tensor],
                      gamma: float | torch.Tensor) -> list[torch.Tensor]:
         """The ``local_grads`` list of one op call: empty means ``g^k = g``."""
         if not self._captured or (not isinstance(gamma, torch.Tensor) and gamma == 0):
@@ -239,7 +240,7 @@ class _Extrapolated(FusedOptimizer):
         self._reset_transient()
 
 
-class ExtrapSGD(_Extrapolated):
+class ExtrapSGD(ExtrapOptimizer):
     r"""Extrapolated SGD (Lin, Kong, Stich, Jaggi, ICML 2020), one fused op per bucket.
 
     Each parameter keeps an anchor ``x`` (the real iterate, a copy of the initial weights
@@ -376,7 +377,7 @@ class ExtrapSGD(_Extrapolated):
             # would take a host read of found_inf every step.
             self._rng_step += 1
 
-    def _step_bucket(self, group: dict, bucket: _Bucket, grads: list[torch.Tensor],
+    def _step_bucket(self, group: dict, bucket: Bucket, grads: list[torch.Tensor],
                      grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> None:
         noise = group["extrapolation"] != "past_grad"
         a = group["noise_scale"]

@@ -9,11 +9,11 @@ from typing import Any
 import torch
 
 from .. import ops
-from ._base import _Bucket, check_bools, check_numbers, copy_state, group_args, zeros_state
-from .extrap import _Extrapolated
+from ._base import Bucket, check_bools, check_numbers, copy_state, group_args, zeros_state
+from .extrap import ExtrapOptimizer
 
 
-class ExtrapAdam(_Extrapolated):
+class ExtrapAdam(ExtrapOptimizer):
     r"""Extrapolated Adam, one fused op per bucket (ALGORITHMS.md section 2.2).
 
     ``torch.optim.Adam`` (``amsgrad=False``) on the anchor ``x``, with moments of the
@@ -76,7 +76,7 @@ class ExtrapAdam(_Extrapolated):
         return {"anchor": copy_state, "step": _step_counter, "exp_avg": zeros_state,
                 "exp_avg_sq": zeros_state}
 
-    def _step_bucket(self, group: dict, bucket: _Bucket, grads: list[torch.Tensor],
+    def _step_bucket(self, group: dict, bucket: Bucket, grads: list[torch.Tensor],
                      grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> None:
         gamma = self.extrap_lr(group)
         beta1, beta2 = group["betas"]

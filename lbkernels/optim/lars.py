@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from .. import ops
-from ._base import FusedOptimizer, _Bucket, check_bools, check_numbers, group_args, zeros_state
+from ._base import Bucket, FusedOptimizer, check_bools, check_numbers, group_args, zeros_state
 from ._folded import folded_average_arguments
 
 _MOMENTUM_STYLES = ("torch", "paper")
@@ -126,7 +126,7 @@ class LARS(FusedOptimizer):
             st.pop("momentum_buffer", None)
             st.pop("step", None)
 
-    def _step_bucket(self, group: dict, bucket: _Bucket, grads: list[torch.Tensor],
+    def _step_bucket(self, group: dict, bucket: Bucket, grads: list[torch.Tensor],
                      grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> None:
         adapt = group["always_adapt"] or group["weight_decay"] != 0
         exclude = [group["lars_exclude"] or not adapt] * len(grads)

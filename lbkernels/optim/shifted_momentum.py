@@ -9,7 +9,7 @@ import torch
 
 from .. import ops
 from .._validate import check_int
-from ._base import FusedOptimizer, _Bucket, check_bools, check_numbers, group_args, zeros_state
+from ._base import Bucket, FusedOptimizer, check_bools, check_numbers, group_args, zeros_state
 from ._folded import folded_average_arguments
 
 
@@ -119,7 +119,7 @@ class ShiftedMomentumSGD(FusedOptimizer):
         if stepped:
             self._position += 1
 
-    def _step_bucket(self, group: dict, bucket: _Bucket, grads: list[torch.Tensor],
+    def _step_bucket(self, group: dict, bucket: Bucket, grads: list[torch.Tensor],
                      grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> None:
         ops.lars_sgd_(
             bucket.params,
