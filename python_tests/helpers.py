@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -328,3 +330,27 @@ def assert_same_run(a: dict, b: dict) -> None:
 def train_env(**extra: str) -> dict:
     """The environment of a training subprocess: one thread (as each torchrun process)."""
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
+
+
+def main_one_thread(argv: list[str]) -> int:
+    """The training command in this process on one thread, as each torchrun process
+    runs (small batches gain nothing from two, and the sums then split alike)."""
+    from lbkernels.train.__main__ import main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return main(argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def torchrun(*args: str, timeout: float = 180, check: bool = True) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node=2 -m lbkernels.train *args``; with
+    ``check``, a failure shows the processes' stderr."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "lbkernels.train", *args], env=train_env(), capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc

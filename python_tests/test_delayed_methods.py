@@ -4,15 +4,12 @@ limits (--delay 0 is plain SGD), exact resume of the simulator, and their option
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from helpers import assert_same, history_rows, load_run, main_one_thread, torchrun
 from lbkernels.optim import ShiftedMomentumSGD
-from lbkernels.train import checkpoint
 from lbkernels.train.__main__ import main
 from lbkernels.train.cli import ConfigError, build_parser
 from lbkernels.train.methods import METHODS, Context
@@ -26,20 +23,6 @@ RUN = ["--model", "mlp", "--width", "0.25", "--epochs", "2", "--batch-size", "64
        "--quiet"]
 
 
-def _load(run_dir) -> dict:
-    return checkpoint.load(run_dir / "checkpoint.pt")
-
-
-def _rows(state: dict) -> list[dict]:
-    return [{k: v for k, v in row.items() if k != "wall_time"} for row in state["history"]]
-
-
-def _assert_same_weights(a: dict, b: dict) -> None:
-    assert a["model"].keys() == b["model"].keys()
-    for name in a["model"]:
-        assert torch.equal(a["model"][name], b["model"][name]), name
-
-
 @pytest.mark.parametrize("method, extra", [
     ("delayed", ["--delay", "2"]),
     ("async-sim", ["--delay", "3", "--momentum-kind", "shifted"]),
@@ -47,7 +30,7 @@ def _assert_same_weights(a: dict, b: dict) -> None:
 ])
 def test_method_trains_end_to_end(tmp_path, method, extra):
     assert main(RUN + ["--method", method, *extra, "--out-dir", str(tmp_path)]) == 0
-    state = _load(tmp_path)
+    state = load_run(tmp_path)
     rows = state["history"]
     assert [r["epoch"] for r in rows] == [1, 2]
     assert all(torch.isfinite(w).all() for w in state["model"].values())
@@ -66,9 +49,9 @@ def test_delay_zero_is_plain_sgd(tmp_path, method):
     assert main(RUN + ["--method", "sgd", "--no-nesterov", "--out-dir", str(tmp_path / "sgd")]) == 0
     assert main(RUN + ["--method", method, "--delay", "0", "--momentum-kind", "standard",
                        "--out-dir", str(tmp_path / "sim")]) == 0
-    sgd, sim = _load(tmp_path / "sgd"), _load(tmp_path / "sim")
-    assert _rows(sim) == _rows(sgd)
-    _assert_same_weights(sim, sgd)
+    sgd, sim = load_run(tmp_path / "sgd"), load_run(tmp_path / "sim")
+    assert history_rows(sim) == history_rows(sgd)
+    assert_same(sim["model"], sgd["model"], "model")
 
 
 def test_async_sim_shifted_momentum_at_delay_zero_matches_sgd(tmp_path):
@@ -76,8 +59,8 @@ def test_async_sim_shifted_momentum_at_delay_zero_matches_sgd(tmp_path):
     # differently from torch.optim.SGD.
     assert main(RUN + ["--method", "sgd", "--no-nesterov", "--out-dir", str(tmp_path / "sgd")]) == 0
     assert main(RUN + ["--method", "async-sim", "--delay", "0", "--out-dir", str(tmp_path / "sim")]) == 0
-    sgd, sim = _load(tmp_path / "sgd"), _load(tmp_path / "sim")
-    for a, b in zip(_rows(sgd), _rows(sim)):
+    sgd, sim = load_run(tmp_path / "sgd"), load_run(tmp_path / "sim")
+    for a, b in zip(history_rows(sgd), history_rows(sim)):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
         assert b["test_acc"] == pytest.approx(a["test_acc"], abs=1 / 360)
     for name, w in sgd["model"].items():
@@ -90,9 +73,9 @@ def test_async_sim_resumes_exactly(tmp_path):
     assert main(run + ["--out-dir", str(tmp_path / "ref")]) == 0
     assert main(run + ["--epochs", "1", "--out-dir", str(tmp_path / "cut")]) == 0
     assert main(["--resume", str(tmp_path / "cut"), "--epochs", "2"]) == 0
-    ref, resumed = _load(tmp_path / "ref"), _load(tmp_path / "cut")
-    assert _rows(resumed) == _rows(ref)
-    _assert_same_weights(resumed, ref)
+    ref, resumed = load_run(tmp_path / "ref"), load_run(tmp_path / "cut")
+    assert history_rows(resumed) == history_rows(ref)
+    assert_same(resumed["model"], ref["model"], "model")
     for a, b in zip(ref["method"]["simulator"]["held"], resumed["method"]["simulator"]["held"]):
         assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert ref["method"]["simulator"]["step"] == resumed["method"]["simulator"]["step"]
@@ -139,18 +122,9 @@ def test_fp16_is_refused_with_a_clear_error(tmp_path, capsys, method):
 @pytest.mark.slow
 def test_delayed_on_two_processes_trains_like_one(tmp_path):
     run = RUN + ["--method", "delayed", "--delay", "1", "--batch-size", "256", "--epochs", "3"]
-    torch.set_num_threads(1)
-    try:
-        assert main(run + ["--out-dir", str(tmp_path / "one")]) == 0
-    finally:
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())))
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "lbkernels.train", *run, "--out-dir", str(tmp_path / "two")],
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
-        capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    one, two = _load(tmp_path / "one"), _load(tmp_path / "two")
+    assert main_one_thread(run + ["--out-dir", str(tmp_path / "one")]) == 0
+    torchrun(*run, "--out-dir", str(tmp_path / "two"))
+    one, two = load_run(tmp_path / "one"), load_run(tmp_path / "two")
     # The comm hook queues what record() queues in one process: the same updates, up to
     # the order of the sums in the all-reduce.
     for name, w in one["model"].items():

@@ -4,13 +4,10 @@ exact resume, and their option errors."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
+from helpers import assert_same, history_rows, load_run, main_one_thread, torchrun
 from lbkernels import ops
 from lbkernels.train import checkpoint
 from lbkernels.train.__main__ import main
@@ -26,30 +23,6 @@ POSTLOCAL = ["--method", "extrap-postlocal", "--extrap-scale", "0.1", "--switch-
              "--local-steps", "3"]
 
 
-def _load(run_dir) -> dict:
-    return checkpoint.load(run_dir / "checkpoint.pt")
-
-
-def _rows(state: dict) -> list[dict]:
-    return [{k: v for k, v in row.items() if k != "wall_time"} for row in state["history"]]
-
-
-def _same_state(a, b) -> None:
-    """Equal nested checkpoint entries, tensors bitwise."""
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and torch.equal(a, b)
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for k in a:
-            _same_state(a[k], b[k])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            _same_state(x, y)
-    else:
-        assert a == b
-
-
 def _anchors(state: dict) -> list[torch.Tensor]:
     opt = state["method"]["optimizer"]
     return [opt["state"][i]["anchor"] for g in opt["param_groups"] for i in g["params"]]
@@ -58,7 +31,7 @@ def _anchors(state: dict) -> list[torch.Tensor]:
 @pytest.mark.parametrize("flags", [EXTRAP, POSTLOCAL], ids=["extrap", "extrap-postlocal"])
 def test_method_trains_end_to_end_and_saves_the_anchors(tmp_path, flags):
     assert main(RUN + flags + ["--out-dir", str(tmp_path)]) == 0
-    state = _load(tmp_path)
+    state = load_run(tmp_path)
     rows = state["history"]
     assert [r["epoch"] for r in rows] == [1, 2]
     assert rows[-1]["test_acc"] > 0.5  # far better than chance (10%)
@@ -80,7 +53,7 @@ def test_method_trains_end_to_end_and_saves_the_anchors(tmp_path, flags):
 
 def test_extrapolation_in_the_local_phase(tmp_path):
     assert main(RUN + POSTLOCAL + ["--extrap-in-local-phase", "--out-dir", str(tmp_path)]) == 0
-    state = _load(tmp_path)
+    state = load_run(tmp_path)
     assert [r["phase"] for r in state["history"]] == ["extrap", "local"]
     assert state["history"][-1]["test_acc"] > 0.5
     groups = state["method"]["optimizer"]["param_groups"]
@@ -105,12 +78,12 @@ def test_no_extrapolation_is_nesterov_sgd(tmp_path, monkeypatch):
     assert main(RUN + ["--method", "extrap", "--extrap-scale", "0", "--out-dir", str(tmp_path / "ex")]) == 0
     assert main(RUN + ["--method", "extrap-postlocal", "--extrap-scale", "0", "--switch-epoch", "1",
                        "--out-dir", str(tmp_path / "pl")]) == 0
-    sgd, ex, pl = (_load(tmp_path / d) for d in ("sgd", "ex", "pl"))
+    sgd, ex, pl = (load_run(tmp_path / d) for d in ("sgd", "ex", "pl"))
     for name, w in sgd["model"].items():
         assert torch.equal(ex["model"][name], w), name
         assert torch.equal(pl["model"][name], w), name
-    assert [{k: v for k, v in r.items() if k != "phase"} for r in _rows(pl)] == \
-        [{k: v for k, v in r.items() if k != "phase"} for r in _rows(ex)]
+    assert [{k: v for k, v in r.items() if k != "phase"} for r in history_rows(pl)] == \
+        [{k: v for k, v in r.items() if k != "phase"} for r in history_rows(ex)]
 
 
 @pytest.mark.parametrize("flags, cut, total", [
@@ -127,13 +100,13 @@ def test_resume_is_exact(tmp_path, flags, cut, total):
     assert main(run + ["--epochs", str(total), "--out-dir", str(tmp_path / "ref")]) == 0
     assert main(run + ["--epochs", str(cut), "--out-dir", str(tmp_path / "cut")]) == 0
     assert main(["--resume", str(tmp_path / "cut"), "--epochs", str(total)]) == 0
-    ref, resumed = _load(tmp_path / "ref"), _load(tmp_path / "cut")
-    assert _rows(resumed) == _rows(ref)
-    _same_state(resumed["model"], ref["model"])
+    ref, resumed = load_run(tmp_path / "ref"), load_run(tmp_path / "cut")
+    assert history_rows(resumed) == history_rows(ref)
+    assert_same(resumed["model"], ref["model"])
     # torch's Optimizer.load_state_dict adds differentiable=False to groups without it.
     for g in resumed["method"]["optimizer"]["param_groups"]:
         assert g.pop("differentiable", False) is False
-    _same_state(resumed["method"], ref["method"])  # anchors, buffers, w, noise offset, steps
+    assert_same(resumed["method"], ref["method"])  # anchors, buffers, w, noise offset, steps
 
 
 # -- option errors -------------------------------------------------------------------------------
@@ -153,7 +126,7 @@ def test_bad_options_are_named(tmp_path, capsys, flags, message):
 def test_default_switch_is_the_first_decay_epoch(tmp_path):
     assert main(RUN + ["--method", "extrap-postlocal", "--decay", "step", "--decay-epochs", "1",
                        "--epochs", "2", "--out-dir", str(tmp_path)]) == 0
-    state = _load(tmp_path)
+    state = load_run(tmp_path)
     steps_per_epoch = state["history"][0]["updates"]
     assert state["method"]["optimizer"]["post_local_step"] == 2 * steps_per_epoch
     groups = state["method"]["optimizer"]["param_groups"]
@@ -173,19 +146,10 @@ def test_local_phase_with_an_average_every_step_is_synchronous_sgd(tmp_path):
     # post-local SGD in test_post_local.py: with H = 1 it would not change the result.)
     # lr 0.5: a stable run (at 2 the loss blows up to 11 in epoch 2, amplifying rounding).
     run = RUN + ["--batch-size", "256", "--epochs", "3", "--extrap-scale", "0", "--lr", "0.5"]
-    torch.set_num_threads(1)
-    try:
-        assert main(run + ["--method", "extrap", "--out-dir", str(tmp_path / "one")]) == 0
-    finally:
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())))
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "lbkernels.train", *run, "--method", "extrap-postlocal", "--switch-epoch", "1",
-         "--local-steps", "1", "--out-dir", str(tmp_path / "two")],
-        env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
-        capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    one, two = _load(tmp_path / "one"), _load(tmp_path / "two")
+    assert main_one_thread(run + ["--method", "extrap", "--out-dir", str(tmp_path / "one")]) == 0
+    torchrun(*run, "--method", "extrap-postlocal", "--switch-epoch", "1", "--local-steps", "1",
+             "--out-dir", str(tmp_path / "two"))
+    one, two = load_run(tmp_path / "one"), load_run(tmp_path / "two")
     assert two["method"]["optimizer"]["post_local_step"] == two["history"][-1]["updates"] > 6
     for name, w in one["model"].items():
         torch.testing.assert_close(two["model"][name], w, rtol=1e-5, atol=1e-6, msg=name)
@@ -203,25 +167,17 @@ def test_two_processes_resume_the_local_phase_exactly(tmp_path):
     run = RUN + ["--batch-size", "256", "--lr", "0.5", "--decay", "step", "--method", "extrap-postlocal",
                  "--switch-epoch", "1", "--local-steps", "4", "--extrap-in-local-phase"]
 
-    def torchrun(*flags: str) -> None:
-        proc = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-             "-m", "lbkernels.train", *flags],
-            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
-            capture_output=True, text=True, timeout=180)
-        assert proc.returncode == 0, proc.stderr
-
     torchrun(*run, "--epochs", "3", "--out-dir", str(tmp_path / "ref"))
     torchrun(*run, "--epochs", "2", "--out-dir", str(tmp_path / "cut"))
     assert (tmp_path / "cut" / "checkpoint.rank1.pt").exists()
     torchrun("--resume", str(tmp_path / "cut"), "--epochs", "3")
     for name in ("checkpoint.pt", "checkpoint.rank1.pt"):
-        ref, resumed = checkpoint.load(tmp_path / "ref" / name), checkpoint.load(tmp_path / "cut" / name)
-        assert _rows(resumed) == _rows(ref)
-        _same_state(resumed["model"], ref["model"])
+        ref, resumed = load_run(tmp_path / "ref", name), load_run(tmp_path / "cut", name)
+        assert history_rows(resumed) == history_rows(ref)
+        assert_same(resumed["model"], ref["model"])
         for g in resumed["method"]["optimizer"]["param_groups"]:
             assert g.pop("differentiable", False) is False
-        _same_state(resumed["method"], ref["method"])
+        assert_same(resumed["method"], ref["method"])
     # The ranks really differ at the end.
-    zero, one = (checkpoint.load(tmp_path / "ref" / n) for n in ("checkpoint.pt", "checkpoint.rank1.pt"))
+    zero, one = (load_run(tmp_path / "ref", n) for n in ("checkpoint.pt", "checkpoint.rank1.pt"))
     assert not torch.equal(zero["method"]["extrapolated"][0], one["method"]["extrapolated"][0])

@@ -12,7 +12,6 @@ rest of its options parse and train.
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import subprocess
@@ -20,9 +19,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from lbkernels.train.__main__ import main
+from helpers import main_one_thread, train_env
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 SHORT = ["--epochs", "2", "--quiet", "--checkpoint-every", "0"]
@@ -106,17 +104,11 @@ def run(argv: list[str], out_dir: Path, capsys: pytest.CaptureFixture) -> None:
     (its ``main`` with the same arguments: no interpreter start-up per command)."""
     argv = argv + SHORT + ["--out-dir", str(out_dir)]
     if argv[1:3] == ["-m", "lbkernels.train"]:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # as the torchrun processes: small batches gain nothing from two
-        try:
-            status = main(argv[3:])
-        finally:
-            torch.set_num_threads(threads)
+        status = main_one_thread(argv[3:])
         out = capsys.readouterr()
         stdout, stderr = out.out, out.err
     else:
-        proc = subprocess.run(argv, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"},
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(argv, env=train_env(), capture_output=True, text=True, timeout=300)
         status, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
     assert status == 0, f"{shlex.join(argv)}\n{stdout}\n{stderr}"
     assert FINAL_LINE.search(stdout), stdout

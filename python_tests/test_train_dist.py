@@ -3,7 +3,6 @@ process ends the run of the others with an error instead of a hang."""
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
@@ -13,8 +12,7 @@ import time
 import pytest
 import torch
 
-from lbkernels.train import checkpoint
-from lbkernels.train.__main__ import main
+from helpers import load_run, main_one_thread, torchrun, train_env
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -23,22 +21,10 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 RUN = ["--model", "mlp", "--width", "0.25", "--epochs", "3", "--batch-size", "256", "--quiet"]
 
 
-def _env(**extra: str) -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **extra}
-
-
 def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
-    torch.set_num_threads(1)
-    try:
-        assert main(RUN + ["--out-dir", str(tmp_path / "one")]) == 0
-    finally:
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count())))
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "lbkernels.train", *RUN, "--out-dir", str(tmp_path / "two")],
-        env=_env(), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    one, two = checkpoint.load(tmp_path / "one/checkpoint.pt"), checkpoint.load(tmp_path / "two/checkpoint.pt")
+    assert main_one_thread(RUN + ["--out-dir", str(tmp_path / "one")]) == 0
+    proc = torchrun(*RUN, "--out-dir", str(tmp_path / "two"))
+    one, two = load_run(tmp_path / "one"), load_run(tmp_path / "two")
     # Same batches and the same mean gradients; only the order of the sums differs.
     for name, w in one["model"].items():
         torch.testing.assert_close(two["model"][name], w, rtol=1e-5, atol=1e-6, msg=name)
@@ -62,7 +48,7 @@ def test_a_dead_process_ends_the_others_within_the_timeout(tmp_path):
             "--batch-size", "64", "--checkpoint-every", "0", "--dist-timeout", str(timeout),
             "--out-dir", str(tmp_path)]
     procs = [
-        subprocess.Popen(argv, env=_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
+        subprocess.Popen(argv, env=train_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
                                         MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for r in range(2)

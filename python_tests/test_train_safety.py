@@ -5,7 +5,6 @@ errors under torchrun."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -14,15 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import torchrun, train_env
 from lbkernels.train import checkpoint
 from lbkernels.train.__main__ import main
 
 # One epoch of a small MLP on digits: about a second.
 RUN = ["--model", "mlp", "--width", "0.25", "--epochs", "1", "--batch-size", "256", "--quiet"]
-
-
-def _env() -> dict:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def _files(run_dir: Path) -> dict[str, bytes]:
@@ -97,7 +93,7 @@ def test_a_second_run_into_a_directory_in_use_fails_at_once(tmp_path, capsys):
     run = tmp_path / "run"
     first = subprocess.Popen(
         [sys.executable, "-m", "lbkernels.train", *RUN, "--epochs", "1000", "--checkpoint-every", "0",
-         "--out-dir", str(run)], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+         "--out-dir", str(run)], env=train_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 60
         while not (run / "metrics.csv").exists() and first.poll() is None and time.monotonic() < deadline:
@@ -257,10 +253,7 @@ def test_skipped_steps_and_the_stop_are_in_metrics_csv(tmp_path):
 @pytest.mark.slow
 def test_a_user_error_under_torchrun_is_one_line_from_the_first_process(tmp_path):
     # Found while the method is built, after the process group exists, on both processes.
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "lbkernels.train", *RUN, "--method", "async-sim", "--out-dir", str(tmp_path / "run")],
-        env=_env(), capture_output=True, text=True, timeout=180)
+    proc = torchrun(*RUN, "--method", "async-sim", "--out-dir", str(tmp_path / "run"), check=False)
     assert proc.returncode != 0
     message = "lbk-train: error: --method async-sim: simulates asynchronous workers in a single process"
     assert proc.stderr.count(message) == 1, proc.stderr
