@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import math
-import operator
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -201,12 +200,7 @@ class BatchSizeSchedule:
     ) -> None:
         self.lr = _positive_float("lr", lr)
         self.batch_size = check_int("batch_size", batch_size, 1)
-        try:
-            ms = [operator.index(m) for m in milestones]
-        except TypeError:
-            raise ValueError(f"milestones must be integer epochs, got {list(milestones)}") from None
-        if any(m <= 0 for m in ms):
-            raise ValueError(f"milestones must be > 0, got {ms}")
+        ms = [check_int(f"milestones[{i}]", m, 1) for i, m in enumerate(milestones)]
         if any(b <= a for a, b in zip(ms, ms[1:])):
             raise ValueError(f"milestones must be strictly increasing, got {ms}")
         self.milestones = tuple(ms)
