@@ -4,6 +4,8 @@
 A subclass declares its per-parameter state (``_state_spec``), checks its
 hyper-parameters (``_check_group``) and implements ``_step_bucket``, which receives
 the lists of one (param group, device) bucket and calls one op of ``lbkernels.ops``.
+``step`` is this class's alone; what a subclass does around it (step options, checks
+after the closure, counters) goes in ``_before_step``, ``_check_step`` and ``_after_step``.
 """
 
 from __future__ import annotations
