@@ -9,6 +9,8 @@ nowhere else, because two libraries defining it abort the process.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .reference import average as _ref_average
@@ -79,14 +81,44 @@ FAKE = {"multi_tensor_l2norm": _fake_l2norm, "lars_sgd_": _fake_inplace, "averag
 FAKE["worker_mean_"] = _fake_inplace
 FAKE.update({"extrap_sgd_": _fake_inplace, "extrap_adam_": _fake_inplace})
 
-def define_ops(lib: torch.library.Library) -> None:
-    """Defines every op of SCHEMAS in ``lib``'s namespace with the reference as its default
-    kernel and its fake kernel. Run once for ``lbkernels``; the tests run it for another
-    namespace to reach the reference kernels where the compiled ones serve ``lbkernels``."""
-    for name, schema in SCHEMAS.items():
-        lib.define(name + schema)
-        lib.impl(name, REFERENCE[name], "CompositeExplicitAutograd")
-        torch.library.register_fake(f"{lib.ns}::{name}", FAKE[name], lib=lib)
+@functools.cache
+def schema_defaults(name: str) -> tuple[tuple, dict]:
+    """(defaults of the positional arguments, None where required; defaults of the
+    keyword-only arguments) of op ``name``, read from SCHEMAS: the one place they are
+    written."""
+    schema = torch._C.parse_schema(f"{NAMESPACE}::{name}{SCHEMAS[name]}")
+    positional = tuple(a.default_value if a.has_default_value() else None
+                       for a in schema.arguments if not a.kwarg_only)
+    keyword = {a.name: a.default_value for a in schema.arguments
+               if a.kwarg_only and a.has_default_value()}
+    return positional, keyword
+
+
+def _with_defaults(kernel, positional: tuple, keyword: dict):
+    """``kernel`` called with every argument: the dispatcher leaves out arguments equal to
+    their defaults, and a launcher takes its arguments as the schema gives them."""
+
+    def run(*args, **kwargs):
+        return kernel(*args, *positional[len(args):], **{**keyword, **kwargs})
+
+    return run
+
+
+def define_ops(lib: torch.library.Library, kernels: dict | None = None, prefix: str = "") -> None:
+    """Defines ``prefix + name`` in ``lib``'s namespace for every op of ``kernels`` (default:
+    every op of SCHEMAS, with its reference kernel), with the op's schema, the kernel as its
+    ``CompositeExplicitAutograd`` kernel and the op's fake kernel. Run once for
+    ``lbkernels``; the Triton backend runs it with its launchers and ``prefix="triton_"``;
+    the tests run it for another namespace to reach the reference kernels where the
+    compiled ones serve ``lbkernels``. Kernels other than the reference (which has the
+    defaults in its signature) are called with every argument filled in."""
+    for name, kernel in (REFERENCE if kernels is None else kernels).items():
+        qualname = prefix + name
+        lib.define(qualname + SCHEMAS[name])
+        if kernels is not None:
+            kernel = _with_defaults(kernel, *schema_defaults(name))
+        lib.impl(qualname, kernel, "CompositeExplicitAutograd")
+        torch.library.register_fake(f"{lib.ns}::{qualname}", FAKE[name], lib=lib)
 
 
 define_ops(_lib)

@@ -16,20 +16,8 @@ from collections.abc import Callable, Sequence
 import torch
 
 from . import _library
-from .reference import average as _ref_average
-from .reference import extrap as _ref_extrap
-from .reference import lars as _ref_lars
 
 IMPLS = ("auto", "reference", "native", "triton")
-
-_REFERENCE: dict[str, Callable] = {
-    "multi_tensor_l2norm": _ref_lars.multi_tensor_l2norm,
-    "lars_sgd_": _ref_lars.lars_sgd_,
-    "average_": _ref_average.average_,
-    "worker_mean_": _ref_average.worker_mean_,
-    "extrap_sgd_": _ref_extrap.extrap_sgd_,
-    "extrap_adam_": _ref_extrap.extrap_adam_,
-}
 
 
 def check_impl(impl: str) -> str:
@@ -53,7 +41,7 @@ def resolve(name: str, impl: str, tensors: Sequence[torch.Tensor]) -> Callable:
     check_impl(impl)
     device_type = _device_type(tensors)
     if impl == "reference":
-        return _REFERENCE[name]
+        return _library.REFERENCE[name]
     if impl == "triton":
         return _triton_op(name, device_type)
     if impl == "native" and not _library.has_native_kernel(name, device_type):
@@ -81,6 +69,20 @@ def multi_tensor_l2norm(xs: Sequence[torch.Tensor], *, impl: str = "auto") -> to
     return resolve("multi_tensor_l2norm", impl, xs)(_as_list(xs))
 
 
+def _scalar_arg(x: float | torch.Tensor) -> tuple[float, torch.Tensor | None]:
+    """(float, tensor) schema pair of an argument given as a float or one-element tensor."""
+    if isinstance(x, torch.Tensor):
+        return 1.0, x
+    return float(x), None
+
+
+def _check_options(name: str, options: dict) -> None:
+    """A TypeError naming an option the op does not take, before anything runs."""
+    unknown = options.keys() - _library.schema_defaults(name)[1].keys()
+    if unknown:
+        raise TypeError(f"{name}() got an unexpected keyword argument {sorted(unknown)[0]!r}")
+
+
 def lars_sgd_(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
@@ -89,24 +91,16 @@ def lars_sgd_(
     exclude: Sequence[bool],
     *,
     lr: float | torch.Tensor,
-    momentum: float = 0.0,
-    dampening: float = 0.0,
-    weight_decay: float = 0.0,
-    nesterov: bool = False,
-    trust_coefficient: float = 0.001,
-    eps: float = 1e-8,
-    clip: bool = False,
-    zero_norm_decay: bool = True,
-    momentum_style: str = "torch",
-    grad_scale: torch.Tensor | None = None,
-    found_inf: torch.Tensor | None = None,
-    averages: Sequence[torch.Tensor] = (),
-    average_count: torch.Tensor | None = None,
-    average_method: str = "swa",
-    average_decay: float = 0.999,
     impl: str = "auto",
+    **options,
 ) -> None:
     """One fused LARS-SGD step in place (ALGORITHMS.md section 1).
+
+    ``options``: the op's other keyword arguments, with the meaning that
+    ``lbkernels.reference.lars.lars_sgd_`` documents and the defaults of its schema
+    (``_library.SCHEMAS``): momentum, dampening, weight_decay, nesterov,
+    trust_coefficient, eps, clip, zero_norm_decay, momentum_style, grad_scale, found_inf,
+    averages, average_count, average_method, average_decay.
 
     ``momentum_buffers`` (zero-initialised) may be empty when ``momentum == 0``;
     ``steps`` (0-dim fp32 counters; step 0 sets ``buf = d``) may be empty unless
@@ -118,31 +112,11 @@ def lars_sgd_(
     method=average_method, decay=average_decay)`` after the step, and increments
     ``average_count`` once (ALGORITHMS.md section 4): SWA without an extra read of ``w``.
     """
-    lr_tensor = lr if isinstance(lr, torch.Tensor) else None
-    lr_value = 1.0 if lr_tensor is not None else float(lr)
+    _check_options("lars_sgd_", options)
+    lr_value, lr_tensor = _scalar_arg(lr)
     resolve("lars_sgd_", impl, params)(
-        _as_list(params),
-        _as_list(grads),
-        _as_list(momentum_buffers),
-        _as_list(steps),
-        _as_list(exclude),
-        lr=lr_value,
-        lr_tensor=lr_tensor,
-        momentum=momentum,
-        dampening=dampening,
-        weight_decay=weight_decay,
-        nesterov=nesterov,
-        trust_coefficient=trust_coefficient,
-        eps=eps,
-        clip=clip,
-        zero_norm_decay=zero_norm_decay,
-        momentum_style=momentum_style,
-        grad_scale=grad_scale,
-        found_inf=found_inf,
-        averages=_as_list(averages),
-        average_count=average_count,
-        average_method=average_method,
-        average_decay=average_decay,
+        _as_list(params), _as_list(grads), _as_list(momentum_buffers), _as_list(steps),
+        _as_list(exclude), lr=lr_value, lr_tensor=lr_tensor, **options,
     )
 
 
@@ -151,22 +125,20 @@ def average_(
     params: Sequence[torch.Tensor],
     count: torch.Tensor | None = None,
     *,
-    method: str = "swa",
-    decay: float = 0.999,
-    found_inf: torch.Tensor | None = None,
     impl: str = "auto",
+    **options,
 ) -> None:
     """One fused weight-averaging update in place (ALGORITHMS.md section 4).
 
+    ``options``: ``method`` (``"swa"``), ``decay`` (0.999), ``found_inf`` (None).
     ``avg += r * (w - avg)`` per element with ``r = 1 / (count + 1)`` (``method="swa"``,
     the running mean) or ``r = 1 - decay`` (``method="ema"``); then ``count += 1``.
     ``averages`` are fp32 for fp16/bf16/fp32 params and fp64 for fp64 params;
     ``count`` is a one-element int64 tensor on the params' device (required for SWA,
     optional for EMA). With ``found_inf != 0`` nothing changes.
     """
-    resolve("average_", impl, params)(
-        _as_list(averages), _as_list(params), count, method=method, decay=decay, found_inf=found_inf
-    )
+    _check_options("average_", options)
+    resolve("average_", impl, params)(_as_list(averages), _as_list(params), count, **options)
 
 
 def worker_mean_(
@@ -186,13 +158,6 @@ def worker_mean_(
     resolve("worker_mean_", impl, [flat_sum])(_as_list(params), flat_sum, int(world_size))
 
 
-def _scalar_arg(x: float | torch.Tensor) -> tuple[float, torch.Tensor | None]:
-    """(float, tensor) schema pair of an argument given as a float or one-element tensor."""
-    if isinstance(x, torch.Tensor):
-        return 1.0, x
-    return float(x), None
-
-
 def extrap_sgd_(
     params: Sequence[torch.Tensor],
     anchors: Sequence[torch.Tensor],
@@ -203,22 +168,15 @@ def extrap_sgd_(
     *,
     lr: float | torch.Tensor,
     extrap_lr: float | torch.Tensor = 0.0,
-    momentum: float = 0.0,
-    weight_decay: float = 0.0,
-    nesterov: bool = False,
-    lars: bool = False,
-    trust_coefficient: float = 0.001,
-    eps: float = 1e-8,
-    clip: bool = False,
-    extrapolation: str = "past_grad",
-    noise_scale: float = 0.0,
-    seed: int = 0,
-    offset: int = 0,
-    grad_scale: torch.Tensor | None = None,
-    found_inf: torch.Tensor | None = None,
     impl: str = "auto",
+    **options,
 ) -> None:
     """One fused extrapolated-SGD step in place (ALGORITHMS.md sections 2 and 2.1).
+
+    ``options``: the op's other keyword arguments, with the meaning that
+    ``lbkernels.reference.extrap.extrap_sgd_`` documents and the defaults of its schema
+    (``_library.SCHEMAS``): momentum, weight_decay, nesterov, lars, trust_coefficient,
+    eps, clip, extrapolation, noise_scale, seed, offset, grad_scale, found_inf.
 
     Updates the anchors ``x`` (the real iterate) with momentum SGD (optionally LARS-scaled)
     from ``grads`` and writes the next extrapolated point into ``params``:
@@ -229,16 +187,14 @@ def extrap_sgd_(
     ``momentum_buffers`` (zero-initialised) may be empty when ``momentum == 0``;
     ``lr`` and ``extrap_lr`` may be one-element tensors on the params' device.
     """
+    _check_options("extrap_sgd_", options)
     lr_value, lr_tensor = _scalar_arg(lr)
     elr_value, elr_tensor = _scalar_arg(extrap_lr)
     resolve("extrap_sgd_", impl, params)(
         _as_list(params), _as_list(anchors), _as_list(momentum_buffers), _as_list(grads),
         _as_list(local_grads), _as_list(exclude),
         lr=lr_value, lr_tensor=lr_tensor, extrap_lr=elr_value, extrap_lr_tensor=elr_tensor,
-        momentum=momentum, weight_decay=weight_decay, nesterov=nesterov, lars=lars,
-        trust_coefficient=trust_coefficient, eps=eps, clip=clip, extrapolation=extrapolation,
-        noise_scale=noise_scale, seed=seed, offset=offset, grad_scale=grad_scale,
-        found_inf=found_inf,
+        **options,
     )
 
 
@@ -253,29 +209,27 @@ def extrap_adam_(
     *,
     lr: float | torch.Tensor,
     extrap_lr: float | torch.Tensor = 0.0,
-    beta1: float = 0.9,
-    beta2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    decoupled_weight_decay: bool = False,
-    grad_scale: torch.Tensor | None = None,
-    found_inf: torch.Tensor | None = None,
     impl: str = "auto",
+    **options,
 ) -> None:
     """One fused extrap-Adam step in place (ALGORITHMS.md section 2.2).
+
+    ``options``: the op's other keyword arguments, with the meaning that
+    ``lbkernels.reference.extrap.extrap_adam_`` documents and the defaults of its schema
+    (``_library.SCHEMAS``): beta1, beta2, eps, weight_decay, decoupled_weight_decay,
+    grad_scale, found_inf.
 
     torch.optim.Adam (amsgrad=False, maximize=False) on the anchors, then
     ``w = x - extrap_lr * local_grad / (sqrt(v_hat) + eps)``. ``steps`` are 0-dim fp32
     counters on the params' device, incremented first; ``lr`` and ``extrap_lr`` may be
     one-element tensors on the params' device.
     """
+    _check_options("extrap_adam_", options)
     lr_value, lr_tensor = _scalar_arg(lr)
     elr_value, elr_tensor = _scalar_arg(extrap_lr)
     resolve("extrap_adam_", impl, params)(
         _as_list(params), _as_list(anchors), _as_list(exp_avgs), _as_list(exp_avg_sqs),
         _as_list(steps), _as_list(grads), _as_list(local_grads),
         lr=lr_value, lr_tensor=lr_tensor, extrap_lr=elr_value, extrap_lr_tensor=elr_tensor,
-        beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-        decoupled_weight_decay=decoupled_weight_decay, grad_scale=grad_scale,
-        found_inf=found_inf,
+        **options,
     )

@@ -57,7 +57,7 @@ def shapes_for(impl: str):
 def require(impl: str, device: str, name: str) -> None:
     """Skip a backend that does not implement `name` yet (the table lists it regardless)."""
     if impl == "triton":
-        from lbkernels.triton.lars import OPS
+        from lbkernels.triton import OPS
 
         if name not in OPS:
             pytest.skip(f"no Triton kernel for {name}")

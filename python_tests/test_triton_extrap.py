@@ -1,4 +1,5 @@
-"""Triton extrap_sgd_ / extrap_adam_ (lbkernels.triton.extrap) at chunk boundaries.
+"""Triton extrap_sgd_ / extrap_adam_ (lbkernels.triton.extrap_sgd, extrap_adam, noise) at
+chunk boundaries.
 
 test_extrap_ops.py runs every backend against the reference; this file adds what is
 particular to the Triton kernels: the chunk size lowered to 64 so that chunk boundaries
@@ -145,7 +146,9 @@ _AOT = r'''
 import triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from lbkernels.triton import extrap as X
+from lbkernels.triton import extrap_adam as A
+from lbkernels.triton import extrap_sgd as S
+from lbkernels.triton import noise as N
 
 def compile_(fn, sig, const):
     sig = {**sig, **{k: "constexpr" for k in const}}
@@ -157,21 +160,21 @@ scalars = dict(table="*i64", n_chunks="i64", lr="fp64", lr_ptr="*fp32", elr="fp6
                elr_ptr="*fp32", scale_ptr="*fp32", skip_ptr="*fp32")
 for acc, elem, mode in ((tl.float32, tl.bfloat16, 1), (tl.float64, tl.float64, 0)):
     wide = "*fp32" if acc == tl.float32 else "*fp64"
-    compile_(X._sgd_update, dict(scalars, coefs=wide, momentum="fp64", weight_decay="fp64",
+    compile_(S._sgd_update, dict(scalars, coefs=wide, momentum="fp64", weight_decay="fp64",
                                  noise_scale="fp64", key="i64", off_lo="i64"),
              dict(flags, ELEM=elem, ACC=acc, BLOCK=1024, MODE=mode, HAS_MOMENTUM=True,
                   NESTEROV=True, LARS=True, HAS_LR_TENSOR=True))
-    compile_(X._adam_update, dict(scalars, n_tensors="i64", bias="*fp64", beta2="fp64", w1="fp64",
+    compile_(A._adam_update, dict(scalars, n_tensors="i64", bias="*fp64", beta2="fp64", w1="fp64",
                                   w2="fp64", eps="fp64", weight_decay="fp64", decay="fp64"),
              dict(flags, ELEM=elem, ACC=acc, BLOCK=1024, HAS_WD=True, DECOUPLED=True,
                   LERP_LOW=False, HAS_LR_TENSOR=mode == 1))
-compile_(X._filter_norms, dict(ftable="*i64", n_filters="i64", factors="*fp32", skip_ptr="*fp32",
+compile_(N._filter_norms, dict(ftable="*i64", n_filters="i64", factors="*fp32", skip_ptr="*fp32",
                                noise_scale="fp64", key="i64", off_lo="i64"),
          dict(ELEM=tl.float16, ACC=tl.float32, BLOCK=1024, HAS_SKIP=True))
-compile_(X._filter_write, dict(table="*i64", n_chunks="i64", n_tensors="i64", factors="*fp32",
+compile_(N._filter_write, dict(table="*i64", n_chunks="i64", n_tensors="i64", factors="*fp32",
                                skip_ptr="*fp32", key="i64", off_lo="i64"),
          dict(ELEM=tl.float16, ACC=tl.float32, BLOCK=1024, HAS_SKIP=True, SOFT_BF16=False))
-compile_(X._adam_bias, dict(table="*i64", n_chunks="i64", n_tensors="i64", bias="*fp64",
+compile_(A._adam_bias, dict(table="*i64", n_chunks="i64", n_tensors="i64", bias="*fp64",
                             skip_ptr="*fp32", beta1="fp64", beta2="fp64"), dict(HAS_SKIP=True))
 print("compiled")
 '''

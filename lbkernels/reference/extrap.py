@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from .._validate import check_scalar_tensor, check_tensor_lists
+from .._validate import check_tensor_lists
+from ._checks import check_nonnegative, check_scalars, check_steps
 from .lars import opmath_dtype, trust_ratio
 
 EXTRAPOLATIONS = ("past_grad", "gaussian", "uniform", "weight", "filter")
@@ -41,21 +42,48 @@ def mix_seed(seed: int, offset: int) -> int:
     return _splitmix64(_splitmix64(seed & _MASK64) ^ (offset & _MASK64)) >> 1
 
 
-def check_nonnegative(**values: float) -> None:
-    for name, v in values.items():
-        if not v >= 0.0:  # also rejects NaN
-            raise ValueError(f"{name} must be >= 0, got {v}")
-
-
 def _check_common(params, anchors, grads, local_grads, lr_tensor, extrap_lr_tensor, grad_scale,
                   found_inf) -> None:
     check_tensor_lists(params, same_shape={"anchors": anchors, "grads": grads},
                        optional={"local_grads": local_grads})
     if local_grads:
         check_tensor_lists(params, same_shape={"local_grads": local_grads})
-    for name, t in (("lr_tensor", lr_tensor), ("extrap_lr_tensor", extrap_lr_tensor),
-                    ("grad_scale", grad_scale), ("found_inf", found_inf)):
-        check_scalar_tensor(name, t)
+    check_scalars(lr_tensor=lr_tensor, extrap_lr_tensor=extrap_lr_tensor, grad_scale=grad_scale,
+                  found_inf=found_inf)
+
+
+def check_extrap_sgd_args(params, anchors, momentum_buffers, grads, local_grads, exclude, *, lr,
+                          lr_tensor, extrap_lr, extrap_lr_tensor, momentum, weight_decay,
+                          extrapolation, noise_scale, offset, grad_scale, found_inf,
+                          **_) -> None:
+    """Every check of ``extrap_sgd_``, before any write (the other keyword arguments of
+    the op need none); the Triton launcher runs it too."""
+    _check_common(params, anchors, grads, local_grads, lr_tensor, extrap_lr_tensor, grad_scale,
+                  found_inf)
+    check_tensor_lists(params, same_shape={}, flags={"exclude": exclude})
+    if momentum != 0.0:
+        check_tensor_lists(params, same_shape={"momentum_buffers": momentum_buffers})
+    if extrapolation not in EXTRAPOLATIONS:
+        raise ValueError(f"extrapolation must be one of {EXTRAPOLATIONS}, got {extrapolation!r}")
+    check_nonnegative(lr=lr, extrap_lr=extrap_lr, momentum=momentum, weight_decay=weight_decay,
+                      noise_scale=noise_scale, offset=offset)
+
+
+def check_extrap_adam_args(params, anchors, exp_avgs, exp_avg_sqs, steps, grads, local_grads, *,
+                           lr, lr_tensor, extrap_lr, extrap_lr_tensor, beta1, beta2, eps,
+                           weight_decay, grad_scale, found_inf, **_) -> None:
+    """Every check of ``extrap_adam_``, before any write (the other keyword arguments of
+    the op need none); the Triton launcher runs it too."""
+    _check_common(params, anchors, grads, local_grads, lr_tensor, extrap_lr_tensor, grad_scale,
+                  found_inf)
+    check_tensor_lists(params, same_shape={"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs})
+    if len(steps) != len(params):
+        raise ValueError(f"steps has {len(steps)} entries but params has {len(params)}")
+    check_steps(params, steps)
+    check_nonnegative(lr=lr, extrap_lr=extrap_lr, eps=eps, weight_decay=weight_decay)
+    for name, b in (("beta1", beta1), ("beta2", beta2)):
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {b}")
 
 
 def _prepare(i, w, anchors, grads, local_grads, lr, lr_tensor, extrap_lr, extrap_lr_tensor,
@@ -143,16 +171,13 @@ def extrap_sgd_(
     The noise is taken at the updated anchor. Gradients are divided by ``grad_scale``
     when given; with ``found_inf != 0`` nothing changes.
     """
-    _check_common(params, anchors, grads, local_grads, lr_tensor, extrap_lr_tensor, grad_scale,
-                  found_inf)
-    check_tensor_lists(params, same_shape={}, flags={"exclude": exclude})
+    check_extrap_sgd_args(params, anchors, momentum_buffers, grads, local_grads, exclude, lr=lr,
+                          lr_tensor=lr_tensor, extrap_lr=extrap_lr,
+                          extrap_lr_tensor=extrap_lr_tensor, momentum=momentum,
+                          weight_decay=weight_decay, extrapolation=extrapolation,
+                          noise_scale=noise_scale, offset=offset, grad_scale=grad_scale,
+                          found_inf=found_inf)
     has_momentum = momentum != 0.0
-    if has_momentum:
-        check_tensor_lists(params, same_shape={"momentum_buffers": momentum_buffers})
-    if extrapolation not in EXTRAPOLATIONS:
-        raise ValueError(f"extrapolation must be one of {EXTRAPOLATIONS}, got {extrapolation!r}")
-    check_nonnegative(lr=lr, extrap_lr=extrap_lr, momentum=momentum, weight_decay=weight_decay,
-                      noise_scale=noise_scale, offset=offset)
     gen = None
     if extrapolation != "past_grad" and params:
         gen = torch.Generator(device=params[0].device)
@@ -222,20 +247,10 @@ def extrap_adam_(
     Bias corrections are computed in fp64 from the step counter, as torch.optim.Adam does
     with Python floats. With ``found_inf != 0`` nothing changes, ``steps`` included.
     """
-    _check_common(params, anchors, grads, local_grads, lr_tensor, extrap_lr_tensor, grad_scale,
-                  found_inf)
-    check_tensor_lists(params, same_shape={"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs})
-    if len(steps) != len(params):
-        raise ValueError(f"steps has {len(steps)} entries but params has {len(params)}")
-    for i, s in enumerate(steps):
-        if s.numel() != 1 or s.dtype != torch.float32:
-            raise TypeError(f"steps[{i}] must be a one-element float32 tensor")
-        if s.device != params[i].device:
-            raise ValueError(f"steps[{i}] is on {s.device} but params[{i}] is on {params[i].device}")
-    check_nonnegative(lr=lr, extrap_lr=extrap_lr, eps=eps, weight_decay=weight_decay)
-    for name, b in (("beta1", beta1), ("beta2", beta2)):
-        if not 0.0 <= b < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {b}")
+    check_extrap_adam_args(params, anchors, exp_avgs, exp_avg_sqs, steps, grads, local_grads,
+                           lr=lr, lr_tensor=lr_tensor, extrap_lr=extrap_lr,
+                           extrap_lr_tensor=extrap_lr_tensor, beta1=beta1, beta2=beta2, eps=eps,
+                           weight_decay=weight_decay, grad_scale=grad_scale, found_inf=found_inf)
 
     skip = _skip_mask(params, found_inf)
     for i, w in enumerate(params):

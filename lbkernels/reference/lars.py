@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from .._validate import check_scalar_tensor, check_tensor_lists
+from .._validate import FLOAT_DTYPES, check_tensor_lists
 from . import average as _average
+from ._checks import check_scalars, check_steps
 
 
 def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -18,16 +19,21 @@ def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def multi_tensor_l2norm(xs: list[torch.Tensor]) -> torch.Tensor:
-    """Per-tensor L2 norms as one fp32 tensor (accumulated in fp64 for fp64 inputs)."""
-    if not xs:
-        return torch.empty(0, dtype=torch.float32)
-    device = xs[0].device
+def check_l2norm_args(xs) -> None:
+    """Every check of ``multi_tensor_l2norm``."""
+    device = xs[0].device if xs else None
     for i, x in enumerate(xs):
         if x.device != device:
             raise ValueError(f"xs[{i}] is on {x.device} but xs[0] is on {device}")
-        if not x.is_floating_point() or x.layout != torch.strided:
+        if x.dtype not in FLOAT_DTYPES or x.layout != torch.strided:
             raise TypeError(f"xs[{i}] must be a dense floating-point tensor, got {x.dtype} {x.layout}")
+
+
+def multi_tensor_l2norm(xs: list[torch.Tensor]) -> torch.Tensor:
+    """Per-tensor L2 norms as one fp32 tensor (accumulated in fp64 for fp64 inputs)."""
+    check_l2norm_args(xs)
+    if not xs:
+        return torch.empty(0, dtype=torch.float32)
     norms = [torch.linalg.vector_norm(x, dtype=opmath_dtype(x.dtype)).float() for x in xs]
     return torch.stack(norms)
 
@@ -58,8 +64,29 @@ def trust_ratio(
     return r, valid
 
 
-def check_folded_average_args(params, averages, average_count, average_method, found_inf) -> None:
-    """The checks of the averaging folded into ``lars_sgd_``, before any write."""
+def check_lars_sgd_args(params, grads, momentum_buffers, steps, exclude, *, momentum,
+                        dampening, momentum_style, lr_tensor, grad_scale, found_inf, averages,
+                        average_count, average_method, **_) -> None:
+    """Every check of ``lars_sgd_``, before any write (the other keyword arguments of the op
+    need none); the Triton launcher runs it too."""
+    check_tensor_lists(
+        params,
+        same_shape={"grads": grads},
+        optional={"momentum_buffers": momentum_buffers, "steps": steps},
+        flags={"exclude": exclude},
+    )
+    if momentum != 0.0:
+        if len(momentum_buffers) != len(params):
+            raise ValueError(f"momentum_buffers has {len(momentum_buffers)} entries but params has {len(params)}")
+        if dampening != 0.0 and len(steps) != len(params):
+            raise ValueError(f"steps has {len(steps)} entries but params has {len(params)} "
+                             "(dampening != 0 needs a step counter per param)")
+        check_tensor_lists(params, same_shape={"momentum_buffers": momentum_buffers})
+        check_steps(params, steps)
+    if momentum_style not in ("torch", "paper"):
+        raise ValueError(f"momentum_style must be 'torch' or 'paper', got {momentum_style!r}")
+    check_scalars(lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf)
+    # The averaging folded into the step.
     if averages:
         _average.check_average_args(averages, params, average_count, average_method, found_inf,
                                     count_name="average_count", method_name="average_method")
@@ -118,26 +145,12 @@ def lars_sgd_(
     the kernels do it in the pass that writes ``w``. ``found_inf != 0`` leaves the
     averages and the count unchanged too.
     """
-    check_tensor_lists(
-        params,
-        same_shape={"grads": grads},
-        optional={"momentum_buffers": momentum_buffers, "steps": steps},
-        flags={"exclude": exclude},
-    )
+    check_lars_sgd_args(params, grads, momentum_buffers, steps, exclude, momentum=momentum,
+                        dampening=dampening, momentum_style=momentum_style, lr_tensor=lr_tensor,
+                        grad_scale=grad_scale, found_inf=found_inf, averages=averages,
+                        average_count=average_count, average_method=average_method)
     has_momentum = momentum != 0.0
-    if has_momentum:
-        if len(momentum_buffers) != len(params):
-            raise ValueError(f"momentum_buffers has {len(momentum_buffers)} entries but params has {len(params)}")
-        if dampening != 0.0 and len(steps) != len(params):
-            raise ValueError(f"steps has {len(steps)} entries but params has {len(params)} "
-                             "(dampening != 0 needs a step counter per param)")
-        check_tensor_lists(params, same_shape={"momentum_buffers": momentum_buffers})
-    if momentum_style not in ("torch", "paper"):
-        raise ValueError(f"momentum_style must be 'torch' or 'paper', got {momentum_style!r}")
-    for name, t in (("lr_tensor", lr_tensor), ("grad_scale", grad_scale), ("found_inf", found_inf)):
-        check_scalar_tensor(name, t)
     averages = averages or []
-    check_folded_average_args(params, averages, average_count, average_method, found_inf)
     paper = momentum_style == "paper"
 
     for i, (w, g) in enumerate(zip(params, grads)):

@@ -8,6 +8,10 @@
   None (the native CUDA kernel) for every op: the Triton kernels take over only once a
   GPU benchmark shows them faster than the CUDA ones.
 
+Each op is ``lbkernels::triton_<name>``, defined from the op's schema in
+``lbkernels._library`` (same arguments, defaults and fake kernel as ``lbkernels::<name>``)
+with the launcher of ``OPS`` as its kernel.
+
 The kernels run on CUDA tensors, or on CPU tensors under Triton's interpreter, which
 is switched on by ``TRITON_INTERPRET=1`` in the environment *before* the kernel modules
 are imported (Triton decides at definition time how a kernel runs).
@@ -15,52 +19,41 @@ are imported (Triton decides at definition time how a kernel runs).
 
 from __future__ import annotations
 
-import importlib.util
-import sys
+import importlib
 from collections.abc import Callable
 
-from .multi_tensor import interpreting
+from .multi_tensor import available, interpreting  # noqa: F401  (the backend's API)
 
-_KERNEL_MODULE = __name__ + ".lars"
+# Op name -> the module of this package whose function of the same name launches its
+# kernels. Imported on first use: the kernels must be defined after TRITON_INTERPRET is
+# read, and Triton is optional. A new algorithm adds its line here and its own module.
+OPS = {
+    "multi_tensor_l2norm": "norms",
+    "lars_sgd_": "lars",
+    "average_": "average",
+    "worker_mean_": "average",
+    "extrap_sgd_": "extrap_sgd",
+    "extrap_adam_": "extrap_adam",
+}
+
+PREFIX = "triton_"
+
+_lib = None  # the torch.library fragment holding the lbkernels::triton_* definitions
 
 
-def _kernels_interpreted() -> bool | None:
-    """Whether the already-imported kernels run interpreted; None when not imported yet."""
-    module = sys.modules.get(_KERNEL_MODULE)
-    if module is None:
-        return None
-    from triton.runtime.interpreter import InterpretedFunction
+def _define_ops() -> None:
+    global _lib
+    if _lib is not None:
+        return
+    import torch
 
-    return isinstance(module._lars_update, InterpretedFunction)
+    from .. import _library
 
-
-def available(device_type: str) -> tuple[bool, str]:
-    """Whether the Triton kernels can run on ``device_type`` here, and if not, why."""
-    if importlib.util.find_spec("triton") is None:
-        return False, "triton is not installed (pip install triton)"
-    try:
-        import triton  # noqa: F401
-    except Exception as e:  # a broken install: report it rather than fail the caller
-        return False, f"triton failed to import: {e}"
-    compiled_as = _kernels_interpreted()
-    if device_type == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            return False, "no CUDA device"
-        if interpreting() or compiled_as:
-            return False, ("TRITON_INTERPRET=1 runs kernels on the CPU; the chunk tables hold "
-                           "device addresses the interpreter cannot read")
-        return True, ""
-    if device_type == "cpu":
-        if not interpreting():
-            return False, ("Triton runs on CPU tensors only under its interpreter: set "
-                           "TRITON_INTERPRET=1 before importing lbkernels.triton")
-        if compiled_as is False:
-            return False, ("the Triton kernels were imported before TRITON_INTERPRET=1 was "
-                           "set; set it before the first import")
-        return True, ""
-    return False, f"Triton kernels run on cuda (or cpu when interpreted), not {device_type}"
+    launchers = {name: getattr(importlib.import_module(f"{__name__}.{module}"), name)
+                 for name, module in OPS.items()}
+    lib = torch.library.Library(_library.NAMESPACE, "FRAGMENT")
+    _library.define_ops(lib, launchers, prefix=PREFIX)
+    _lib = lib
 
 
 def get_op(name: str, device_type: str) -> Callable:
@@ -68,11 +61,12 @@ def get_op(name: str, device_type: str) -> Callable:
     ok, why = available(device_type)
     if not ok:
         raise RuntimeError(f"impl='triton' cannot run {name} on {device_type}: {why}")
-    from .lars import OPS
-
     if name not in OPS:
         raise RuntimeError(f"impl='triton': no Triton kernel for {name}; have {sorted(OPS)}")
-    return OPS[name]
+    _define_ops()
+    import torch
+
+    return getattr(torch.ops.lbkernels, PREFIX + name)
 
 
 def auto_pick(name: str, device_type: str) -> Callable | None:

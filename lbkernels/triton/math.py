@@ -10,8 +10,50 @@ reference's. fp64 has only the IEEE forms.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+
+from .multi_tensor import interpreting
+
+# Storage dtype of each tensor dtype the kernels take, as Triton's type.
+ELEM = {torch.float32: tl.float32, torch.float64: tl.float64, torch.float16: tl.float16,
+        torch.bfloat16: tl.bfloat16}
+
+
+def acc_types(dtype: torch.dtype) -> tuple[torch.dtype, tl.dtype]:
+    """The arithmetic dtype of ``dtype`` tensors (fp64 for fp64, fp32 otherwise), as torch's
+    and as Triton's type."""
+    return (torch.float64, tl.float64) if dtype == torch.float64 else (torch.float32, tl.float32)
+
+
+def soft_bf16(dtype: torch.dtype) -> bool:
+    """Whether ``to_elem`` rounds to bf16 on the bits (the interpreter truncates)."""
+    return dtype == torch.bfloat16 and interpreting()
+
+
+@triton.jit
+def proceed(skip_ptr, HAS_SKIP: tl.constexpr):
+    """False when the AMP flag ``found_inf`` (at ``skip_ptr``) is set: write nothing."""
+    work = True
+    if HAS_SKIP:
+        work = tl.load(skip_ptr) == 0
+    return work
+
+
+@triton.jit
+def scalar(value, ptr, HAS_TENSOR: tl.constexpr, ACC: tl.constexpr):
+    """A float argument or its one-element tensor form, in the arithmetic type."""
+    if HAS_TENSOR:
+        return tl.load(ptr).to(ACC)
+    else:
+        return tl.full([], value, ACC)
+
+
+@triton.jit
+def list_ptr(table, row, n_chunks, c, ELEM: tl.constexpr):
+    """Chunk ``c``'s address in list ``row`` of a chunk table, as a typed pointer."""
+    return tl.load(table + row * n_chunks + c).to(tl.pointer_type(ELEM))
 
 
 @triton.jit
@@ -98,3 +140,32 @@ def worker_mean(total, k):
 def average_update(avg, w, r):
     """math.h's average_update: avg + r * (w - avg) (SWA r = 1 / (n + 1), EMA r = 1 - decay)."""
     return avg + r * (w - avg)
+
+
+@triton.jit
+def chunk_rows(table, n_lists, n_chunks, c):
+    """(element count, tensor slot, first element index) of chunk ``c`` of a chunk table
+    with ``n_lists`` lists (layout in multi_tensor.py)."""
+    rows = table + n_lists * n_chunks + c
+    return tl.load(rows), tl.load(rows + n_chunks), tl.load(rows + 2 * n_chunks)
+
+
+@triton.jit
+def load(ptr, idx, mask, ACC: tl.constexpr):
+    """Elements ``idx`` from ``ptr`` in the arithmetic type (0 where masked off)."""
+    return tl.load(ptr + idx, mask=mask, other=0.0).to(ACC)
+
+
+@triton.jit
+def store(ptr, idx, x, mask, ELEM: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """``x`` rounded to the storage dtype into elements ``idx`` of ``ptr``."""
+    tl.store(ptr + idx, to_elem(x, ELEM, SOFT_BF16), mask=mask)
+
+
+@triton.jit
+def average_rate(count_ptr, one_minus_decay, AVG: tl.constexpr, SWA: tl.constexpr):
+    """r of ``average_update``: 1 / (n + 1) from the count (SWA) or 1 - decay (EMA)."""
+    if SWA:
+        return div(tl.full([], 1.0, AVG), tl.load(count_ptr).to(AVG) + tl.full([], 1.0, AVG))
+    else:
+        return tl.full([], one_minus_decay, AVG)

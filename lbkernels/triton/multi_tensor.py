@@ -1,4 +1,5 @@
-"""Host side of the Triton multi-tensor kernels: chunk tables, dtype groups, staging.
+"""Host side of the Triton multi-tensor kernels: chunk tables, dtype groups, staging,
+block sizes and whether the kernels can run here.
 
 A kernel covers every tensor of one dtype in one launch. It cannot take a variable
 number of pointer arguments, so the launcher writes a *table* of raw addresses to the
@@ -6,21 +7,30 @@ device, one row per chunk of at most ``CHUNK_SIZE`` elements, and each program c
 its entry back to a typed pointer (``tl.pointer_type``). Sizes and addresses are 64-bit,
 so a tensor over 2**31 elements is just more chunks.
 
-Table layout (one int64 device tensor, row-major, ``C`` chunks and ``T`` tensors)::
+Table layout (one int64 device tensor, row-major; ``L`` lists, ``C`` chunks, ``T``
+tensors), built by ``chunk_table`` for every kernel::
 
-    rows 0..4 (length C):  w address, g address, buf address, element count, tensor
-    rows 5..9 (length T):  first chunk, end chunk, step address, excluded, output index
+    rows 0..L-1 (length C):  each list's address at the chunk's first element (0: absent)
+    row L       (length C):  element count
+    row L + 1   (length C):  tensor slot (position in the group)
+    row L + 2   (length C):  index of the chunk's first element within its tensor
+    then the caller's per-tensor rows (length T each)
 
-Addresses already point at the chunk's first element. A table only holds addresses and
-sizes, so one built for the same addresses is valid whatever tensors now live there:
-tables are cached by those numbers and rebuilt only when storage moves (a model's
-tensors keep their storage from step to step, so steady state uploads nothing).
+A table only holds addresses and sizes, so one built for the same numbers is valid
+whatever tensors now live there: tables are cached by those numbers and rebuilt only
+when storage moves (a model's tensors keep their storage from step to step, so steady
+state uploads nothing).
+
+This module imports no Triton: ``available`` must answer where Triton is missing.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -30,11 +40,18 @@ import torch
 # Tests lower it to put chunk boundaries inside small tensors; tables are keyed by it.
 CHUNK_SIZE = 65536
 
-CHUNK_ROWS = 5
-TENSOR_ROWS = 5
+# Elements per loop iteration of a chunk program. On a GPU, 1024 with 4 warps is 8
+# elements (two 16-byte fp32 loads) per thread, which saturates bandwidth; the
+# interpreter runs one numpy operation per iteration, so there a whole chunk at once.
+BLOCK = 1024
+BLOCK_INTERPRETED = 65536
+# Partials reduced per iteration of a per-tensor program.
+RBLOCK = 1024
+NUM_WARPS = 4
 
-# Tables kept per process. A table costs 40 bytes per chunk plus 40 per tensor; 64
-# entries cover every (optimizer group, dtype) of a large training job.
+# Tables kept per process. A table costs 8 bytes per row entry (e.g. 48 per chunk and
+# 40 per tensor for LARS); 64 entries cover every (optimizer group, dtype) of a large
+# training job.
 _CACHE_ENTRIES = 64
 _cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
 
@@ -44,17 +61,77 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@dataclass
-class Entry:
-    """One tensor of a group: addresses of (w, g, buf, step) and where its norm goes."""
+def _kernels_interpreted() -> bool | None:
+    """Whether the already-imported kernels run interpreted; None when not imported yet.
+    Every kernel module imports ``math``, so its ``div`` tells how all were defined."""
+    module = sys.modules.get(__name__.rpartition(".")[0] + ".math")
+    if module is None:
+        return None
+    from triton.runtime.interpreter import InterpretedFunction
 
-    w: int
-    g: int
-    buf: int
-    step: int
-    numel: int
-    excluded: bool
-    out_index: int
+    return isinstance(module.div, InterpretedFunction)
+
+
+def available(device_type: str) -> tuple[bool, str]:
+    """Whether the Triton kernels can run on ``device_type`` here, and if not, why."""
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed (pip install triton)"
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # a broken install: report it rather than fail the caller
+        return False, f"triton failed to import: {e}"
+    compiled_as = _kernels_interpreted()
+    if device_type == "cuda":
+        if not torch.cuda.is_available():
+            return False, "no CUDA device"
+        if interpreting() or compiled_as:
+            return False, ("TRITON_INTERPRET=1 runs kernels on the CPU; the chunk tables hold "
+                           "device addresses the interpreter cannot read")
+        return True, ""
+    if device_type == "cpu":
+        if not interpreting():
+            return False, ("Triton runs on CPU tensors only under its interpreter: set "
+                           "TRITON_INTERPRET=1 before importing lbkernels.triton")
+        if compiled_as is False:
+            return False, ("the Triton kernels were imported before TRITON_INTERPRET=1 was "
+                           "set; set it before the first import")
+        return True, ""
+    return False, f"Triton kernels run on cuda (or cpu when interpreted), not {device_type}"
+
+
+def check_runnable(device: torch.device) -> None:
+    """RuntimeError, with the reason, when the kernels cannot run on ``device``."""
+    ok, why = available(device.type)
+    if not ok:
+        raise RuntimeError(f"the Triton kernels cannot run on {device.type} tensors here: {why}")
+
+
+def block(longest: int, chunked: bool = True) -> int:
+    """Elements per loop iteration for a launch whose longest run is ``longest``: the
+    usual block, or the power of two at or above ``longest`` when that is smaller, so
+    that a group of small tensors does not pay for masked-off lanes (the interpreter's
+    65,536-element block over a 300-element tensor is 200x the work). Runs that are not
+    chunks (filters) ignore the chunk size, so that sums taken in blocks of this size
+    do not depend on it."""
+    limit = BLOCK_INTERPRETED if interpreting() else BLOCK
+    if chunked:
+        longest = min(longest, max(1, int(CHUNK_SIZE)))
+    return max(16, min(limit, 1 << (max(1, longest) - 1).bit_length()))
+
+
+def upload(key: tuple, build: Callable[[], list[int]], device: torch.device) -> torch.Tensor:
+    """The int64 table ``build()`` (a flat list) on ``device``, cached under ``key``."""
+    data = _cache.get(key)
+    if data is not None:
+        _cache.move_to_end(key)
+        return data
+    host = torch.tensor(build(), dtype=torch.int64)
+    # Pinned + non_blocking: the upload is queued on the stream, no host sync.
+    data = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
+    _cache[key] = data
+    if len(_cache) > _CACHE_ENTRIES:
+        _cache.popitem(last=False)
+    return data
 
 
 @dataclass
@@ -64,43 +141,46 @@ class Table:
     n_tensors: int
 
 
-def table(entries: list[Entry], element_size: int, device: torch.device) -> Table:
-    """The chunk table of ``entries`` on ``device``, from the cache when possible."""
+def chunk_table(addresses: list[tuple[int, ...]], numels: list[int],
+                element_sizes: tuple[int, ...], tensor_rows: list[list[int]],
+                device: torch.device) -> Table:
+    """The chunk table of one group (layout in the module docstring), cached.
+
+    ``addresses[k]`` holds tensor k's address in each list (0: absent) and
+    ``element_sizes`` each list's element size (an average and its param differ).
+    """
     chunk = int(CHUNK_SIZE)
     if chunk <= 0:
         raise ValueError(f"CHUNK_SIZE must be positive, got {chunk}")
-    key = (device, chunk, element_size,
-           tuple((e.w, e.g, e.buf, e.step, e.numel, e.excluded, e.out_index) for e in entries))
-    n_chunks = sum(-(-e.numel // chunk) for e in entries)
-    data = _cache.get(key)
-    if data is not None:
-        _cache.move_to_end(key)
-        return Table(data, n_chunks, len(entries))
+    n_chunks = sum(-(-n // chunk) for n in numels)
 
-    rows = [[] for _ in range(CHUNK_ROWS)]
-    first, end = [], []
-    for k, e in enumerate(entries):
-        first.append(len(rows[0]))
-        for begin in range(0, e.numel, chunk):
-            offset = begin * element_size
-            rows[0].append(e.w + offset)
-            rows[1].append(e.g + offset if e.g else 0)
-            rows[2].append(e.buf + offset if e.buf else 0)
-            rows[3].append(min(chunk, e.numel - begin))
-            rows[4].append(k)
-        end.append(len(rows[0]))
-    rows += [first, end, [e.step for e in entries], [int(e.excluded) for e in entries],
-             [e.out_index for e in entries]]
-    host = torch.tensor([v for row in rows for v in row], dtype=torch.int64)
-    if device.type == "cuda":
-        # Pinned + non_blocking: the upload is queued on the stream, no host sync.
-        data = host.pin_memory().to(device, non_blocking=True)
-    else:
-        data = host.to(device)
-    _cache[key] = data
-    if len(_cache) > _CACHE_ENTRIES:
-        _cache.popitem(last=False)
-    return Table(data, n_chunks, len(entries))
+    def build():
+        n_lists = len(element_sizes)
+        rows = [[] for _ in range(n_lists + 3)]
+        for k, (addr, numel) in enumerate(zip(addresses, numels)):
+            for begin in range(0, numel, chunk):
+                for d, (a, size) in enumerate(zip(addr, element_sizes)):
+                    rows[d].append(a + begin * size if a else 0)
+                rows[n_lists].append(min(chunk, numel - begin))
+                rows[n_lists + 1].append(k)
+                rows[n_lists + 2].append(begin)
+        return [v for row in rows + tensor_rows for v in row]
+
+    key = (device, chunk, element_sizes, tuple(addresses), tuple(numels),
+           tuple(tuple(r) for r in tensor_rows))
+    return Table(upload(key, build, device), n_chunks, len(numels))
+
+
+def chunk_spans(numels: list[int]) -> tuple[list[int], list[int]]:
+    """(first chunk, end chunk) of every tensor in a table of ``numels``: per-tensor
+    rows for kernels that reduce a tensor's chunks in one program."""
+    chunk = int(CHUNK_SIZE)
+    first, end, n = [], [], 0
+    for numel in numels:
+        first.append(n)
+        n += -(-numel // chunk)
+        end.append(n)
+    return first, end
 
 
 def group_by_dtype(tensors: list[torch.Tensor]) -> dict[torch.dtype, list[int]]:
@@ -145,14 +225,17 @@ class Staging:
         (kernels that index by row-major position, e.g. element-keyed random numbers)."""
         if w.is_contiguous() if contiguous else dense(w):
             return w
-        return self._stage(w, w.contiguous(), written)
+        return self.stage(w, w.contiguous(), written)
 
     def follow(self, x: torch.Tensor, lead: torch.Tensor, written: bool) -> torch.Tensor:
+        """x itself when it has ``lead``'s layout, else a temporary in that layout (and
+        x's dtype, which may differ: an fp32 average of an fp16 param)."""
         if dense(x) and x.stride() == lead.stride():
             return x
-        return self._stage(x, torch.empty_like(lead).copy_(x), written)
+        return self.stage(x, torch.empty_like(lead, dtype=x.dtype).copy_(x), written)
 
-    def _stage(self, orig: torch.Tensor, tmp: torch.Tensor, written: bool) -> torch.Tensor:
+    def stage(self, orig: torch.Tensor, tmp: torch.Tensor, written: bool) -> torch.Tensor:
+        """``tmp`` in place of ``orig``, kept alive, copied back when ``written``."""
         self._keep.append(tmp)
         if written:
             self._pending.append((orig, tmp))
@@ -168,3 +251,8 @@ class Staging:
 def scalar_on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
     """A one-element tensor argument, on ``device`` (a no-op when already there)."""
     return None if t is None else t.to(device)
+
+
+def pointer(t: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
+    """``t``, or a valid stand-in for a pointer argument its constexpr flag keeps unread."""
+    return fallback if t is None else t

@@ -1,0 +1,32 @@
+"""Argument checks that several ops share; each op's own check (``check_<op>_args`` in
+its reference module) calls them in its order, and every backend in Python runs that
+one check, so that all reject the same calls with the same messages."""
+
+from __future__ import annotations
+
+import torch
+
+from .._validate import check_scalar_tensor
+
+
+def check_nonnegative(**values: float) -> None:
+    for name, v in values.items():
+        if not v >= 0.0:  # also rejects NaN
+            raise ValueError(f"{name} must be >= 0, got {v}")
+
+
+def check_scalars(**tensors: torch.Tensor | None) -> None:
+    """Every optional one-element tensor argument (``lr_tensor``, ``grad_scale``, ...)."""
+    for name, t in tensors.items():
+        check_scalar_tensor(name, t)
+
+
+def check_steps(params, steps) -> None:
+    """Step counters: one-element fp32 tensors beside their params (the kernels read and
+    write them as fp32, exact up to 2^24 steps)."""
+    for i, s in enumerate(steps):
+        if s.numel() != 1 or s.dtype != torch.float32:
+            raise TypeError(f"steps[{i}] must be a one-element float32 tensor, "
+                            f"got {s.dtype} of shape {tuple(s.shape)}")
+        if s.device != params[i].device:
+            raise ValueError(f"steps[{i}] is on {s.device} but params[{i}] is on {params[i].device}")

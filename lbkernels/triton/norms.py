@@ -1,0 +1,176 @@
+"""Triton per-tensor norms and LARS trust ratios (ALGORITHMS.md sections 1 and 6): the
+``multi_tensor_l2norm`` op, and the coefficient passes that ``lars_sgd_`` and
+``extrap_sgd_`` (with ``lars=True``) run before their updates.
+
+Two launches per dtype group over a chunk table of lists (w, g, buf) whose per-tensor
+rows are (first chunk, end chunk, step address, excluded, output index); nothing is
+read back to the host:
+
+1. ``_sum_squares``: one program per chunk writes the chunk's sums of squares of w and
+   of the unscaled g (fp32, fp64 for fp64 tensors) to a partials buffer;
+2. ``_lars_coefs`` (``_norms`` for the norm op): one program per tensor adds its
+   chunks' partials in chunk order (deterministic: no atomics), takes the norms, and
+   writes the tensor's trust ratio, weight decay and first-step flag; it then counts
+   the step, the update reading the flag from the coefficients, not from the counter.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference.lars import check_l2norm_args
+from . import multi_tensor as mt
+from .math import ELEM, acc_types, chunk_rows, div, lars_scale, list_ptr, load, proceed, scalar
+from .math import sqrt
+
+# Per-tensor rows start after the 3 lists and the count, slot and begin rows.
+TENSOR_ROWS: tl.constexpr = tl.constexpr(6)
+
+
+def table(addresses: list[tuple[int, int, int]], numels: list[int], element_size: int,
+          steps: list[int], excluded: list[bool], out_index: list[int],
+          device: torch.device) -> mt.Table:
+    """The chunk table of lists (w, g, buf) with the per-tensor rows these kernels read."""
+    first, end = mt.chunk_spans(numels)
+    rows = [first, end, steps, [int(e) for e in excluded], out_index]
+    return mt.chunk_table(addresses, numels, (element_size,) * 3, rows, device)
+
+
+# --------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _sum_squares(table, n_chunks, n_tensors, partial, scale_ptr, skip_ptr,
+                 ELEM: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+                 WITH_G: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SKIP: tl.constexpr):
+    c = tl.program_id(0)
+    n, t, _ = chunk_rows(table, 3, n_chunks, c)
+    # Excluded tensors need no norms, and a skipped step none at all: read nothing.
+    work = tl.load(table + TENSOR_ROWS * n_chunks + 3 * n_tensors + t) == 0
+    if HAS_SKIP:
+        work = work & (tl.load(skip_ptr) == 0)
+    acc_w = tl.zeros([BLOCK], dtype=ACC)
+    acc_g = tl.zeros([BLOCK], dtype=ACC)
+    if work:
+        w_ptr = list_ptr(table, 0, n_chunks, c, ELEM)
+        g_ptr = list_ptr(table, 1, n_chunks, c, ELEM)
+        offs = tl.arange(0, BLOCK)
+        for s in range(0, n, BLOCK):
+            mask = s + offs < n
+            w = load(w_ptr, s + offs, mask, ACC)
+            acc_w += w * w
+            if WITH_G:
+                g = load(g_ptr, s + offs, mask, ACC)
+                if HAS_SCALE:
+                    # The norm of the unscaled gradient, element by element as the
+                    # reference computes it (no overflow of g**2 at large scales).
+                    g = div(g, tl.load(scale_ptr).to(ACC))
+                acc_g += g * g
+    tl.store(partial + c, tl.sum(acc_w, 0))
+    if WITH_G:
+        tl.store(partial + n_chunks + c, tl.sum(acc_g, 0))
+
+
+@triton.jit
+def _tensor_sum(partial, first, end, ACC: tl.constexpr, RBLOCK: tl.constexpr):
+    acc = tl.zeros([RBLOCK], dtype=ACC)
+    offs = tl.arange(0, RBLOCK)
+    for c0 in range(first, end, RBLOCK):
+        acc += tl.load(partial + c0 + offs, mask=c0 + offs < end, other=0.0)
+    return tl.sum(acc, 0)
+
+
+@triton.jit
+def _norms(table, n_chunks, n_tensors, partial, out, ACC: tl.constexpr, RBLOCK: tl.constexpr):
+    t = tl.program_id(0)
+    rows = table + TENSOR_ROWS * n_chunks
+    first = tl.load(rows + t)
+    end = tl.load(rows + n_tensors + t)
+    norm = sqrt(_tensor_sum(partial, first, end, ACC, RBLOCK))
+    tl.store(out + tl.load(rows + 4 * n_tensors + t), norm.to(tl.float32))
+
+
+@triton.jit
+def _lars_coefs(table, n_chunks, n_tensors, partial, coefs, lr: "fp64", lr_ptr,
+                weight_decay: "fp64", trust_coefficient: "fp64", eps: "fp64", skip_ptr,
+                ACC: tl.constexpr, RBLOCK: tl.constexpr, CLIP: tl.constexpr,
+                ZERO_NORM_DECAY: tl.constexpr, HAS_LR_TENSOR: tl.constexpr,
+                HAS_MOMENTUM: tl.constexpr, HAS_STEPS: tl.constexpr, HAS_SKIP: tl.constexpr):
+    t = tl.program_id(0)
+    rows = table + TENSOR_ROWS * n_chunks
+    first = tl.load(rows + t)
+    end = tl.load(rows + n_tensors + t)
+    excluded = tl.load(rows + 3 * n_tensors + t) != 0
+    n_w = sqrt(_tensor_sum(partial, first, end, ACC, RBLOCK))
+    n_g = sqrt(_tensor_sum(partial + n_chunks, first, end, ACC, RBLOCK))
+    lr_v = scalar(lr, lr_ptr, HAS_LR_TENSOR, ACC)
+    r, wd = lars_scale(n_w, n_g, lr_v, tl.full([], weight_decay, ACC),
+                       tl.full([], trust_coefficient, ACC), tl.full([], eps, ACC), CLIP,
+                       ZERO_NORM_DECAY, excluded)
+    tl.store(coefs + t, r)
+    tl.store(coefs + n_tensors + t, wd)
+    if HAS_STEPS:
+        step_ptr = tl.load(rows + 2 * n_tensors + t).to(tl.pointer_type(tl.float32))
+        step = tl.load(step_ptr)
+        tl.store(coefs + 2 * n_tensors + t, (step == 0).to(ACC))
+        if proceed(skip_ptr, HAS_SKIP):
+            tl.store(step_ptr, step + 1.0)
+    elif HAS_MOMENTUM:  # zero-initialised buffers: m * 0 + d is already the first step
+        tl.store(coefs + 2 * n_tensors + t, tl.zeros([], ACC))
+
+
+# ------------------------------------------------------------------------ launchers
+
+
+def multi_tensor_l2norm(xs: list[torch.Tensor]) -> torch.Tensor:
+    """Per-tensor L2 norms (fp32 result; fp64 accumulation for fp64 tensors)."""
+    check_l2norm_args(xs)
+    if not xs:
+        return torch.empty(0, dtype=torch.float32)
+    device = xs[0].device
+    mt.check_runnable(device)
+    out = torch.empty(len(xs), dtype=torch.float32, device=device)
+    staging = mt.Staging()
+    for dtype, index in mt.group_by_dtype(xs).items():
+        views = [staging.lead(xs[i], written=False) for i in index]
+        numels = [x.numel() for x in views]
+        tab = table([(x.data_ptr(), 0, 0) for x in views], numels, xs[index[0]].element_size(),
+                    [0] * len(index), [False] * len(index), index, device)
+        acc_torch, acc = acc_types(dtype)
+        partial = torch.empty(max(1, tab.n_chunks), dtype=acc_torch, device=device)
+        if tab.n_chunks:
+            _sum_squares[(tab.n_chunks,)](
+                tab.data, tab.n_chunks, tab.n_tensors, partial, partial, partial,
+                ELEM=ELEM[dtype], ACC=acc, BLOCK=mt.block(max(numels)), WITH_G=False,
+                HAS_SCALE=False, HAS_SKIP=False, num_warps=mt.NUM_WARPS)
+        _norms[(tab.n_tensors,)](tab.data, tab.n_chunks, tab.n_tensors, partial, out,
+                                 ACC=acc, RBLOCK=mt.RBLOCK, num_warps=mt.NUM_WARPS)
+    return out
+
+
+def lars_coefs(tab: mt.Table, dtype: torch.dtype, block: int, *, lr, lr_tensor, weight_decay,
+               trust_coefficient, eps, clip, zero_norm_decay, grad_scale, found_inf,
+               has_momentum: bool, has_steps: bool) -> torch.Tensor:
+    """Trust ratio, weight decay and first-step flag of every tensor of ``tab`` (a
+    ``table`` of lists (w, g, buf)), as 3 rows of ``tab.n_tensors`` values."""
+    device = tab.data.device
+    acc_torch, acc = acc_types(dtype)
+    partial = torch.empty(2 * max(1, tab.n_chunks), dtype=acc_torch, device=device)
+    coefs = torch.empty(3 * tab.n_tensors, dtype=acc_torch, device=device)
+    skip_arg = mt.pointer(found_inf, tab.data)
+    if tab.n_chunks:
+        _sum_squares[(tab.n_chunks,)](
+            tab.data, tab.n_chunks, tab.n_tensors, partial, mt.pointer(grad_scale, tab.data),
+            skip_arg, ELEM=ELEM[dtype], ACC=acc, BLOCK=block, WITH_G=True,
+            HAS_SCALE=grad_scale is not None, HAS_SKIP=found_inf is not None,
+            num_warps=mt.NUM_WARPS)
+    _lars_coefs[(tab.n_tensors,)](
+        tab.data, tab.n_chunks, tab.n_tensors, partial, coefs, float(lr),
+        mt.pointer(lr_tensor, tab.data), float(weight_decay), float(trust_coefficient),
+        float(eps), skip_arg, ACC=acc, RBLOCK=mt.RBLOCK, CLIP=bool(clip),
+        ZERO_NORM_DECAY=bool(zero_norm_decay), HAS_LR_TENSOR=lr_tensor is not None,
+        HAS_MOMENTUM=has_momentum, HAS_STEPS=has_steps, HAS_SKIP=found_inf is not None,
+        num_warps=mt.NUM_WARPS)
+    return coefs
