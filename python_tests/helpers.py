@@ -7,6 +7,8 @@ Test files import from here, never from each other (conftest.py only configures)
 
 from __future__ import annotations
 
+import datetime
+import io
 import math
 import os
 import subprocess
@@ -354,3 +356,77 @@ def torchrun(*args: str, timeout: float = 180, check: bool = True) -> subprocess
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
+
+
+# --- gloo process groups ------------------------------------------------------------------
+class GlooGroup:
+    """``world`` processes in one gloo process group, started once and given jobs.
+
+    A job is ``fn(rank, world, *args)``, a module-level function run on every rank; the
+    values it returns come back by rank. Each process imports torch on start (3-6 s on two
+    cores), so the multi-process tests share one group per world size instead of one
+    spawn each. A job that fails leaves the group closed; the next one starts a new group.
+    """
+
+    def __init__(self, world: int, root: Path):
+        ctx = torch.multiprocessing.get_context("spawn")
+        self.world, self.closed = world, False
+        self._conns, self._procs = [], []
+        for rank in range(world):
+            ours, theirs = ctx.Pipe()
+            proc = ctx.Process(target=_serve_gloo_jobs, args=(rank, world, str(root / "store"), theirs), daemon=True)
+            proc.start()
+            self._conns.append(ours)
+            self._procs.append(proc)
+
+    def run(self, fn: Callable, *args, timeout: float = 300) -> list:
+        for conn in self._conns:
+            conn.send((fn, args))
+        replies = []
+        for rank, conn in enumerate(self._conns):
+            if not conn.poll(timeout):
+                self.close()
+                raise TimeoutError(f"{fn.__name__}: rank {rank} gave no result within {timeout} s")
+            replies.append(conn.recv())
+        failures = [f"rank {rank}:\n{value}" for rank, (ok, value) in enumerate(replies) if not ok]
+        if failures:
+            self.close()
+            raise AssertionError(f"{fn.__name__} failed\n" + "\n".join(failures))
+        return [torch.load(io.BytesIO(value), weights_only=False) for _, value in replies]
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for conn in self._conns:
+            try:
+                conn.send(None)
+            except OSError:
+                pass
+        for proc in self._procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+
+
+def _serve_gloo_jobs(rank: int, world: int, store: str, conn) -> None:
+    import traceback
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    while (job := conn.recv()) is not None:
+        fn, args = job
+        try:
+            buf = io.BytesIO()
+            torch.save(fn(rank, world, *args), buf)
+            conn.send((True, buf.getvalue()))
+        except BaseException:
+            conn.send((False, traceback.format_exc()))
+    dist.destroy_process_group()
+    # DDP's reducer keeps the gloo group (and its threads) alive past destroy_process_group;
+    # destroyed by the interpreter's exit, it aborted the process now and then (SIGABRT).
+    # The results are sent: leave without that teardown.
+    os._exit(0)

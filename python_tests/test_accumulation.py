@@ -6,8 +6,6 @@ import copy
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from lbkernels.data import split_evenly
@@ -126,33 +124,28 @@ def test_bad_arguments():
         accumulate_gradients(model, x, y, ce, world_size=2)
 
 
-def _ddp_worker(rank: int, world_size: int, store: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
-    try:
-        model, x, y = make(4)
-        ddp = nn.parallel.DistributedDataParallel(model)
-        xr, yr = x.split(split_evenly(B, world_size))[rank], y.split(split_evenly(B, world_size))[rank]
-        results = {}
-        # Shares 7 and 6; micro-batches 3+3+1 against 3+3, then 2+2+2+1 against 2+2+2.
-        for micro, known_batch in ((3, None), (2, B)):
-            ddp.zero_grad()
-            stats = accumulate_gradients(
-                ddp, xr, yr, nn.functional.cross_entropy, micro, global_batch_size=known_batch
-            )
-            results[micro] = (grads(model), stats, stats.all_reduce())
-        torch.save(results, f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
+def _ddp_ranks(rank: int, world_size: int) -> dict:
+    model, x, y = make(4)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    xr, yr = x.split(split_evenly(B, world_size))[rank], y.split(split_evenly(B, world_size))[rank]
+    results = {}
+    # Shares 7 and 6; micro-batches 3+3+1 against 3+3, then 2+2+2+1 against 2+2+2.
+    for micro, known_batch in ((3, None), (2, B)):
+        ddp.zero_grad()
+        stats = accumulate_gradients(
+            ddp, xr, yr, nn.functional.cross_entropy, micro, global_batch_size=known_batch
+        )
+        results[micro] = (grads(model), stats, stats.all_reduce())
+    return results
 
 
 @pytest.mark.distributed
-def test_ddp_two_ranks_unequal_micro_batches(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "out")), nprocs=2)
+def test_ddp_two_ranks_unequal_micro_batches(gloo):
+    runs = gloo(2).run(_ddp_ranks)
     model, x, y = make(4)
     expected, loss, correct = full_batch(model, x, y)
     for rank, micro_batches in ((0, {3: 3, 2: 4}), (1, {3: 2, 2: 3})):
-        results = torch.load(tmp_path / f"out.{rank}", weights_only=False)
-        for micro, (got, local, total) in results.items():
+        for micro, (got, local, total) in runs[rank].items():
             for g, e in zip(got, expected):
                 torch.testing.assert_close(g, e, **TOL)
             assert local.samples == (7, 6)[rank] and local.micro_batches == micro_batches[micro]

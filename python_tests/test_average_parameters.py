@@ -7,7 +7,6 @@ import hashlib
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from lbkernels.distributed import average_parameters
@@ -41,34 +40,30 @@ def digest(m: nn.Module) -> str:
     return h.hexdigest()
 
 
-def _worker(rank: int, store: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
-    try:
-        m = model(rank)
-        buffers = [b.clone() for b in m.buffers()]
-        results = {}
-        # Round 1 over the default group; round 2 after different per-rank steps, reusing
-        # the cached flat buffers; round 3 over a subgroup that excludes rank 2.
-        average_parameters(m)
-        results["round1"] = [p.detach().clone() for p in m.parameters()]
-        digests = [None] * WORLD
-        dist.all_gather_object(digests, digest(m))
-        results["digests1"] = digests
-        perturb(m, rank)
-        average_parameters(m.parameters())
-        results["round2"] = [p.detach().clone() for p in m.parameters()]
-        dist.all_gather_object(digests, digest(m))
-        results["digests2"] = digests
-        sub = dist.new_group([0, 1])
-        perturb(m, 10 + rank)
-        results["before3"] = [p.detach().clone() for p in m.parameters()]
-        average_parameters(m, group=sub)
-        results["round3"] = [p.detach().clone() for p in m.parameters()]
-        results["buffers_unchanged"] = all(torch.equal(a, b) for a, b in zip(buffers, m.buffers()))
-        results["transposed_stride"] = m.transposed.stride()
-        torch.save(results, f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
+def _ranks(rank: int, world: int) -> dict:
+    m = model(rank)
+    buffers = [b.clone() for b in m.buffers()]
+    results = {}
+    # Round 1 over the default group; round 2 after different per-rank steps, reusing
+    # the cached flat buffers; round 3 over a subgroup that excludes rank 2.
+    average_parameters(m)
+    results["round1"] = [p.detach().clone() for p in m.parameters()]
+    digests = [None] * WORLD
+    dist.all_gather_object(digests, digest(m))
+    results["digests1"] = digests
+    perturb(m, rank)
+    average_parameters(m.parameters())
+    results["round2"] = [p.detach().clone() for p in m.parameters()]
+    dist.all_gather_object(digests, digest(m))
+    results["digests2"] = digests
+    sub = dist.new_group([0, 1])
+    perturb(m, 10 + rank)
+    results["before3"] = [p.detach().clone() for p in m.parameters()]
+    average_parameters(m, group=sub)
+    results["round3"] = [p.detach().clone() for p in m.parameters()]
+    results["buffers_unchanged"] = all(torch.equal(a, b) for a, b in zip(buffers, m.buffers()))
+    results["transposed_stride"] = m.transposed.stride()
+    return results
 
 
 def assert_mean(got: list[torch.Tensor], per_rank: list[list[torch.Tensor]]) -> None:
@@ -83,9 +78,8 @@ def assert_mean(got: list[torch.Tensor], per_rank: list[list[torch.Tensor]]) -> 
 
 
 @pytest.mark.distributed
-def test_three_ranks_hold_the_bitwise_same_mean(tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path / "store"), str(tmp_path / "out")), nprocs=WORLD)
-    res = [torch.load(tmp_path / f"out.{r}", weights_only=False) for r in range(WORLD)]
+def test_three_ranks_hold_the_bitwise_same_mean(gloo):
+    res = gloo(WORLD).run(_ranks)
     initial = [[p.detach() for p in model(r).parameters()] for r in range(WORLD)]
 
     assert len(set(res[0]["digests1"])) == 1 and res[0]["digests1"] == res[1]["digests1"]

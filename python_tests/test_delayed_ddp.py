@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from lbkernels.distributed import AsyncSimulator, DelayedGradients, delayed_allreduce_hook
@@ -88,37 +86,33 @@ def test_first_steps_apply_nothing_and_bad_use_is_refused():
             DelayedGradients(bad)
 
 
-def _worker(rank: int, world_size: int, store: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
-    try:
-        results = []
-        for as_view in (False, True):
-            m = model()
-            # ~1 KB buckets: several of them, rebuilt by DDP after the first iteration.
-            ddp = nn.parallel.DistributedDataParallel(m, bucket_cap_mb=0.001, gradient_as_bucket_view=as_view)
-            delayed = DelayedGradients(DELAY)
-            ddp.register_comm_hook(delayed, delayed_allreduce_hook)
-            opt = optimizer(m)
-            applied = []
-            for t in range(STEPS):
-                x, y = batch(t)
-                share = BATCH // world_size
-                opt.zero_grad()
-                loss_of(ddp, x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]).backward()
-                applied.append(delayed.step(opt))
-            delayed.drain()
-            results.append(([p.detach().clone() for p in m.parameters()], applied))
-        torch.save(results, f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
+def _ranks(rank: int, world_size: int) -> list:
+    results = []
+    for as_view in (False, True):
+        m = model()
+        # ~1 KB buckets: several of them, rebuilt by DDP after the first iteration.
+        ddp = nn.parallel.DistributedDataParallel(m, bucket_cap_mb=0.001, gradient_as_bucket_view=as_view)
+        delayed = DelayedGradients(DELAY)
+        ddp.register_comm_hook(delayed, delayed_allreduce_hook)
+        opt = optimizer(m)
+        applied = []
+        for t in range(STEPS):
+            x, y = batch(t)
+            share = BATCH // world_size
+            opt.zero_grad()
+            loss_of(ddp, x[rank * share:(rank + 1) * share], y[rank * share:(rank + 1) * share]).backward()
+            applied.append(delayed.step(opt))
+        delayed.drain()
+        results.append(([p.detach().clone() for p in m.parameters()], applied))
+    return results
 
 
 @pytest.mark.distributed
-def test_two_ranks_equal_the_single_process_rule(tmp_path):
-    mp.spawn(_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "out")), nprocs=2)
+def test_two_ranks_equal_the_single_process_rule(gloo):
+    runs = gloo(2).run(_ranks)
     expected, applied = single_process(STEPS)
     for rank in range(2):
-        for params, got_applied in torch.load(tmp_path / f"out.{rank}", weights_only=False):
+        for params, got_applied in runs[rank]:
             assert got_applied == applied
             for p, e in zip(params, expected.parameters()):
                 # fp64; the only difference is the order of the batch mean (two halves averaged).

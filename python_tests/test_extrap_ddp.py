@@ -3,12 +3,8 @@ with plain torch ops, against two optimizers in one process and two gloo DDP ran
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from lbkernels.optim import ExtrapAdam, ExtrapSGD
@@ -125,64 +121,55 @@ def test_two_workers_in_one_process_follow_the_rule(kind, impl):
     assert not torch.equal(ws[0][0], ws[1][0])  # the workers' extrapolated points differ
 
 
-def _worker(rank: int, world_size: int, store: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
-    try:
-        results = {}
-        for kind, as_view in (("sgd", False), ("sgd", True), ("adam", False)):
-            m = model()
-            # ~1 KB buckets: one bucket at the first iteration, several once DDP rebuilds them.
-            # As views, p.grad is the bucket itself: the copy must precede the all-reduce.
-            ddp = nn.parallel.DistributedDataParallel(m, bucket_cap_mb=0.001, gradient_as_bucket_view=as_view)
-            opt = make_opt(kind, m.parameters())
-            opt.attach(ddp)
-            sched = torch.optim.lr_scheduler.ExponentialLR(opt, LR_DECAY)
-            calls: list[list[int]] = []
-            capture = opt.capture_local_grads
-
-            def counting(params, grads, _capture=capture, _calls=calls):
-                _calls[-1].append(len(params))
-                _capture(params, grads)
-
-            opt.capture_local_grads = counting
-            for t in range(STEPS):
-                calls.append([])
-                opt.zero_grad()
-                loss_of(ddp, *shard(t, rank, world_size)).backward()
-                opt.step()
-                sched.step()
-            results[kind, as_view] = (anchors(opt, m), [p.detach().clone() for p in m.parameters()], calls,
-                             opt.resolved_world_size())
-        # DDP without the hook: the gradients are averaged, no g^k was captured.
+def _ranks(rank: int, world_size: int) -> dict:
+    results = {}
+    for kind, as_view in (("sgd", False), ("sgd", True), ("adam", False)):
         m = model()
-        ddp = nn.parallel.DistributedDataParallel(m)
-        opt = make_opt("sgd", m.parameters())
-        loss_of(ddp, *shard(0, rank, world_size)).backward()
-        before = [p.detach().clone() for p in m.parameters()]
-        try:
+        # ~1 KB buckets: one bucket at the first iteration, several once DDP rebuilds them.
+        # As views, p.grad is the bucket itself: the copy must precede the all-reduce.
+        ddp = nn.parallel.DistributedDataParallel(m, bucket_cap_mb=0.001, gradient_as_bucket_view=as_view)
+        opt = make_opt(kind, m.parameters())
+        opt.attach(ddp)
+        sched = torch.optim.lr_scheduler.ExponentialLR(opt, LR_DECAY)
+        calls: list[list[int]] = []
+        capture = opt.capture_local_grads
+
+        def counting(params, grads, _capture=capture, _calls=calls):
+            _calls[-1].append(len(params))
+            _capture(params, grads)
+
+        opt.capture_local_grads = counting
+        for t in range(STEPS):
+            calls.append([])
+            opt.zero_grad()
+            loss_of(ddp, *shard(t, rank, world_size)).backward()
             opt.step()
-            results["no_hook"] = None
-        except RuntimeError as e:
-            results["no_hook"] = (str(e), all(torch.equal(p, q) for p, q in zip(m.parameters(), before)),
-                                  dict(opt.state))
-        torch.save(results, f"{out}.{rank}")
-        dist.barrier()  # neither process leaves while the other still communicates
-    finally:
-        dist.destroy_process_group()
-    # DDP's reducer keeps the gloo group (and its threads) alive past destroy_process_group;
-    # destroyed by the interpreter's exit, it aborted the process now and then (SIGABRT).
-    # The results are saved: leave without that teardown.
-    os._exit(0)
+            sched.step()
+        results[kind, as_view] = (anchors(opt, m), [p.detach().clone() for p in m.parameters()], calls,
+                                  opt.resolved_world_size())
+    # DDP without the hook: the gradients are averaged, no g^k was captured.
+    m = model()
+    ddp = nn.parallel.DistributedDataParallel(m)
+    opt = make_opt("sgd", m.parameters())
+    loss_of(ddp, *shard(0, rank, world_size)).backward()
+    before = [p.detach().clone() for p in m.parameters()]
+    try:
+        opt.step()
+        results["no_hook"] = None
+    except RuntimeError as e:
+        results["no_hook"] = (str(e), all(torch.equal(p, q) for p, q in zip(m.parameters(), before)),
+                              dict(opt.state))
+    return results
 
 
 @pytest.mark.distributed
-def test_two_gloo_ranks_follow_the_rule(tmp_path):
-    mp.spawn(_worker, args=(K, str(tmp_path / "store"), str(tmp_path / "out")), nprocs=K)
+def test_two_gloo_ranks_follow_the_rule(gloo):
+    runs = gloo(K).run(_ranks)
     n_params = len(list(model().parameters()))
     for kind, as_view in (("sgd", False), ("sgd", True), ("adam", False)):
         x, ws = simulate(kind, K)
         for rank in range(K):
-            got_x, got_w, calls, world = torch.load(tmp_path / f"out.{rank}", weights_only=False)[kind, as_view]
+            got_x, got_w, calls, world = runs[rank][kind, as_view]
             assert world == K
             assert_close(got_x, x)
             assert_close(got_w, ws[rank])
@@ -191,6 +178,6 @@ def test_two_gloo_ranks_follow_the_rule(tmp_path):
             assert all(sum(c) == n_params for c in calls)
             assert len(calls[0]) == 1 and all(len(c) >= 2 for c in calls[1:])
     for rank in range(K):
-        message, unchanged, state = torch.load(tmp_path / f"out.{rank}", weights_only=False)["no_hook"]
+        message, unchanged, state = runs[rank]["no_hook"]
         assert "attach" in message and "K=2" in message
         assert unchanged and not state

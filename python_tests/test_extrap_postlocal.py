@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from lbkernels.distributed import extrap_allreduce_hook
@@ -65,35 +63,31 @@ def expected():
     return x, w
 
 
-def _worker(rank: int, store: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=K)
-    try:
-        m = model()
-        ddp = nn.parallel.DistributedDataParallel(m, bucket_cap_mb=0.001)
-        ext = ExtrapSGD([{"params": [p], "weight_decay": WD} for p in m.parameters()], lr=LR,
-                        momentum=M, extrap_scale=SCALE, impl="reference")
-        opt = AnchorPostLocalSGD(ext, switch_step=SWITCH, period=PERIOD)
-        opt.attach(ddp, inner=(ext, extrap_allreduce_hook))
-        for t in range(STEPS):
-            opt.zero_grad()
-            nn.functional.cross_entropy(ddp(batch(t, rank)[0]), batch(t, rank)[1]).backward()
-            if opt.local:
-                ext.capture_local_grads(copy=False)  # what the recipe does in the local phase
-            opt.step()
-        anchors = [ext.state[p]["anchor"].clone() for p in m.parameters()]
-        torch.save((anchors, [p.detach().clone() for p in m.parameters()]), f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
+def _ranks(rank: int, world_size: int) -> tuple:
+    m = model()
+    ddp = nn.parallel.DistributedDataParallel(m, bucket_cap_mb=0.001)
+    ext = ExtrapSGD([{"params": [p], "weight_decay": WD} for p in m.parameters()], lr=LR,
+                    momentum=M, extrap_scale=SCALE, impl="reference")
+    opt = AnchorPostLocalSGD(ext, switch_step=SWITCH, period=PERIOD)
+    opt.attach(ddp, inner=(ext, extrap_allreduce_hook))
+    for t in range(STEPS):
+        opt.zero_grad()
+        nn.functional.cross_entropy(ddp(batch(t, rank)[0]), batch(t, rank)[1]).backward()
+        if opt.local:
+            ext.capture_local_grads(copy=False)  # what the recipe does in the local phase
+        opt.step()
+    anchors = [ext.state[p]["anchor"].clone() for p in m.parameters()]
+    return anchors, [p.detach().clone() for p in m.parameters()]
 
 
 @pytest.mark.distributed
-def test_two_ranks_follow_the_written_out_rule(tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path / "store"), str(tmp_path / "out")), nprocs=K)
+def test_two_ranks_follow_the_written_out_rule(gloo):
+    runs = gloo(K).run(_ranks)
     x, w = expected()
     # The last step (t = 6) is an average step: the anchors agree, the points do not.
     assert (STEPS - 1 - SWITCH) % PERIOD == 0
     for rank in range(K):
-        anchors, params = torch.load(tmp_path / f"out.{rank}", weights_only=False)
+        anchors, params = runs[rank]
         for got, want in zip(anchors + params, x[rank] + w[rank]):
             # fp64; only the order of sums differs (the all-reduce divides before it sums,
             # the averaging after, and w - x + mean is rounded where the rule is exact).

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from lbkernels.distributed import PostLocalSGD
@@ -57,18 +55,13 @@ def _train(rank: int, kind: str) -> list[list[torch.Tensor]]:
     return trajectory
 
 
-def _worker(rank: int, world_size: int, store: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
-    try:
-        torch.save({kind: _train(rank, kind) for kind in ("torch", "lbkernels")}, f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
+def _ranks(rank: int, world_size: int) -> dict:
+    return {kind: _train(rank, kind) for kind in ("torch", "lbkernels")}
 
 
 @pytest.mark.distributed
-def test_two_ranks_follow_torch_post_local_sgd(tmp_path):
-    mp.spawn(_worker, args=(2, str(tmp_path / "store"), str(tmp_path / "out")), nprocs=2)
-    runs = [torch.load(tmp_path / f"out.{rank}", weights_only=False) for rank in range(2)]
+def test_two_ranks_follow_torch_post_local_sgd(gloo):
+    runs = gloo(2).run(_ranks)
     for rank in range(2):
         for t, (ours, ref) in enumerate(zip(runs[rank]["lbkernels"], runs[rank]["torch"])):
             # Bitwise in fp64: the same gradient hook (torch's allreduce_hook) before the
