@@ -97,7 +97,7 @@ def header() -> str:
 
 
 def cpu_capability() -> str:
-    try:
+    try:  # the compiled extension is optional: without it lbkernels runs the reference ops
         from lbkernels import _C
 
         return _C.cpu_capability()

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from . import checkpoint
 from .argtypes import fraction, nonnegative_float, nonnegative_int, positive_float, positive_int
 from .config import (CHECKPOINT_NAME, FROM_RECIPE, PROG, ConfigError, check_values, flag,
@@ -218,8 +220,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict 
     _check_relations(args)
     if args.show_config:
         if first_process():  # under torchrun, once
-            import yaml
-
             print(yaml.safe_dump(resolved(args), sort_keys=False), end="", flush=True)
         raise SystemExit(0)
     return args, state

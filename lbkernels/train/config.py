@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 PROG = "lbk-train"
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -50,13 +53,9 @@ def read_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, An
         raise ConfigError(f"--config: {path}: no such file")
     try:
         if file.suffix == ".toml":
-            import tomllib
-
             with file.open("rb") as f:
                 raw = tomllib.load(f)
         elif file.suffix in (".yaml", ".yml"):
-            import yaml
-
             raw = yaml.safe_load(file.read_text()) or {}
         else:
             raise ConfigError(f"--config: {path}: expected a .yaml, .yml or .toml file")

@@ -9,6 +9,8 @@ from pathlib import Path
 def plot_curves(rows: list[dict], path: Path, title: str) -> None:
     """Accuracy and loss against epochs and against updates; the learning rate, the batch
     size and the SGD noise scale."""
+    # Imported only to draw: matplotlib.pyplot takes 1.5 s to import (after torch, on a
+    # loaded 2-core machine), which --help, option errors and the tests need not pay.
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed, none opened
