@@ -19,6 +19,8 @@ from . import _library
 
 IMPLS = ("auto", "reference", "native", "triton")
 
+Tensors = Sequence[torch.Tensor]
+
 
 def check_impl(impl: str) -> str:
     if impl not in IMPLS:
@@ -64,7 +66,7 @@ def _as_list(xs: Sequence) -> list:
     return xs if type(xs) is list else list(xs)
 
 
-def multi_tensor_l2norm(xs: Sequence[torch.Tensor], *, impl: str = "auto") -> torch.Tensor:
+def multi_tensor_l2norm(xs: Tensors, *, impl: str = "auto") -> torch.Tensor:
     """L2 norm of every tensor in ``xs``, as one fp32 tensor of ``len(xs)`` values."""
     return resolve("multi_tensor_l2norm", impl, xs)(_as_list(xs))
 
@@ -83,17 +85,9 @@ def _check_options(name: str, options: dict) -> None:
         raise TypeError(f"{name}() got an unexpected keyword argument {sorted(unknown)[0]!r}")
 
 
-def lars_sgd_(
-    params: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    momentum_buffers: Sequence[torch.Tensor],
-    steps: Sequence[torch.Tensor],
-    exclude: Sequence[bool],
-    *,
-    lr: float | torch.Tensor,
-    impl: str = "auto",
-    **options,
-) -> None:
+def lars_sgd_(params: Tensors, grads: Tensors, momentum_buffers: Tensors, steps: Tensors,
+              exclude: Sequence[bool], *, lr: float | torch.Tensor, impl: str = "auto",
+              **options) -> None:
     """One fused LARS-SGD step in place (ALGORITHMS.md section 1).
 
     ``options``: the op's other keyword arguments, with the meaning that
@@ -120,14 +114,8 @@ def lars_sgd_(
     )
 
 
-def average_(
-    averages: Sequence[torch.Tensor],
-    params: Sequence[torch.Tensor],
-    count: torch.Tensor | None = None,
-    *,
-    impl: str = "auto",
-    **options,
-) -> None:
+def average_(averages: Tensors, params: Tensors, count: torch.Tensor | None = None, *,
+             impl: str = "auto", **options) -> None:
     """One fused weight-averaging update in place (ALGORITHMS.md section 4).
 
     ``options``: ``method`` (``"swa"``), ``decay`` (0.999), ``found_inf`` (None).
@@ -141,13 +129,8 @@ def average_(
     resolve("average_", impl, params)(_as_list(averages), _as_list(params), count, **options)
 
 
-def worker_mean_(
-    params: Sequence[torch.Tensor],
-    flat_sum: torch.Tensor,
-    world_size: int,
-    *,
-    impl: str = "auto",
-) -> None:
+def worker_mean_(params: Tensors, flat_sum: torch.Tensor, world_size: int, *,
+                 impl: str = "auto") -> None:
     """Write the cross-worker mean ``w = sum / K`` into ``params`` (ALGORITHMS.md section 4).
 
     ``flat_sum`` is the all-reduced (summed) flat buffer of ``params``, all of its dtype
@@ -158,19 +141,9 @@ def worker_mean_(
     resolve("worker_mean_", impl, [flat_sum])(_as_list(params), flat_sum, int(world_size))
 
 
-def extrap_sgd_(
-    params: Sequence[torch.Tensor],
-    anchors: Sequence[torch.Tensor],
-    momentum_buffers: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    local_grads: Sequence[torch.Tensor],
-    exclude: Sequence[bool],
-    *,
-    lr: float | torch.Tensor,
-    extrap_lr: float | torch.Tensor = 0.0,
-    impl: str = "auto",
-    **options,
-) -> None:
+def extrap_sgd_(params: Tensors, anchors: Tensors, momentum_buffers: Tensors, grads: Tensors,
+                local_grads: Tensors, exclude: Sequence[bool], *, lr: float | torch.Tensor,
+                extrap_lr: float | torch.Tensor = 0.0, impl: str = "auto", **options) -> None:
     """One fused extrapolated-SGD step in place (ALGORITHMS.md sections 2 and 2.1).
 
     ``options``: the op's other keyword arguments, with the meaning that
@@ -198,20 +171,10 @@ def extrap_sgd_(
     )
 
 
-def extrap_adam_(
-    params: Sequence[torch.Tensor],
-    anchors: Sequence[torch.Tensor],
-    exp_avgs: Sequence[torch.Tensor],
-    exp_avg_sqs: Sequence[torch.Tensor],
-    steps: Sequence[torch.Tensor],
-    grads: Sequence[torch.Tensor],
-    local_grads: Sequence[torch.Tensor],
-    *,
-    lr: float | torch.Tensor,
-    extrap_lr: float | torch.Tensor = 0.0,
-    impl: str = "auto",
-    **options,
-) -> None:
+def extrap_adam_(params: Tensors, anchors: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors,
+                 steps: Tensors, grads: Tensors, local_grads: Tensors, *,
+                 lr: float | torch.Tensor, extrap_lr: float | torch.Tensor = 0.0,
+                 impl: str = "auto", **options) -> None:
     """One fused extrap-Adam step in place (ALGORITHMS.md section 2.2).
 
     ``options``: the op's other keyword arguments, with the meaning that

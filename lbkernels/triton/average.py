@@ -50,7 +50,7 @@ def average_(averages, params, count=None, **kw) -> None:
         return
     device = params[0].device
     mt.check_runnable(device)
-    found_inf = mt.scalar_on(found_inf, device)
+    (found_inf,) = mt.scalars_on(device, found_inf)
     staging = mt.Staging()
     for dtype, index in mt.group_by_dtype(params).items():
         addresses, numels = [], []

@@ -131,10 +131,8 @@ def extrap_adam_(params, anchors, exp_avgs, exp_avg_sqs, steps, grads, local_gra
     mt.check_runnable(device)
     has_local = len(local_grads) > 0
     lr, beta1, beta2, weight_decay = (float(kw[k]) for k in ("lr", "beta1", "beta2", "weight_decay"))
-    lr_tensor = mt.scalar_on(kw["lr_tensor"], device)
-    extrap_lr_tensor = mt.scalar_on(kw["extrap_lr_tensor"], device)
-    grad_scale = mt.scalar_on(kw["grad_scale"], device)
-    found_inf = mt.scalar_on(kw["found_inf"], device)
+    lr_tensor, extrap_lr_tensor, grad_scale, found_inf = mt.scalars_on(
+        device, kw["lr_tensor"], kw["extrap_lr_tensor"], kw["grad_scale"], kw["found_inf"])
     staging = mt.Staging()
     for dtype, index in mt.group_by_dtype(params).items():
         addresses, numels = [], []

@@ -24,8 +24,8 @@ import triton.language as tl
 from ..reference import extrap as ref
 from . import multi_tensor as mt
 from . import norms
-from .math import ELEM, acc_types, chunk_rows, div, list_ptr, load, proceed, scalar, sgd_update
-from .math import soft_bf16, store
+from .math import ELEM, acc_types, chunk_rows, div, list_ptr, load, load_sgd_update, proceed
+from .math import scalar, soft_bf16, store
 from .noise import _filter_norms, _filter_write, filter_size, filter_table, noise, noise_key
 
 # extrapolation= values, as the kernels' MODE constant (the order of ref.EXTRAPOLATIONS).
@@ -68,14 +68,10 @@ def _sgd_update(table, n_chunks, coefs, lr: "fp64", lr_ptr, elr: "fp64", elr_ptr
         offs = tl.arange(0, BLOCK)
         for s in range(0, n, BLOCK):
             mask = s + offs < n
-            x = load(x_ptr, s + offs, mask, ACC)
-            g = load(g_ptr, s + offs, mask, ACC)
-            buf = x
-            if HAS_MOMENTUM:
-                buf = load(b_ptr, s + offs, mask, ACC)
             # buf = m * buf + d: zero-initialised buffers, no first-step case.
-            x, buf = sgd_update(x, buf, g, scale, wd, r, one, m, one, lr_v, False,
-                                HAS_SCALE, HAS_MOMENTUM, NESTEROV)
+            x, buf, g = load_sgd_update(x_ptr, g_ptr, b_ptr, s + offs, mask, scale, wd, r, one,
+                                        m, one, lr_v, False, ACC, HAS_SCALE, HAS_MOMENTUM,
+                                        NESTEROV)
             store(x_ptr, s + offs, x, mask, ELEM, SOFT_BF16)
             if HAS_MOMENTUM:
                 store(b_ptr, s + offs, buf, mask, ELEM, SOFT_BF16)
@@ -110,10 +106,8 @@ def extrap_sgd_(params, anchors, momentum_buffers, grads, local_grads, exclude, 
     filter_mode = extrapolation == "filter"
     has_momentum = kw["momentum"] != 0.0
     has_local = len(local_grads) > 0 and extrapolation == "past_grad"
-    lr_tensor = mt.scalar_on(kw["lr_tensor"], device)
-    extrap_lr_tensor = mt.scalar_on(kw["extrap_lr_tensor"], device)
-    grad_scale = mt.scalar_on(kw["grad_scale"], device)
-    found_inf = mt.scalar_on(kw["found_inf"], device)
+    lr_tensor, extrap_lr_tensor, grad_scale, found_inf = mt.scalars_on(
+        device, kw["lr_tensor"], kw["extrap_lr_tensor"], kw["grad_scale"], kw["found_inf"])
     key, off_lo = noise_key(int(kw["seed"]), int(kw["offset"]))
     staging = mt.Staging()
     for dtype, index in mt.group_by_dtype(params).items():

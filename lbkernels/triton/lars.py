@@ -19,8 +19,8 @@ import triton.language as tl
 from ..reference.lars import check_lars_sgd_args
 from . import multi_tensor as mt
 from . import norms
-from .math import ELEM, acc_types, average_rate, average_update, chunk_rows, list_ptr, load
-from .math import proceed, scalar, sgd_update, soft_bf16, store, to_elem
+from .math import ELEM, acc_types, average_rate, average_update, chunk_rows, list_ptr
+from .math import load_sgd_update, proceed, scalar, soft_bf16, store, to_elem
 
 
 @triton.jit
@@ -63,13 +63,9 @@ def _lars_update(table, n_chunks, n_tensors, coefs, lr: "fp64", lr_ptr, scale_pt
         offs = tl.arange(0, BLOCK)
         for s in range(0, n, BLOCK):
             mask = s + offs < n
-            w = load(w_ptr, s + offs, mask, ACC)
-            g = load(g_ptr, s + offs, mask, ACC)
-            buf = w
-            if HAS_MOMENTUM:
-                buf = load(b_ptr, s + offs, mask, ACC)
-            w, buf = sgd_update(w, buf, g, scale, wd, r, pre, m, damp, step_lr, first,
-                                HAS_SCALE, HAS_MOMENTUM, NESTEROV)
+            w, buf, g = load_sgd_update(w_ptr, g_ptr, b_ptr, s + offs, mask, scale, wd, r, pre,
+                                        m, damp, step_lr, first, ACC, HAS_SCALE, HAS_MOMENTUM,
+                                        NESTEROV)
             w_stored = to_elem(w, ELEM, SOFT_BF16)
             tl.store(w_ptr + s + offs, w_stored, mask=mask)
             if HAS_MOMENTUM:
@@ -91,9 +87,8 @@ def lars_sgd_(params, grads, momentum_buffers, steps, exclude, **kw) -> None:
     average_count = kw["average_count"]
     has_momentum = kw["momentum"] != 0.0
     has_steps = has_momentum and len(steps) > 0
-    lr_tensor = mt.scalar_on(kw["lr_tensor"], device)
-    grad_scale = mt.scalar_on(kw["grad_scale"], device)
-    found_inf = mt.scalar_on(kw["found_inf"], device)
+    lr_tensor, grad_scale, found_inf = mt.scalars_on(
+        device, kw["lr_tensor"], kw["grad_scale"], kw["found_inf"])
     staging = mt.Staging()
     for dtype, index in mt.group_by_dtype(params).items():
         addresses, leads = [], []

@@ -115,6 +115,22 @@ def sgd_update(w, buf, g, scale, wd, r, pre, m, damp, lr, first, HAS_SCALE: tl.c
 
 
 @triton.jit
+def load_sgd_update(w_ptr, g_ptr, b_ptr, idx, mask, scale, wd, r, pre, m, damp, lr, first,
+                    ACC: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
+                    NESTEROV: tl.constexpr):
+    """``sgd_update`` of elements ``idx``, loaded from w, g and (with momentum) buf:
+    returns (new w, new buf, g as loaded)."""
+    w = load(w_ptr, idx, mask, ACC)
+    g = load(g_ptr, idx, mask, ACC)
+    buf = w
+    if HAS_MOMENTUM:
+        buf = load(b_ptr, idx, mask, ACC)
+    w, buf = sgd_update(w, buf, g, scale, wd, r, pre, m, damp, lr, first, HAS_SCALE,
+                        HAS_MOMENTUM, NESTEROV)
+    return w, buf, g
+
+
+@triton.jit
 def to_elem(x, ELEM: tl.constexpr, SOFT_BF16: tl.constexpr):
     """x (fp32 or fp64) rounded to the storage dtype, to nearest even.
 

@@ -248,9 +248,9 @@ class Staging:
         self._keep.clear()
 
 
-def scalar_on(t: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    """A one-element tensor argument, on ``device`` (a no-op when already there)."""
-    return None if t is None else t.to(device)
+def scalars_on(device: torch.device, *ts: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """One-element tensor arguments (or None), on ``device`` (a no-op when already there)."""
+    return [None if t is None else t.to(device) for t in ts]
 
 
 def pointer(t: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
