@@ -76,9 +76,7 @@ def _adam_update(table, n_chunks, n_tensors, bias, lr: "fp64", lr_ptr, elr: "fp6
             shrink = tl.full([], decay, ACC)
         bc2_sqrt = tl.load(bias + n_tensors + t).to(ACC)
         elr_v = scalar(elr, elr_ptr, HAS_ELR_TENSOR, ACC)
-        scale = tl.full([], 1.0, ACC)
-        if HAS_SCALE:
-            scale = tl.load(scale_ptr).to(ACC)
+        scale = scalar(1.0, scale_ptr, HAS_SCALE, ACC)
         wd = tl.full([], weight_decay, ACC)
         lerp_w = tl.full([], w1, ACC)
         lerp_wc = 1.0 - lerp_w

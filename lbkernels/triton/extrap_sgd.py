@@ -59,9 +59,7 @@ def _sgd_update(table, n_chunks, coefs, lr: "fp64", lr_ptr, elr: "fp64", elr_ptr
             r = tl.load(coefs + t)
         lr_v = scalar(lr, lr_ptr, HAS_LR_TENSOR, ACC)
         elr_v = scalar(elr, elr_ptr, HAS_ELR_TENSOR, ACC)
-        scale = one
-        if HAS_SCALE:
-            scale = tl.load(scale_ptr).to(ACC)
+        scale = scalar(1.0, scale_ptr, HAS_SCALE, ACC)
         m = tl.full([], momentum, ACC)
         wd = tl.full([], weight_decay, ACC)
         a = tl.full([], noise_scale, ACC)

@@ -52,9 +52,7 @@ def _lars_update(table, n_chunks, n_tensors, coefs, lr: "fp64", lr_ptr, scale_pt
         else:
             pre = one
             step_lr = lr_v
-        scale = one
-        if HAS_SCALE:
-            scale = tl.load(scale_ptr).to(ACC)
+        scale = scalar(1.0, scale_ptr, HAS_SCALE, ACC)
         m = tl.full([], momentum, ACC)
         damp = tl.full([], one_minus_dampening, ACC)
         if HAS_AVG:  # folded averaging: avg_table's list 0 holds this chunk's average
