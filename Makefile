@@ -29,9 +29,11 @@ deps:
 install: deps
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 
+# The whole suite, with its 15 slowest tests listed (<= 5 min on 2 cores).
 test: install
-	$(PYTHON) -m pytest -q python_tests
+	$(PYTHON) -m pytest -q --durations=15 python_tests
 
+# The edit-compile-test loop: all but the multi-process and end-to-end tests (<= 1 min).
 test-fast:
 	$(PYTHON) -m pytest -q -m "not slow" python_tests
 

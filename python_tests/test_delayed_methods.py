@@ -23,11 +23,20 @@ RUN = ["--model", "mlp", "--width", "0.25", "--epochs", "2", "--batch-size", "64
        "--quiet"]
 
 
+@pytest.fixture(scope="module")
+def sgd_run(tmp_path_factory) -> dict:
+    """The sgd method's run (standard momentum) that a delay of 0 must repeat."""
+    out = tmp_path_factory.mktemp("sgd")
+    assert main(RUN + ["--method", "sgd", "--no-nesterov", "--out-dir", str(out)]) == 0
+    return load_run(out)
+
+
 @pytest.mark.parametrize("method, extra", [
     ("delayed", ["--delay", "2"]),
     ("async-sim", ["--delay", "3", "--momentum-kind", "shifted"]),
     ("async-sim", ["--delay", "3", "--momentum-kind", "standard", "--lr-rule", "inverse"]),
 ])
+@pytest.mark.slow
 def test_method_trains_end_to_end(tmp_path, method, extra):
     assert main(RUN + ["--method", method, *extra, "--out-dir", str(tmp_path)]) == 0
     state = load_run(tmp_path)
@@ -43,23 +52,23 @@ def test_method_trains_end_to_end(tmp_path, method, extra):
 
 
 @pytest.mark.parametrize("method", ["async-sim", "delayed"])
-def test_delay_zero_is_plain_sgd(tmp_path, method):
+@pytest.mark.slow
+def test_delay_zero_is_plain_sgd(tmp_path, method, sgd_run):
     # Standard momentum is torch.optim.SGD on the same groups, and the stability rule
     # leaves the rate alone at tau = 0: the run must be the sgd method's, bit for bit.
-    assert main(RUN + ["--method", "sgd", "--no-nesterov", "--out-dir", str(tmp_path / "sgd")]) == 0
     assert main(RUN + ["--method", method, "--delay", "0", "--momentum-kind", "standard",
                        "--out-dir", str(tmp_path / "sim")]) == 0
-    sgd, sim = load_run(tmp_path / "sgd"), load_run(tmp_path / "sim")
+    sgd, sim = sgd_run, load_run(tmp_path / "sim")
     assert history_rows(sim) == history_rows(sgd)
     assert_same(sim["model"], sgd["model"], "model")
 
 
-def test_async_sim_shifted_momentum_at_delay_zero_matches_sgd(tmp_path):
+@pytest.mark.slow
+def test_async_sim_shifted_momentum_at_delay_zero_matches_sgd(tmp_path, sgd_run):
     # One shifted buffer is the ordinary momentum buffer; the fused update may round
     # differently from torch.optim.SGD.
-    assert main(RUN + ["--method", "sgd", "--no-nesterov", "--out-dir", str(tmp_path / "sgd")]) == 0
     assert main(RUN + ["--method", "async-sim", "--delay", "0", "--out-dir", str(tmp_path / "sim")]) == 0
-    sgd, sim = load_run(tmp_path / "sgd"), load_run(tmp_path / "sim")
+    sgd, sim = sgd_run, load_run(tmp_path / "sim")
     for a, b in zip(history_rows(sgd), history_rows(sim)):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
         assert b["test_acc"] == pytest.approx(a["test_acc"], abs=1 / 360)
@@ -67,6 +76,7 @@ def test_async_sim_shifted_momentum_at_delay_zero_matches_sgd(tmp_path):
         torch.testing.assert_close(sim["model"][name], w, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_async_sim_resumes_exactly(tmp_path):
     # A constant rate after warm-up, so that the schedule does not depend on --epochs.
     run = RUN + ["--method", "async-sim", "--delay", "4", "--decay", "step"]

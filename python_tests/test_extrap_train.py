@@ -29,6 +29,7 @@ def _anchors(state: dict) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("flags", [EXTRAP, POSTLOCAL], ids=["extrap", "extrap-postlocal"])
+@pytest.mark.slow
 def test_method_trains_end_to_end_and_saves_the_anchors(tmp_path, flags):
     assert main(RUN + flags + ["--out-dir", str(tmp_path)]) == 0
     state = load_run(tmp_path)
@@ -51,6 +52,7 @@ def test_method_trains_end_to_end_and_saves_the_anchors(tmp_path, flags):
         assert [r["phase"] for r in rows] == ["extrap", "local"]
 
 
+@pytest.mark.slow
 def test_extrapolation_in_the_local_phase(tmp_path):
     assert main(RUN + POSTLOCAL + ["--extrap-in-local-phase", "--out-dir", str(tmp_path)]) == 0
     state = load_run(tmp_path)
@@ -63,6 +65,7 @@ def test_extrapolation_in_the_local_phase(tmp_path):
     assert not any(torch.equal(w, x) for w, x in zip(extrapolated, anchors))
 
 
+@pytest.mark.slow
 def test_no_extrapolation_is_nesterov_sgd(tmp_path, monkeypatch):
     # gamma = 0 turns ExtrapSGD into Nesterov SGD with the same param groups; in one
     # process the post-local phase (nothing to average) is that too. The claim is an
@@ -93,6 +96,7 @@ def test_no_extrapolation_is_nesterov_sgd(tmp_path, monkeypatch):
     # Cut at the switch: the resumed run takes the first local steps.
     (POSTLOCAL[:-4] + ["--switch-epoch", "2", "--local-steps", "3", "--decay", "step"], 2, 3),
 ], ids=["extrap", "gaussian", "extrap-postlocal"])
+@pytest.mark.slow
 def test_resume_is_exact(tmp_path, flags, cut, total):
     # --decay step without milestones: a constant rate after warm-up, so that the
     # schedule does not depend on --epochs.
@@ -123,6 +127,7 @@ def test_bad_options_are_named(tmp_path, capsys, flags, message):
     assert f"error: {message}" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_default_switch_is_the_first_decay_epoch(tmp_path):
     assert main(RUN + ["--method", "extrap-postlocal", "--decay", "step", "--decay-epochs", "1",
                        "--epochs", "2", "--out-dir", str(tmp_path)]) == 0

@@ -37,6 +37,7 @@ def _metrics(run_dir: Path) -> list[dict]:
     ("hybrid", [64, 320, 320, 320], [0.1, 0.1, 0.1, 0.02]),
     ("decay-lr", [64, 64, 64, 64], [0.1, 0.02, 0.02, 0.004]),
 ])
+@pytest.mark.slow
 def test_batch_size_and_rate_follow_the_schedule(tmp_path, schedule, batches, lrs):
     assert main(GROWING + ["--batch-schedule", schedule, "--out-dir", str(tmp_path)]) == 0
     rows = _metrics(tmp_path)
@@ -51,6 +52,7 @@ def test_batch_size_and_rate_follow_the_schedule(tmp_path, schedule, batches, lr
     assert (tmp_path / "curves.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_warmup_ramps_the_rate_within_the_first_epochs(tmp_path):
     argv = GROWING + ["--warmup-epochs", "1.5", "--epochs", "2", "--out-dir", str(tmp_path)]
     assert main(argv) == 0
@@ -65,6 +67,7 @@ def test_warmup_ramps_the_rate_within_the_first_epochs(tmp_path):
     # Ghost batches of 8 inside micro-batches of 16: BatchNorm sees the same chunks.
     ("cnn", ["--width", "0.125", "--ghost-batch", "8"]),
 ])
+@pytest.mark.slow
 def test_micro_batches_give_the_same_run(tmp_path, model, extra):
     base = GROWING + ["--model", model, "--epochs", "2", "--decay-epochs", "1", *extra]
     assert main(base + ["--out-dir", str(tmp_path / "whole")]) == 0
@@ -81,6 +84,7 @@ class _Stop(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_resume_mid_epoch_repeats_the_uninterrupted_run(tmp_path, monkeypatch):
     # Warm-up over 1.5 epochs and micro-batches: the stop falls inside the ramp (epoch 2).
     argv = GROWING + ["--warmup-epochs", "1.5", "--max-micro-batch", "32", "--checkpoint-every-steps", "1"]

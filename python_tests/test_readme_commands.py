@@ -131,6 +131,7 @@ def test_the_readme_lists_the_training_commands():
 
 
 @pytest.mark.parametrize("command", _params())
+@pytest.mark.slow
 def test_readme_training_command_runs_as_written(command, tmp_path, capsys):
     run(to_argv(command), tmp_path / "run", capsys)
 

@@ -110,6 +110,7 @@ def _tiny_run(tmp_path, *flags):
     return out
 
 
+@pytest.mark.slow
 def test_a_resumed_run_keeps_its_recorded_values_over_a_changed_recipe(tmp_path, monkeypatch):
     out = _tiny_run(tmp_path)
     recorded = yaml.safe_load((out / "config.yaml").read_text())

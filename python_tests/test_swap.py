@@ -211,6 +211,7 @@ SWA_RUN = ["--method", "swa", "--model", "cnn", "--width", "0.25", "--epochs", "
            "--base-batch-size", "256", "--decay", "poly"]  # not the recipe's
 
 
+@pytest.mark.slow
 def test_swa_command_end_to_end(tmp_path):
     # Tail of one epoch (12 updates at batch 128), averaged every 4 updates: 3 snapshots.
     assert main(SWA_RUN + ["--swa-every", "4", "--out-dir", str(tmp_path)]) == 0
@@ -232,6 +233,7 @@ def test_swa_command_end_to_end(tmp_path):
     assert tracked and all(int(t) == 12 for t in tracked)
 
 
+@pytest.mark.slow
 def test_swa_equals_averaged_model_on_the_same_trajectory(tmp_path):
     from lbkernels.train import cli, distributed, loop
 

@@ -69,6 +69,7 @@ def test_sigkill_and_resume_matches_uninterrupted_run(tmp_path):
     assert len(metrics) == 1 + 4 and metrics[0].startswith("epoch,step,updates,lr")
 
 
+@pytest.mark.slow
 def test_resume_continues_with_more_epochs_and_keeps_the_record(tmp_path):
     assert main(DIGITS + ["--out-dir", str(tmp_path)]) == 0
     assert main(["--resume", str(tmp_path), "--epochs", "3"]) == 0
@@ -160,6 +161,7 @@ def test_config_file_values_are_checked_and_flags_override_them(tmp_path, capsys
         assert message in err
 
 
+@pytest.mark.slow
 def test_out_dir_holding_a_run_needs_resume(tmp_path, capsys):
     assert main(DIGITS + ["--epochs", "1", "--out-dir", str(tmp_path)]) == 0
     assert main(DIGITS + ["--out-dir", str(tmp_path)]) == 2
@@ -207,6 +209,7 @@ def _images(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (n, 3072), dtype=np.uint8)
 
 
+@pytest.mark.slow
 def test_cifar10_reader_on_a_tiny_tarball(tmp_path):
     members = {f"cifar-10-batches-py/data_batch_{i}": _pickled({b"data": _images(4, i), b"labels": [i] * 4})
                for i in range(1, 6)}

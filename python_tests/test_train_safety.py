@@ -48,6 +48,7 @@ def _copy(run: Path, to: Path) -> Path:
 
 
 # -- resume ------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_resume_into_a_directory_holding_another_run_is_refused(lars_run, tmp_path, capsys):
     other = tmp_path / "other"
     assert main(RUN + ["--method", "sgd", "--out-dir", str(other)]) == 0
@@ -72,6 +73,7 @@ def test_resume_into_a_directory_holding_another_run_is_refused(lars_run, tmp_pa
     (["--lr", "0.5", "--momentum", "0.5"], "--lr 0.5, --momentum 0.5: the run in {run} was trained "
                                            "with --lr 5.0, --momentum 0.9"),
 ])
+@pytest.mark.slow
 def test_resume_with_options_that_change_the_state_is_refused(lars_run, tmp_path, capsys, change, named):
     run = _copy(lars_run, tmp_path / "run")
     before = _files(run)
@@ -81,6 +83,7 @@ def test_resume_with_options_that_change_the_state_is_refused(lars_run, tmp_path
     assert _files(run) == before
 
 
+@pytest.mark.slow
 def test_resume_with_a_delay_of_another_length_is_refused(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(RUN + ["--method", "delayed", "--delay", "2", "--out-dir", str(run)]) == 0
@@ -89,6 +92,7 @@ def test_resume_with_a_delay_of_another_length_is_refused(tmp_path, capsys):
     assert "--delay 3: the run in" in _one_line(capsys.readouterr().err)
 
 
+@pytest.mark.slow
 def test_a_second_run_into_a_directory_in_use_fails_at_once(tmp_path, capsys):
     run = tmp_path / "run"
     first = subprocess.Popen(
@@ -111,6 +115,7 @@ def test_a_second_run_into_a_directory_in_use_fails_at_once(tmp_path, capsys):
     assert not (run / "checkpoint.pt").exists()  # the second run wrote none either
 
 
+@pytest.mark.slow
 def test_stale_temporary_checkpoints_are_removed_at_start(lars_run, tmp_path):
     run = _copy(lars_run, tmp_path / "run")
     stale = [run / ".checkpoint.pt.k1ll3d.tmp", run / ".checkpoint.rank1.pt.abc_12.tmp"]
@@ -132,6 +137,7 @@ def _flip_a_weight_byte(path: Path) -> None:
     path.write_bytes(bytes(flipped))
 
 
+@pytest.mark.slow
 def test_a_flipped_byte_in_the_checkpoint_is_refused_and_the_file_kept(lars_run, tmp_path, capsys):
     run = _copy(lars_run, tmp_path / "run")
     _flip_a_weight_byte(run / "checkpoint.pt")
@@ -152,6 +158,7 @@ def test_a_foreign_file_is_refused_without_advice_to_load_it_unsafely(tmp_path):
     assert "weights_only" not in message and "pathlib" in message
 
 
+@pytest.mark.slow
 def test_a_hand_edited_checkpoint_is_a_one_line_error(lars_run, tmp_path, capsys):
     run = _copy(lars_run, tmp_path / "run")
     state = checkpoint.load(run / "checkpoint.pt")
@@ -165,6 +172,7 @@ def test_a_hand_edited_checkpoint_is_a_one_line_error(lars_run, tmp_path, capsys
 
 
 # -- values no user means --------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_delay_beyond_the_memory_is_refused_before_allocating(tmp_path, capsys, monkeypatch):
     from lbkernels.train import resources
 
@@ -217,6 +225,7 @@ def test_a_run_refused_while_it_is_built_leaves_no_directory(tmp_path, capsys):
 
 
 # -- runs that learn nothing ------------------------------------------------------------------
+@pytest.mark.slow
 def test_a_run_at_chance_after_warm_up_stops_naming_the_learning_rate(tmp_path, capsys):
     run = tmp_path / "run"
     argv = RUN + ["--method", "sgd", "--lr", "0", "--warmup-epochs", "1", "--epochs", "40",
@@ -231,6 +240,7 @@ def test_a_run_at_chance_after_warm_up_stops_naming_the_learning_rate(tmp_path, 
     assert checkpoint.load(run / "checkpoint.pt")["progress"]["epoch"] == 3
 
 
+@pytest.mark.slow
 def test_healthy_runs_without_warm_up_are_never_stopped(tmp_path):
     # The first epochs count: no warm-up, small rates, so the line is nearest to them.
     for method, lr in [("sgd", "0.05"), ("lars", "1.0")]:
