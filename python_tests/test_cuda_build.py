@@ -26,6 +26,8 @@ def _run(env: dict | None = None) -> subprocess.CompletedProcess:
                           text=True, timeout=1800)
 
 
+# Cached: under a second; after a change to csrc/cuda or csrc/include, minutes on two cores.
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found: the CUDA compile check needs a CUDA toolkit")
 def test_cuda_sources_compile():
     result = _run({**os.environ, "PYTHON": sys.executable})

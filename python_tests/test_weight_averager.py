@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from helpers import backend_params
@@ -188,21 +184,16 @@ def test_update_bn_matches_torch():
     assert ours[1].momentum == 0.3 and ours[5].momentum == 0.1
 
 
-def _bn_worker(rank, world, init_file, out_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        loader = batches(6)[rank::world]
-        model = bn_model()
-        update_bn(loader, model, distributed=True)
-        torch.save(model.state_dict(), f"{out_file}.{rank}")
-    finally:
-        dist.destroy_process_group()
+def _bn_ranks(rank, world):
+    loader = batches(6)[rank::world]
+    model = bn_model()
+    update_bn(loader, model, distributed=True)
+    return model.state_dict()
 
 
-def test_update_bn_distributed_equals_the_union():
-    with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_bn_worker, args=(2, os.path.join(d, "init"), os.path.join(d, "out")), nprocs=2)
-        states = [torch.load(os.path.join(d, f"out.{r}")) for r in range(2)]
+@pytest.mark.distributed
+def test_update_bn_distributed_equals_the_union(gloo):
+    states = gloo(2).run(_bn_ranks)
     single = bn_model()
     update_bn(batches(6), single)
     for name, v in single.state_dict().items():
