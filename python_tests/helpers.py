@@ -162,6 +162,14 @@ OPTIMIZERS = [
 ]
 
 
+def through_checkpoint(state: dict) -> dict:
+    """``state`` saved with torch.save and loaded back weights-only, as a checkpoint is."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
 def model(seed=0, dtype=torch.float32):
     """The small classifier the optimizer checks train."""
     torch.manual_seed(seed)

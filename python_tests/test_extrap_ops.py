@@ -146,16 +146,22 @@ SGD_NAMES = ("params", "anchors", "momentum_buffers")
 ADAM_NAMES = ("params", "anchors", "exp_avgs", "exp_avg_sqs", "steps")
 
 
+def assert_follows_reference(run, names, impl, device, cfg, dtype):
+    """``run`` (run_sgd or run_adam) on ``impl`` against the reference; the state it left."""
+    shapes = shapes_for(impl)
+    exp = run("reference", shapes, dtype, "cpu", cfg)
+    got = run(impl, shapes, dtype, device, cfg)
+    for name, a, e in zip(names, got, exp):
+        assert_lists_close(a, e, name, **TOL[dtype])
+    return got
+
+
 @pytest.mark.parametrize("impl,device", BACKENDS)
 @pytest.mark.parametrize("cfg", list(SGD_CONFIGS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 def test_sgd_matches_reference(impl, device, cfg, dtype):
     require(impl, device, "extrap_sgd_")
-    shapes = shapes_for(impl)
-    exp = run_sgd("reference", shapes, dtype, "cpu", SGD_CONFIGS[cfg])
-    got = run_sgd(impl, shapes, dtype, device, SGD_CONFIGS[cfg])
-    for name, a, e in zip(SGD_NAMES, got, exp):
-        assert_lists_close(a, e, name, **TOL[dtype])
+    assert_follows_reference(run_sgd, SGD_NAMES, impl, device, SGD_CONFIGS[cfg], dtype)
 
 
 @pytest.mark.parametrize("impl,device", BACKENDS)
@@ -163,11 +169,7 @@ def test_sgd_matches_reference(impl, device, cfg, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 def test_adam_matches_reference(impl, device, cfg, dtype):
     require(impl, device, "extrap_adam_")
-    shapes = shapes_for(impl)
-    exp = run_adam("reference", shapes, dtype, "cpu", ADAM_CONFIGS[cfg])
-    got = run_adam(impl, shapes, dtype, device, ADAM_CONFIGS[cfg])
-    for name, a, e in zip(ADAM_NAMES, got, exp):
-        assert_lists_close(a, e, name, **TOL[dtype])
+    got = assert_follows_reference(run_adam, ADAM_NAMES, impl, device, ADAM_CONFIGS[cfg], dtype)
     assert all(s.item() == 7 for s in got[4])
 
 

@@ -4,12 +4,12 @@ resume, local-gradient capture, the noise variants and bad input."""
 from __future__ import annotations
 
 import copy
-import io
 
 import pytest
 import torch
 from torch import nn
 
+from helpers import through_checkpoint
 from lbkernels.optim import ExtrapAdam, ExtrapSGD, lars_param_groups
 
 IMPLS = ["reference", "auto"]
@@ -153,10 +153,7 @@ def test_resume_is_bit_exact(name, impl):
     b = model()
     ob = make(lars_param_groups(b, 1e-3) if "lars" in name else b.parameters(), impl=impl)
     train(b, ob, 5)
-    buf = io.BytesIO()
-    torch.save({"model": b.state_dict(), "opt": ob.state_dict()}, buf)
-    buf.seek(0)
-    saved = torch.load(buf, weights_only=True)
+    saved = through_checkpoint({"model": b.state_dict(), "opt": ob.state_dict()})
     c = model(seed=1)
     oc = make(lars_param_groups(c, 1e-3) if "lars" in name else c.parameters(), impl=impl)
     c.load_state_dict(saved["model"])

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import copy
-import io
 
 import pytest
 import torch
 
-from helpers import OPTIMIZERS, batch, model, train
+from helpers import OPTIMIZERS, batch, model, through_checkpoint, train
 
 IMPLS = ["reference", "auto"]
 
@@ -31,10 +30,7 @@ def test_state_dict_round_trip_continues_bitwise(entry, impl):
     a = model()
     oa = entry.make(a.parameters(), impl=impl)
     train(a, oa, 3)
-    buf = io.BytesIO()
-    torch.save({"model": a.state_dict(), "opt": oa.state_dict()}, buf)
-    buf.seek(0)
-    saved = torch.load(buf, weights_only=True)
+    saved = through_checkpoint({"model": a.state_dict(), "opt": oa.state_dict()})
     b = model(seed=1)
     ob = entry.make(b.parameters(), impl=impl)
     b.load_state_dict(saved["model"])
