@@ -51,15 +51,16 @@ def test_compile_check_instantiates_every_launched_kernel():
     compiling. Needs no nvcc: it reads the sources."""
     cuda = ROOT / "csrc" / "cuda"
     launched = set()
-    for host in ("lars.cu", "average.cu", "extrap.cu"):
-        launched |= _launches((cuda / host).read_text())
+    for host in sorted(cuda.glob("*.cu")):
+        launched |= _launches(host.read_text())
     assert len(launched) > 10  # the parser found the launches (14 today)
     dtypes = set(re.findall(r"return f\((\w+)\{\}\);", (cuda / "host_args.cuh").read_text()))
     assert dtypes == {"float", "double", "__half", "__nv_bfloat16"}
     check = (cuda / "check" / "kernels_check.cu").read_text()
-    # Instantiations per dtype: the bodies of the LBK_INSTANTIATE* macros, expanded for the
-    # types they are invoked with; outside them, the T-free ones as written.
-    kernel = r"multi_tensor_kernel<(\d+),\s*(\w+(?:<[^<>]*>)?)>\("
+    # Instantiations (LBK_KERNEL(depth, functor): the kernel and its launcher) per dtype:
+    # the bodies of the LBK_INSTANTIATE* macros, expanded for the types they are invoked
+    # with; outside them, the T-free ones as written.
+    kernel = r"LBK_KERNEL\((\d+),\s*(\w+(?:<[^<>]*>)?)\)"
     per_dtype = {t: set() for t in dtypes}
     for name, body in re.findall(r"#define (\w+)\(T\)((?:.*\\\n)*.*)", check):
         for t in re.findall(rf"^{name}\((\w+)\)$", check, re.M):

@@ -18,80 +18,42 @@
 
 #include <cmath>
 
+#include <lbkernels/extrap_args.h>
+
 #include "multi_tensor.h"
 
 namespace lbkernels::cpu {
 namespace {
 
-Extrapolation parse_extrapolation(c10::string_view s) {
-  if (s == "past_grad") return Extrapolation::PastGrad;
-  if (s == "gaussian") return Extrapolation::Gaussian;
-  if (s == "uniform") return Extrapolation::Uniform;
-  if (s == "weight") return Extrapolation::Weight;
-  if (s == "filter") return Extrapolation::Filter;
-  TORCH_CHECK_VALUE(false, "extrapolation must be one of ('past_grad', 'gaussian', 'uniform', "
-                    "'weight', 'filter'), got '", s, "'");
-}
-
-void check_nonnegative(double v, const char* name) {
-  TORCH_CHECK_VALUE(v >= 0.0, name, " must be >= 0, got ", v);  // also rejects NaN
-}
-
-void check_optional_aligned(at::TensorList params, at::TensorList xs, const char* name) {
-  TORCH_CHECK_VALUE(xs.empty() || xs.size() == params.size(), name, " has ", xs.size(),
-                    " entries but params has ", params.size(), " (or pass none)");
-  if (!xs.empty()) check_aligned(params, xs, name);
-}
-
-double optional_scalar(const std::optional<at::Tensor>& t, const char* name, double fallback) {
-  return t.has_value() ? scalar_value(t, name) : fallback;
-}
-
-// Flat pointers of the tensors `index` of one dtype group (ExtrapPtrs), staging what the
-// loops cannot walk in the layout of w (row-major when `row_major`).
-class ExtrapLists {
- public:
-  ExtrapLists(const std::vector<int64_t>& index, at::TensorList w, at::TensorList x,
-              at::TensorList s1, at::TensorList s2, at::TensorList g, at::TensorList gk,
-              bool row_major) {
-    ptrs.reserve(index.size());
-    for (int64_t i : index) {
-      const at::Tensor& wi = w[i];
-      const bool w_ok = row_major ? wi.is_contiguous() : wi.is_non_overlapping_and_dense();
-      const at::Tensor wv = w_ok ? wi : stage(wi, wi.contiguous(), true);
-      ExtrapPtrs p{};
-      p.w = wv.data_ptr();
-      p.x = in_layout(x[i], wv, true).data_ptr();
-      p.s1 = s1.empty() ? nullptr : in_layout(s1[i], wv, true).data_ptr();
-      p.s2 = s2.empty() ? nullptr : in_layout(s2[i], wv, true).data_ptr();
-      p.g = in_layout(g[i], wv, false).const_data_ptr();
-      p.gk = gk.empty() ? nullptr : in_layout(gk[i], wv, false).const_data_ptr();
-      p.numel = wi.numel();
-      p.row = wi.dim() >= 2 && wi.size(0) > 0 ? p.numel / wi.size(0) : p.numel;
-      p.index = static_cast<uint32_t>(i);
-      ptrs.push_back(p);
-    }
-  }
-
-  void write_back() {
-    for (auto& [dst, tmp] : pending_) dst.copy_(tmp);
-  }
-
+// Flat pointers of the tensors `index` of one dtype group (ExtrapPtrs), staged where the
+// loops cannot walk them in the layout of w (row-major when `row_major`).
+std::vector<ExtrapPtrs> extrap_ptrs(Staging& staging, const std::vector<int64_t>& index,
+                                    at::TensorList w, at::TensorList x, at::TensorList s1,
+                                    at::TensorList s2, at::TensorList g, at::TensorList gk,
+                                    bool row_major) {
   std::vector<ExtrapPtrs> ptrs;
+  ptrs.reserve(index.size());
+  for (int64_t i : index) {
+    const at::Tensor wv = staging.lead(w[i], true, row_major);
+    ExtrapPtrs p{};
+    p.w = wv.data_ptr();
+    p.x = staging.follow(x[i], wv, true).data_ptr();
+    p.s1 = s1.empty() ? nullptr : staging.follow(s1[i], wv, true).data_ptr();
+    p.s2 = s2.empty() ? nullptr : staging.follow(s2[i], wv, true).data_ptr();
+    p.g = staging.follow(g[i], wv, false).const_data_ptr();
+    p.gk = gk.empty() ? nullptr : staging.follow(gk[i], wv, false).const_data_ptr();
+    p.numel = wv.numel();
+    p.row = wv.dim() >= 2 && wv.size(0) > 0 ? p.numel / wv.size(0) : p.numel;
+    p.index = static_cast<uint32_t>(i);
+    ptrs.push_back(p);
+  }
+  return ptrs;
+}
 
- private:
-  at::Tensor in_layout(const at::Tensor& t, const at::Tensor& layout, bool written) {
-    if (t.is_non_overlapping_and_dense() && t.strides() == layout.strides()) return t;
-    return stage(t, at::empty_like(layout).copy_(t), written);
-  }
-  at::Tensor stage(const at::Tensor& orig, at::Tensor tmp, bool written) {
-    if (written) pending_.emplace_back(orig, tmp);
-    keep_.push_back(tmp);
-    return tmp;
-  }
-  std::vector<std::pair<at::Tensor, at::Tensor>> pending_;
-  std::vector<at::Tensor> keep_;
-};
+// The value of an optional one-element tensor, read on the host (a CPU tensor: no sync).
+double value_or(const std::optional<at::Tensor>& t, double fallback) {
+  return t.has_value() ? t->item<double>() : fallback;
+}
 
 // Chunks of tensor k: 64K elements, or whole filters of about that size.
 void append_extrap_chunks(std::vector<Chunk>& chunks, int64_t k, const ExtrapPtrs& p,
@@ -101,54 +63,34 @@ void append_extrap_chunks(std::vector<Chunk>& chunks, int64_t k, const ExtrapPtr
   for (int64_t b = 0; b < p.numel; b += step) chunks.push_back({k, b, std::min(p.numel, b + step)});
 }
 
-void extrap_sgd_cpu(at::TensorList params, at::TensorList anchors,
-                    at::TensorList momentum_buffers, at::TensorList grads,
-                    at::TensorList local_grads, const c10::List<bool>& exclude, double lr,
-                    const std::optional<at::Tensor>& lr_tensor, double extrap_lr,
-                    const std::optional<at::Tensor>& extrap_lr_tensor, double momentum,
-                    double weight_decay, bool nesterov, bool lars, double trust_coefficient,
-                    double eps, bool clip, c10::string_view extrapolation, double noise_scale,
-                    int64_t seed, int64_t offset, const std::optional<at::Tensor>& grad_scale,
-                    const std::optional<at::Tensor>& found_inf) {
-  // -- every check before the first write
-  check_list(params, "params", c10::DeviceType::CPU);
-  check_aligned(params, anchors, "anchors");
-  check_aligned(params, grads, "grads");
-  check_optional_aligned(params, local_grads, "local_grads");
-  TORCH_CHECK_VALUE(exclude.size() == params.size(), "exclude has ", exclude.size(),
-                    " entries but params has ", params.size());
-  const bool has_momentum = momentum != 0.0;
-  if (has_momentum) check_aligned(params, momentum_buffers, "momentum_buffers");
-  const Extrapolation kind = parse_extrapolation(extrapolation);
-  check_nonnegative(lr, "lr");
-  check_nonnegative(extrap_lr, "extrap_lr");
-  check_nonnegative(momentum, "momentum");
-  check_nonnegative(weight_decay, "weight_decay");
-  check_nonnegative(noise_scale, "noise_scale");
-  check_nonnegative(static_cast<double>(offset), "offset");
+void extrap_sgd_cpu(const ExtrapSgdArgs& a) {
+  if (value_or(a.found_inf, 0.0) != 0.0) return;
+  const bool has_momentum = a.has_momentum();
+  const Extrapolation kind = a.mode;
   ExtrapParams ep;
-  const double lr_v = optional_scalar(lr_tensor, "lr_tensor", lr);
-  ep.extrap_lr = optional_scalar(extrap_lr_tensor, "extrap_lr_tensor", extrap_lr);
-  ep.sgd.has_scale = grad_scale.has_value();
-  ep.sgd.grad_scale = optional_scalar(grad_scale, "grad_scale", 1.0);
-  if (optional_scalar(found_inf, "found_inf", 0.0) != 0.0) return;
+  const double lr_v = value_or(a.lr_tensor, a.lr);
+  ep.extrap_lr = value_or(a.extrap_lr_tensor, a.extrap_lr);
+  ep.sgd.has_scale = a.grad_scale.has_value();
+  ep.sgd.grad_scale = value_or(a.grad_scale, 1.0);
 
-  ep.sgd.momentum = momentum;
+  ep.sgd.momentum = a.momentum;
   ep.sgd.has_momentum = has_momentum;
-  ep.sgd.nesterov = nesterov;
+  ep.sgd.nesterov = a.nesterov;
   ep.kind = kind;
-  ep.noise_scale = noise_scale;
-  ep.seed = static_cast<uint64_t>(seed);
-  ep.offset = static_cast<uint64_t>(offset);
-  ep.has_local = !local_grads.empty();
-  const LarsParams lp{lr_v, weight_decay, trust_coefficient, eps, clip, true, false};
+  ep.noise_scale = a.noise_scale;
+  ep.seed = static_cast<uint64_t>(a.seed);
+  ep.offset = static_cast<uint64_t>(a.offset);
+  ep.has_local = !a.local_grads.empty();
+  const LarsParams lp{lr_v, a.weight_decay, a.trust_coefficient, a.eps, a.clip, true, false};
   const auto& K = kernels();
-  const bool filters = kind == Extrapolation::Filter;
-  const at::TensorList bufs = has_momentum ? momentum_buffers : at::TensorList();
+  const bool filters = kind == Extrapolation::kFilter;
+  const at::TensorList bufs = has_momentum ? a.momentum_buffers : at::TensorList();
 
-  for (const auto& [dtype, index] : group_by_dtype(params)) {
-    ExtrapLists flat(index, params, anchors, bufs, {}, grads, local_grads,
-                     kind != Extrapolation::PastGrad);
+  for (const auto& [dtype, index] : group_by_dtype(a.params)) {
+    Staging staging;
+    const std::vector<ExtrapPtrs> ptrs =
+        extrap_ptrs(staging, index, a.params, a.anchors, bufs, {}, a.grads, a.local_grads,
+                    kind != Extrapolation::kPastGrad);
     const int64_t n = static_cast<int64_t>(index.size());
     std::vector<TensorCoefs> coefs(n);
     // Jobs of the first region: whole tensors, then (LARS) the norm chunks of large ones
@@ -157,8 +99,8 @@ void extrap_sgd_cpu(at::TensorList params, at::TensorList anchors,
     std::vector<TensorPtrs> norm_ptrs(n);
     bool large_lars = false;
     for (int64_t k = 0; k < n; ++k) {
-      const ExtrapPtrs& p = flat.ptrs[k];
-      coefs[k].excluded = !lars || exclude.get(index[k]);
+      const ExtrapPtrs& p = ptrs[k];
+      coefs[k].excluded = !a.lars || a.exclude.get(index[k]);
       lars_coefs(0, 0, lp, ep.sgd, coefs[k]);  // r = 1 until the norms are known
       norm_ptrs[k] = TensorPtrs{p.x, p.g, nullptr, p.numel};
       if (p.numel == 0) continue;
@@ -172,8 +114,8 @@ void extrap_sgd_cpu(at::TensorList params, at::TensorList anchors,
     const int64_t n_whole = static_cast<int64_t>(jobs.size());
     if (large_lars) {
       for (int64_t k = 0; k < n; ++k)
-        if (flat.ptrs[k].numel > kChunk && !coefs[k].excluded)
-          append_chunks(jobs, k, flat.ptrs[k].numel);
+        if (ptrs[k].numel > kChunk && !coefs[k].excluded)
+          append_chunks(jobs, k, ptrs[k].numel);
     } else {
       jobs.insert(jobs.end(), chunks.begin(), chunks.end());
       chunks.clear();
@@ -181,14 +123,14 @@ void extrap_sgd_cpu(at::TensorList params, at::TensorList anchors,
     std::vector<double> partial(2 * (jobs.size() - n_whole));
     parallel_chunks(static_cast<int64_t>(jobs.size()), [&](int64_t c0, int64_t c1) {
       const int64_t w1 = std::min(c1, n_whole);
-      if (c0 < w1) K.extrap_sgd(dtype, flat.ptrs.data(), jobs.data(), c0, w1, coefs.data(), lp, ep, true);
+      if (c0 < w1) K.extrap_sgd(dtype, ptrs.data(), jobs.data(), c0, w1, coefs.data(), lp, ep, true);
       const int64_t r0 = std::max(c0, n_whole);
       if (r0 >= c1) return;
       if (large_lars) {
         K.sum_squares(dtype, norm_ptrs.data(), jobs.data() + n_whole, r0 - n_whole, c1 - n_whole,
                       partial.data());
       } else {
-        K.extrap_sgd(dtype, flat.ptrs.data(), jobs.data(), r0, c1, coefs.data(), lp, ep, false);
+        K.extrap_sgd(dtype, ptrs.data(), jobs.data(), r0, c1, coefs.data(), lp, ep, false);
       }
     });
     if (large_lars) {
@@ -198,80 +140,61 @@ void extrap_sgd_cpu(at::TensorList params, at::TensorList anchors,
         sum_g2[jobs[c].tensor] += partial[2 * (c - n_whole) + 1];
       }
       for (int64_t k = 0; k < n; ++k)
-        if (flat.ptrs[k].numel > kChunk && !coefs[k].excluded)
+        if (ptrs[k].numel > kChunk && !coefs[k].excluded)
           lars_coefs(sum_x2[k], sum_g2[k], lp, ep.sgd, coefs[k]);
       parallel_chunks(static_cast<int64_t>(chunks.size()), [&](int64_t c0, int64_t c1) {
-        K.extrap_sgd(dtype, flat.ptrs.data(), chunks.data(), c0, c1, coefs.data(), lp, ep, false);
+        K.extrap_sgd(dtype, ptrs.data(), chunks.data(), c0, c1, coefs.data(), lp, ep, false);
       });
     }
-    flat.write_back();
+    staging.write_back();
   }
 }
 
-void extrap_adam_cpu(at::TensorList params, at::TensorList anchors, at::TensorList exp_avgs,
-                     at::TensorList exp_avg_sqs, at::TensorList steps, at::TensorList grads,
-                     at::TensorList local_grads, double lr,
-                     const std::optional<at::Tensor>& lr_tensor, double extrap_lr,
-                     const std::optional<at::Tensor>& extrap_lr_tensor, double beta1,
-                     double beta2, double eps, double weight_decay, bool decoupled_weight_decay,
-                     const std::optional<at::Tensor>& grad_scale,
-                     const std::optional<at::Tensor>& found_inf) {
-  check_list(params, "params", c10::DeviceType::CPU);
-  check_aligned(params, anchors, "anchors");
-  check_aligned(params, grads, "grads");
-  check_optional_aligned(params, local_grads, "local_grads");
-  check_aligned(params, exp_avgs, "exp_avgs");
-  check_aligned(params, exp_avg_sqs, "exp_avg_sqs");
-  TORCH_CHECK_VALUE(steps.size() == params.size(), "steps has ", steps.size(),
-                    " entries but params has ", params.size());
-  check_steps(params, steps, 0.0);
-  check_nonnegative(lr, "lr");
-  check_nonnegative(extrap_lr, "extrap_lr");
-  check_nonnegative(eps, "eps");
-  check_nonnegative(weight_decay, "weight_decay");
-  TORCH_CHECK_VALUE(beta1 >= 0.0 && beta1 < 1.0, "beta1 must be in [0, 1), got ", beta1);
-  TORCH_CHECK_VALUE(beta2 >= 0.0 && beta2 < 1.0, "beta2 must be in [0, 1), got ", beta2);
+void extrap_adam_cpu(const ExtrapAdamArgs& a) {
+  if (value_or(a.found_inf, 0.0) != 0.0) return;
   AdamParams ap;
-  const double lr_v = optional_scalar(lr_tensor, "lr_tensor", lr);
-  ap.extrap_lr = optional_scalar(extrap_lr_tensor, "extrap_lr_tensor", extrap_lr);
-  ap.has_scale = grad_scale.has_value();
-  ap.grad_scale = optional_scalar(grad_scale, "grad_scale", 1.0);
-  if (optional_scalar(found_inf, "found_inf", 0.0) != 0.0) return;
+  const double lr_v = value_or(a.lr_tensor, a.lr);
+  ap.extrap_lr = value_or(a.extrap_lr_tensor, a.extrap_lr);
+  ap.has_scale = a.grad_scale.has_value();
+  ap.grad_scale = value_or(a.grad_scale, 1.0);
 
-  ap.weight_decay = weight_decay;
-  ap.decay = 1.0 - lr_v * weight_decay;
-  ap.beta1 = beta1;
-  ap.beta2 = beta2;
-  ap.eps = eps;
-  ap.decoupled = decoupled_weight_decay;
-  ap.has_local = !local_grads.empty();
+  ap.weight_decay = a.weight_decay;
+  ap.decay = 1.0 - lr_v * a.weight_decay;
+  ap.beta1 = a.beta1;
+  ap.beta2 = a.beta2;
+  ap.eps = a.eps;
+  ap.decoupled = a.decoupled_weight_decay;
+  ap.has_local = !a.local_grads.empty();
   const auto& K = kernels();
 
-  for (const auto& [dtype, index] : group_by_dtype(params)) {
-    ExtrapLists flat(index, params, anchors, exp_avgs, exp_avg_sqs, grads, local_grads, false);
+  for (const auto& [dtype, index] : group_by_dtype(a.params)) {
+    Staging staging;
+    const std::vector<ExtrapPtrs> ptrs = extrap_ptrs(staging, index, a.params, a.anchors,
+                                                     a.exp_avgs, a.exp_avg_sqs, a.grads,
+                                                     a.local_grads, false);
     const int64_t n = static_cast<int64_t>(index.size());
     std::vector<AdamTensorCoefs> coefs(n);
     std::vector<Chunk> chunks;
     for (int64_t k = 0; k < n; ++k) {
       // The counter is incremented in fp32 and read as a double, as torch.optim.Adam does.
-      const double t = static_cast<double>(*steps[index[k]].const_data_ptr<float>() + 1.f);
-      coefs[k].step_size = lr_v / (1.0 - std::pow(beta1, t));
-      coefs[k].bc2_sqrt = std::sqrt(1.0 - std::pow(beta2, t));
-      append_chunks(chunks, k, flat.ptrs[k].numel);
+      const double t = static_cast<double>(*a.steps[index[k]].const_data_ptr<float>() + 1.f);
+      coefs[k].step_size = lr_v / (1.0 - std::pow(a.beta1, t));
+      coefs[k].bc2_sqrt = std::sqrt(1.0 - std::pow(a.beta2, t));
+      append_chunks(chunks, k, ptrs[k].numel);
     }
     parallel_chunks(static_cast<int64_t>(chunks.size()), [&](int64_t c0, int64_t c1) {
-      K.extrap_adam(dtype, flat.ptrs.data(), chunks.data(), c0, c1, coefs.data(), ap);
+      K.extrap_adam(dtype, ptrs.data(), chunks.data(), c0, c1, coefs.data(), ap);
     });
-    flat.write_back();
+    staging.write_back();
   }
-  for (const at::Tensor& s : steps) *s.mutable_data_ptr<float>() += 1.f;
+  for (const at::Tensor& s : a.steps) *s.mutable_data_ptr<float>() += 1.f;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lbkernels, CPU, m) {
-  m.impl("extrap_sgd_", &extrap_sgd_cpu);
-  m.impl("extrap_adam_", &extrap_adam_cpu);
+  m.impl("extrap_sgd_", &extrap_sgd_op<extrap_sgd_cpu, c10::DeviceType::CPU>);
+  m.impl("extrap_adam_", &extrap_adam_op<extrap_adam_cpu, c10::DeviceType::CPU>);
 }
 
 }  // namespace lbkernels::cpu

@@ -163,16 +163,16 @@ template <typename T>
 void sgd_chunk(const ExtrapPtrs& tp, int64_t b, int64_t e, const TensorCoefs& tc,
                const ExtrapParams& p) {
   using C = Opmath<T>;
-  if (p.kind == Extrapolation::PastGrad) {
+  if (p.kind == Extrapolation::kPastGrad) {
     update<T>(tp, b, e - b, tc, p, Out::PastGrad, C(0), nullptr, nullptr);
     return;
   }
   const PhiloxStream stream(p.seed, p.offset, tp.index);
   const C a = C(p.noise_scale);
   C z[kBlock];
-  if (p.kind != Extrapolation::Filter) {
-    const bool gaussian = p.kind == Extrapolation::Gaussian;
-    const Out out = p.kind == Extrapolation::Weight ? Out::WeightNoise : Out::Noise;
+  if (p.kind != Extrapolation::kFilter) {
+    const bool gaussian = p.kind == Extrapolation::kGaussian;
+    const Out out = p.kind == Extrapolation::kWeight ? Out::WeightNoise : Out::Noise;
     for (int64_t blk = b; blk < e; blk += kBlock) {
       const int64_t n = std::min(kBlock, e - blk);
       fill_noise(z, blk, n, stream, gaussian);

@@ -1,4 +1,5 @@
-// CPU kernels of multi_tensor_l2norm and lars_sgd_ (ALGORITHMS.md sections 1 and 6).
+// CPU kernels of multi_tensor_l2norm and lars_sgd_ (ALGORITHMS.md sections 1 and 6);
+// the arguments are checked by lbkernels/lars_args.h before lars_sgd_cpu runs.
 //
 // Where the time goes: the step is memory-bound (LARS reads w, g, buf and writes w, buf:
 // 20 bytes per fp32 parameter, plus the norm pass over w and g). So
@@ -13,6 +14,8 @@
 #include <torch/library.h>
 
 #include <cstdlib>
+
+#include <lbkernels/lars_args.h>
 
 #include "multi_tensor.h"
 
@@ -36,13 +39,12 @@ at::Tensor multi_tensor_l2norm_cpu(at::TensorList xs) {
   at::Tensor out = at::empty({n}, at::TensorOptions().dtype(at::kFloat));
   std::vector<double> sums(static_cast<size_t>(n), 0.0);
   for (const auto& [dtype, index] : group_by_dtype(xs)) {
-    std::vector<at::Tensor> keep;
+    Staging staging;
     std::vector<TensorPtrs> ptrs;
     std::vector<Chunk> chunks;
     for (int64_t k = 0; k < static_cast<int64_t>(index.size()); ++k) {
       const at::Tensor& x = xs[index[k]];
-      keep.push_back(x.is_non_overlapping_and_dense() ? x : x.contiguous());
-      ptrs.push_back({keep.back().data_ptr(), nullptr, nullptr, x.numel()});
+      ptrs.push_back({staging.lead(x, false).data_ptr(), nullptr, nullptr, x.numel()});
       append_chunks(chunks, k, x.numel());
     }
     std::vector<double> partial(2 * chunks.size());
@@ -57,71 +59,40 @@ at::Tensor multi_tensor_l2norm_cpu(at::TensorList xs) {
   return out;
 }
 
-void lars_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                  at::TensorList steps, const c10::List<bool>& exclude, double lr,
-                  const std::optional<at::Tensor>& lr_tensor, double momentum, double dampening,
-                  double weight_decay, bool nesterov, double trust_coefficient, double eps,
-                  bool clip, bool zero_norm_decay, c10::string_view momentum_style,
-                  const std::optional<at::Tensor>& grad_scale,
-                  const std::optional<at::Tensor>& found_inf,
-                  std::optional<at::TensorList> average_list,
-                  const std::optional<at::Tensor>& average_count,
-                  c10::string_view average_method, double average_decay) {
-  const at::TensorList averages = average_list.has_value() ? *average_list : at::TensorList();
-  // -- every check before the first write
-  check_list(params, "params", c10::DeviceType::CPU);
-  check_aligned(params, grads, "grads");
-  const bool has_momentum = momentum != 0.0;
-  if (has_momentum) {
-    check_aligned(params, momentum_buffers, "momentum_buffers");
-    check_steps(params, steps, dampening);
-  }
-  TORCH_CHECK_VALUE(exclude.size() == params.size(), "exclude has ", exclude.size(),
-                    " entries but params has ", params.size());
-  check_momentum_style(momentum_style);
-  const double lr_v = lr_tensor.has_value() ? scalar_value(lr_tensor, "lr_tensor") : lr;
+void lars_sgd_cpu(const LarsSgdArgs& a) {
+  if (a.found_inf.has_value() && a.found_inf->item<double>() != 0.0) return;
+  const bool has_momentum = a.has_momentum();
+  const double lr_v = a.lr_tensor.has_value() ? a.lr_tensor->item<double>() : a.lr;
   SgdParams sp;
-  if (grad_scale.has_value()) {
-    sp.grad_scale = scalar_value(grad_scale, "grad_scale");
-    sp.has_scale = true;
-  }
-  if (found_inf.has_value())
-    TORCH_CHECK_VALUE(found_inf->numel() == 1, "found_inf must hold exactly one element");
-  check_folded_average(params, averages, average_count, average_method);
-  if (found_inf.has_value() && scalar_value(found_inf, "found_inf") != 0.0) return;
+  sp.has_scale = a.grad_scale.has_value();
+  if (sp.has_scale) sp.grad_scale = a.grad_scale->item<double>();
 
-  // Folded averaging: r = 1 / (n + 1) (SWA) or 1 - decay (EMA), rounded once to each
-  // arithmetic type as average_ computes it.
-  const bool averaging = !averages.empty();
+  // Folded averaging: the weight of the new snapshot as average_ computes it.
+  const bool averaging = !a.averages.empty();
   if (averaging) {
-    if (average_method == "swa") {
-      const int64_t n = *average_count->const_data_ptr<int64_t>();
-      sp.average_r64 = 1.0 / (static_cast<double>(n) + 1.0);
-      sp.average_r32 = 1.f / (static_cast<float>(n) + 1.f);
-    } else {
-      sp.average_r64 = 1.0 - average_decay;
-      sp.average_r32 = static_cast<float>(1.0 - average_decay);
-    }
+    const AverageParams r = average_params(a.average_method, a.average_count, a.average_decay);
+    sp.average_r64 = r.r64;
+    sp.average_r32 = r.r32;
   }
-  sp.momentum = momentum;
-  sp.dampening = dampening;
+  sp.momentum = a.momentum;
+  sp.dampening = a.dampening;
   sp.has_momentum = has_momentum;
-  sp.nesterov = nesterov;
-  const LarsParams lp{lr_v, weight_decay, trust_coefficient, eps, clip, zero_norm_decay,
-                      momentum_style == "paper"};
+  sp.nesterov = a.nesterov;
+  const LarsParams lp{lr_v, a.weight_decay, a.trust_coefficient, a.eps, a.clip,
+                      a.zero_norm_decay, a.paper()};
   const auto& K = kernels();
-  const at::TensorList bufs = has_momentum ? momentum_buffers : at::TensorList();
+  const at::TensorList bufs = has_momentum ? a.momentum_buffers : at::TensorList();
 
-  for (const auto& [dtype, index] : group_by_dtype(params)) {
-    FlatLists flat(params, grads, bufs, index);
-    if (averaging) flat.add_averages(averages, index);
+  for (const auto& [dtype, index] : group_by_dtype(a.params)) {
+    FlatLists flat(a.params, a.grads, bufs, index);
+    if (averaging) flat.add_averages(a.averages, index);
     const int64_t n = static_cast<int64_t>(index.size());
     std::vector<TensorCoefs> coefs(n);
     std::vector<Chunk> whole, chunks, norm_chunks;
     for (int64_t k = 0; k < n; ++k) {
       const int64_t i = index[k];
-      coefs[k].excluded = exclude.get(i);
-      coefs[k].first = has_momentum && !steps.empty() && *steps[i].const_data_ptr<float>() == 0.f;
+      coefs[k].excluded = a.exclude.get(i);
+      coefs[k].first = has_momentum && !a.steps.empty() && *a.steps[i].const_data_ptr<float>() == 0.f;
       if (flat.ptrs[k].numel <= kChunk) whole.push_back({k, 0, flat.ptrs[k].numel});
     }
     // Small tensors: one region, each tensor visited once by one thread.
@@ -163,15 +134,15 @@ void lars_sgd_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
     flat.write_back();
   }
   if (has_momentum)
-    for (const at::Tensor& s : steps) *s.mutable_data_ptr<float>() += 1.f;
-  if (averaging && average_count.has_value()) *average_count->mutable_data_ptr<int64_t>() += 1;
+    for (const at::Tensor& s : a.steps) *s.mutable_data_ptr<float>() += 1.f;
+  if (averaging && a.average_count.has_value()) *a.average_count->mutable_data_ptr<int64_t>() += 1;
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lbkernels, CPU, m) {
   m.impl("multi_tensor_l2norm", &multi_tensor_l2norm_cpu);
-  m.impl("lars_sgd_", &lars_sgd_cpu);
+  m.impl("lars_sgd_", &lars_sgd_op<lars_sgd_cpu, c10::DeviceType::CPU>);
 }
 
 }  // namespace lbkernels::cpu

@@ -1,15 +1,14 @@
-// Host-side machinery of the CPU multi-tensor ops: flat views
-// of tensor lists (with a copy-in/copy-out fallback for layouts the loops cannot walk),
-// chunking, and the per-capability kernel table.
+// Host-side machinery of the CPU multi-tensor ops: flat views of tensor lists (staged
+// through lbkernels/host.h where the loops cannot walk them), chunking, and the
+// per-capability kernel table.
 #pragma once
 
 #include <ATen/Parallel.h>
 #include <ATen/Version.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -48,68 +47,48 @@ inline const KernelTable& kernels() {
   return table;
 }
 
-inline double scalar_value(const std::optional<at::Tensor>& t, const char* name) {
-  TORCH_CHECK_VALUE(t->numel() == 1, name, " must hold exactly one element");
-  return t->item<double>();
-}
-
-// Flat pointers of the tensors `index` of (w, g, buf). A tensor whose memory the loops
-// cannot walk in lock step with w (not dense, or strides unlike w's) is replaced by a
-// temporary in w's layout (or contiguous) and copied back by write_back(). Parameters
-// and their grads normally share strides, so the fast path allocates nothing.
+// Flat pointers of the tensors `index` of (w, g, buf), staged (lbkernels/host.h) where
+// the loops cannot walk them in lock step with w. Parameters and their grads normally
+// share strides, so the fast path allocates nothing.
 class FlatLists {
  public:
   FlatLists(at::TensorList w, at::TensorList g, at::TensorList buf,
             const std::vector<int64_t>& index) {
     ptrs.reserve(index.size());
     for (int64_t i : index) {
-      const at::Tensor& wi = w[i];
-      const bool w_ok = wi.is_non_overlapping_and_dense();
-      const at::Tensor wv = w_ok ? wi : stage(wi, wi.contiguous(), true);
-      const at::Tensor gv = walkable(g[i], wv) ? g[i] : stage(g[i], like(wv, g[i]), false);
-      void* bp = nullptr;
-      if (!buf.empty()) {
-        const at::Tensor& bi = buf[i];
-        bp = (walkable(bi, wv) ? bi : stage(bi, like(wv, bi), true)).data_ptr();
-      }
-      ptrs.push_back(TensorPtrs{wv.data_ptr(), gv.const_data_ptr(), bp, wi.numel()});
+      const at::Tensor wv = staging_.lead(w[i], true);
+      const at::Tensor gv = staging_.follow(g[i], wv, false);
+      void* bp = buf.empty() ? nullptr : staging_.follow(buf[i], wv, true).data_ptr();
+      ptrs.push_back(TensorPtrs{wv.data_ptr(), gv.const_data_ptr(), bp, wv.numel()});
       leads_.push_back(wv);
     }
   }
 
   // The averages of lars_sgd_'s folded averaging (TensorPtrs.avg), aligned with `index`
-  // as in the constructor; staged like buf when their layout differs from w's.
+  // as in the constructor, in w's layout and their own dtype.
   void add_averages(at::TensorList avg, const std::vector<int64_t>& index) {
-    for (size_t k = 0; k < index.size(); ++k) {
-      const at::Tensor& a = avg[index[k]];
-      const at::Tensor& wv = leads_[k];
-      ptrs[k].avg = walkable(a, wv) ? a.data_ptr()
-                                    : stage(a, at::empty_like(wv, a.options()).copy_(a), true).data_ptr();
-    }
+    for (size_t k = 0; k < index.size(); ++k)
+      ptrs[k].avg = staging_.follow_as(avg[index[k]], leads_[k], true).data_ptr();
   }
 
-  void write_back() {
-    for (auto& [dst, tmp] : pending_) dst.copy_(tmp);
-  }
+  void write_back() { staging_.write_back(); }
 
   std::vector<TensorPtrs> ptrs;
 
  private:
-  static bool walkable(const at::Tensor& x, const at::Tensor& w) {
-    return x.is_non_overlapping_and_dense() && x.strides() == w.strides();
-  }
-  static at::Tensor like(const at::Tensor& layout, const at::Tensor& values) {
-    return at::empty_like(layout).copy_(values);
-  }
-  at::Tensor stage(const at::Tensor& orig, at::Tensor tmp, bool written) {
-    if (written) pending_.emplace_back(orig, tmp);
-    keep_.push_back(tmp);
-    return tmp;
-  }
-  std::vector<std::pair<at::Tensor, at::Tensor>> pending_;
-  std::vector<at::Tensor> keep_;
+  Staging staging_;
   std::vector<at::Tensor> leads_;  // the walked view of each w
 };
+
+// The weight of the new snapshot in one averaging update (average_, and lars_sgd_'s folded
+// averaging): r = 1 / (n + 1) for SWA (n the count before the call) or 1 - decay for
+// EMA, rounded once to each arithmetic type, as the reference computes it.
+inline AverageParams average_params(c10::string_view method, const std::optional<at::Tensor>& count,
+                                    double decay) {
+  if (method != "swa") return {1.0 - decay, static_cast<float>(1.0 - decay)};
+  const int64_t n = *count->const_data_ptr<int64_t>();
+  return {1.0 / (static_cast<double>(n) + 1.0), 1.f / (static_cast<float>(n) + 1.f)};
+}
 
 // Appends the chunks of tensor `t` (position in the flat lists) with `numel` elements.
 inline void append_chunks(std::vector<Chunk>& chunks, int64_t t, int64_t numel) {

@@ -12,8 +12,7 @@
 
 #include <lbkernels/math.h>
 
-#include "lars_kernels.cuh"
-#include "multi_tensor_apply.cuh"
+#include "common.cuh"
 
 namespace lbkernels::cuda {
 

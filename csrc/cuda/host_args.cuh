@@ -1,31 +1,30 @@
 // Host helpers of the CUDA ops: one-element tensor arguments handed to the kernels on the
-// device, staging of layouts the kernels cannot walk, dispatch on the element type.
+// device and dispatch on the element type (the checks and the staging of layouts the
+// kernels cannot walk are lbkernels/host.h, shared with the CPU host).
 // Needs torch's headers (the kernels' headers must not include it).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 
 #include <optional>
-#include <utility>
-#include <vector>
 
-#include "lars_kernels.cuh"
+#include <lbkernels/host.h>
+
+#include "common.cuh"
 
 namespace lbkernels::cuda {
 
-// A one-element tensor argument read on the device. A CPU tensor is read on the host
-// (no device sync); other dtypes are converted on the device (stream-ordered).
+// A one-element tensor argument (its size checked by the op's argument checks) read on
+// the device. A CPU tensor is read on the host (no device sync); other dtypes are
+// converted on the device (stream-ordered).
 struct ScalarArg {
   DeviceScalar device;
   std::optional<double> host;
   at::Tensor keep;
 
-  ScalarArg(const std::optional<at::Tensor>& t, const char* name, const c10::Device& dev) {
+  ScalarArg(const std::optional<at::Tensor>& t, const c10::Device& dev) {
     if (!t.has_value()) return;
-    TORCH_CHECK_VALUE(t->numel() == 1, name, " must hold exactly one element, got shape ",
-                      t->sizes());
     if (!t->is_cuda()) {
       host = t->item<double>();
       return;
@@ -53,42 +52,35 @@ struct ScalarArg {
   }
 };
 
-// Views the kernels can walk: w dense (or contiguous), the other lists with w's strides;
-// anything else goes through a temporary in w's layout (or contiguous) that write_back()
-// copies to the original. Parameters and their state normally share strides: no copy.
-class Staging {
- public:
-  // contiguous: the kernel needs row-major element order (e.g. element-indexed random
-  // numbers), not just a dense layout.
-  at::Tensor lead(const at::Tensor& w, bool written, bool contiguous = false) {
-    const bool walkable = contiguous ? w.is_contiguous() : w.is_non_overlapping_and_dense();
-    return walkable ? w : stage(w, w.contiguous(), written);
-  }
-  at::Tensor follow(const at::Tensor& x, const at::Tensor& lead, bool written) {
-    if (x.is_non_overlapping_and_dense() && x.strides() == lead.strides()) return x;
-    return stage(x, at::empty_like(lead).copy_(x), written);
-  }
-  // follow() for an x whose dtype differs from lead's (the fp32 average of a 16-bit
-  // param): a temporary in lead's layout but x's dtype.
-  at::Tensor follow_as(const at::Tensor& x, const at::Tensor& lead, bool written) {
-    if (x.is_non_overlapping_and_dense() && x.strides() == lead.strides()) return x;
-    return stage(x, at::empty_like(lead, x.options()).copy_(x), written);
-  }
-  // Temporaries stay referenced here until the launches that read them are queued
-  // (the caching allocator is stream-ordered, so freeing them afterwards is safe).
-  void write_back() {
-    for (auto& [orig, tmp] : pending_) orig.copy_(tmp);
-  }
+// The one-element tensor arguments of an optimizer step, as its kernels read them.
+struct StepScalars {
+  ScalarArg lr, extrap_lr, grad_scale, found_inf;
+  DeviceScalar scale;  // grad_scale, uploaded once when given as a CPU tensor
 
- private:
-  at::Tensor stage(const at::Tensor& orig, at::Tensor tmp, bool written) {
-    keep_.push_back(tmp);
-    if (written) pending_.emplace_back(orig, tmp);
-    return tmp;
-  }
-  std::vector<std::pair<at::Tensor, at::Tensor>> pending_;
-  std::vector<at::Tensor> keep_;
+  StepScalars(const std::optional<at::Tensor>& lr_tensor,
+              const std::optional<at::Tensor>& extrap_lr_tensor,
+              const std::optional<at::Tensor>& grad_scale_tensor,
+              const std::optional<at::Tensor>& found_inf_tensor, const at::Tensor& param)
+      : lr(lr_tensor, param.device()),
+        extrap_lr(extrap_lr_tensor, param.device()),
+        grad_scale(grad_scale_tensor, param.device()),
+        found_inf(found_inf_tensor, param.device()),
+        scale(grad_scale.on_device(param.options())) {}
+
+  // A CPU found_inf is read on the host: a set flag skips the whole call.
+  bool skip() const { return found_inf.host.has_value() && *found_inf.host != 0.0; }
 };
+
+// Per-tensor scratch on the device, by argument index: one S (a struct of doubles) per
+// param, written and read by the kernels only; `keep` holds it until the launches are
+// queued.
+template <typename S>
+S* per_tensor_scratch(at::Tensor& keep, at::TensorList params) {
+  static_assert(sizeof(S) % sizeof(double) == 0, "S must be made of doubles");
+  const auto n = static_cast<int64_t>(params.size() * (sizeof(S) / sizeof(double)));
+  keep = at::empty({n}, params[0].options().dtype(at::kDouble));
+  return reinterpret_cast<S*>(keep.mutable_data_ptr<double>());
+}
 
 // Calls f(T{}) with the kernels' element type of dtype t.
 template <typename F>
@@ -100,11 +92,6 @@ void dispatch_float(c10::ScalarType t, const F& f) {
     case c10::kBFloat16: return f(__nv_bfloat16{});
     default: TORCH_CHECK_TYPE(false, "unsupported dtype ", t);  // rejected earlier
   }
-}
-
-// The arithmetic dtype of a storage dtype (fp64 for fp64, fp32 otherwise).
-inline c10::ScalarType opmath_dtype(c10::ScalarType t) {
-  return t == c10::kDouble ? c10::kDouble : c10::kFloat;
 }
 
 }  // namespace lbkernels::cuda

@@ -1,5 +1,6 @@
-// CUDA kernels of multi_tensor_l2norm and lars_sgd_: argument checks, dtype groups and
-// the three launches per group (lars_kernels.cuh), registered for the CUDA key.
+// CUDA kernels of multi_tensor_l2norm and lars_sgd_: dtype groups and the three launches
+// per group (lars_kernels.cuh) after the argument checks of lbkernels/lars_args.h,
+// registered for the CUDA key.
 //
 // Nothing here reads a device value on the host: norms, trust ratios, lr_tensor,
 // grad_scale and found_inf stay on the device, so a step never synchronises and can be
@@ -11,7 +12,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <lbkernels/host.h>
+#include <lbkernels/lars_args.h>
 
 #include <optional>
 #include <vector>
@@ -56,50 +57,24 @@ at::Tensor multi_tensor_l2norm_cuda(at::TensorList xs) {
   return out;
 }
 
-void lars_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                   at::TensorList steps, const c10::List<bool>& exclude, double lr,
-                   const std::optional<at::Tensor>& lr_tensor, double momentum, double dampening,
-                   double weight_decay, bool nesterov, double trust_coefficient, double eps,
-                   bool clip, bool zero_norm_decay, c10::string_view momentum_style,
-                   const std::optional<at::Tensor>& grad_scale,
-                   const std::optional<at::Tensor>& found_inf,
-                   std::optional<at::TensorList> average_list,
-                   const std::optional<at::Tensor>& average_count,
-                   c10::string_view average_method, double average_decay) {
-  const at::TensorList averages = average_list.has_value() ? *average_list : at::TensorList();
-  // -- every check before the first write
-  check_list(params, "params", c10::DeviceType::CUDA);
-  check_aligned(params, grads, "grads");
-  const bool has_momentum = momentum != 0.0;
-  if (has_momentum) {
-    check_aligned(params, momentum_buffers, "momentum_buffers");
-    check_steps(params, steps, dampening);
-  }
-  TORCH_CHECK_VALUE(exclude.size() == params.size(), "exclude has ", exclude.size(),
-                    " entries but params has ", params.size());
-  check_momentum_style(momentum_style);
-  if (found_inf.has_value())
-    TORCH_CHECK_VALUE(found_inf->numel() == 1, "found_inf must hold exactly one element, got shape ",
-                      found_inf->sizes());
-  check_folded_average(params, averages, average_count, average_method);
-  if (params.empty()) return;
+void lars_sgd_cuda(const LarsSgdArgs& a) {
+  if (a.params.empty()) return;
+  const at::TensorList params = a.params;
+  const bool has_momentum = a.has_momentum();
   const c10::Device dev = params[0].device();
   const c10::cuda::CUDAGuard guard(dev);
-  const ScalarArg lr_arg(lr_tensor, "lr_tensor", dev);
-  ScalarArg scale_arg(grad_scale, "grad_scale", dev);
-  const ScalarArg inf_arg(found_inf, "found_inf", dev);
-  if (inf_arg.host.has_value() && *inf_arg.host != 0.0) return;
-  const bool averaging = !averages.empty();
-  int64_t* count_ptr = averaging && average_count.has_value()
-                           ? average_count->mutable_data_ptr<int64_t>() : nullptr;
-  const FoldedAverage folded{count_ptr, 1.0 - average_decay, average_method == "swa"};
-  const double lr_v = lr_arg.host.value_or(lr);
-  const DeviceScalar scale = scale_arg.on_device(params[0].options());
+  const StepScalars sc(a.lr_tensor, std::nullopt, a.grad_scale, a.found_inf, params[0]);
+  if (sc.skip()) return;
+  const bool averaging = !a.averages.empty();
+  int64_t* count_ptr = averaging && a.average_count.has_value()
+                           ? a.average_count->mutable_data_ptr<int64_t>() : nullptr;
+  const FoldedAverage folded{count_ptr, 1.0 - a.average_decay, a.average_method == "swa"};
+  const double lr_v = sc.lr.host.value_or(a.lr);
+  const DeviceScalar scale = sc.scale;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const bool paper = momentum_style == "paper";
-  at::Tensor coefs = at::empty({static_cast<int64_t>(params.size()) * 3},
-                               params[0].options().dtype(at::kDouble));
-  auto* c = reinterpret_cast<TensorCoefs*>(coefs.mutable_data_ptr<double>());
+  const bool paper = a.paper();
+  at::Tensor coefs;
+  TensorCoefs* c = per_tensor_scratch<TensorCoefs>(coefs, params);
 
   Staging staging;
   for (const auto& [dtype, index] : group_by_dtype(params)) {
@@ -110,18 +85,18 @@ void lars_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
     int64_t total = 0;
     for (const int64_t i : index) {
       const at::Tensor w = staging.lead(params[i], true);
-      const at::Tensor g = staging.follow(grads[i], w, false);
-      void* b = has_momentum ? staging.follow(momentum_buffers[i], w, true).data_ptr() : nullptr;
-      void* step = has_momentum && !steps.empty() ? steps[i].data_ptr() : nullptr;
+      const at::Tensor g = staging.follow(a.grads[i], w, false);
+      void* b = has_momentum ? staging.follow(a.momentum_buffers[i], w, true).data_ptr() : nullptr;
+      void* step = has_momentum && !a.steps.empty() ? a.steps[i].data_ptr() : nullptr;
       void* g_ptr = const_cast<void*>(g.const_data_ptr());
-      const bool excluded = exclude.get(i);
+      const bool excluded = a.exclude.get(i);
       const int64_t numel = w.numel();
       const auto idx = static_cast<int32_t>(i);
       if (!excluded) norms.push_back({{w.data_ptr(), g_ptr}, numel, total, idx, 0});
       tensors.push_back({{step}, numel, total, idx, static_cast<uint8_t>(excluded)});
       if (averaging) {
         // The average in w's layout, in its own dtype (fp32 for 16-bit params).
-        void* a_ptr = staging.follow_as(averages[i], w, true).data_ptr();
+        void* a_ptr = staging.follow_as(a.averages[i], w, true).data_ptr();
         averaged.push_back({{w.data_ptr(), g_ptr, b, a_ptr}, numel, total, idx, 0});
       } else {
         updates.push_back({{w.data_ptr(), g_ptr, b}, numel, total, idx, 0});
@@ -136,29 +111,30 @@ void lars_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
       const A* p = partial.mutable_data_ptr<A>();
       C10_CUDA_CHECK(multi_tensor_apply<2>(
           norms, Blocks::kPerChunk, kChunkThreads, stream,
-          SumSquares<T, 2>{partial.mutable_data_ptr<A>(), total, scale, inf_arg.device}));
+          SumSquares<T, 2>{partial.mutable_data_ptr<A>(), total, scale, sc.found_inf.device}));
       C10_CUDA_CHECK(multi_tensor_apply<1>(
           tensors, Blocks::kPerTensor, kTensorThreads, stream,
-          LarsCoefs<T>{p, total, c, lr_v, weight_decay, trust_coefficient, eps,
-                       lr_arg.device, inf_arg.device, clip, zero_norm_decay, has_momentum}));
+          LarsCoefs<T>{p, total, c, lr_v, a.weight_decay, a.trust_coefficient, a.eps,
+                       sc.lr.device, sc.found_inf.device, a.clip, a.zero_norm_decay,
+                       has_momentum}));
+      const bool nesterov = a.nesterov && has_momentum;
       if (averaging) {
         C10_CUDA_CHECK(multi_tensor_apply<4>(
             averaged, Blocks::kPerChunk, kChunkThreads, stream,
-            LarsUpdate<T, 4>{c, lr_v, momentum, 1.0 - dampening, lr_arg.device, scale,
-                             inf_arg.device, has_momentum, nesterov && has_momentum, paper,
-                             folded}));
+            LarsUpdate<T, 4>{c, lr_v, a.momentum, 1.0 - a.dampening, sc.lr.device, scale,
+                             sc.found_inf.device, has_momentum, nesterov, paper, folded}));
       } else {
         C10_CUDA_CHECK(multi_tensor_apply<3>(
             updates, Blocks::kPerChunk, kChunkThreads, stream,
-            LarsUpdate<T>{c, lr_v, momentum, 1.0 - dampening, lr_arg.device, scale,
-                          inf_arg.device, has_momentum, nesterov && has_momentum, paper, {}}));
+            LarsUpdate<T>{c, lr_v, a.momentum, 1.0 - a.dampening, sc.lr.device, scale,
+                          sc.found_inf.device, has_momentum, nesterov, paper, {}}));
       }
     });
   }
   staging.write_back();
   // After every update launch of the call: each block read the count of before it.
   if (count_ptr != nullptr) {
-    average_count_kernel<<<1, 1, 0, stream>>>(count_ptr, inf_arg.device);
+    average_count_kernel<<<1, 1, 0, stream>>>(count_ptr, sc.found_inf.device);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -167,7 +143,7 @@ void lars_sgd_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
 
 TORCH_LIBRARY_IMPL(lbkernels, CUDA, m) {
   m.impl("multi_tensor_l2norm", &multi_tensor_l2norm_cuda);
-  m.impl("lars_sgd_", &lars_sgd_cuda);
+  m.impl("lars_sgd_", &lars_sgd_op<lars_sgd_cuda, c10::DeviceType::CUDA>);
 }
 
 }  // namespace lbkernels::cuda

@@ -24,27 +24,22 @@ constexpr int64_t kChunkSize = 65536;
 __host__ __device__ inline int64_t num_chunks(int64_t numel) { return (numel + kChunkSize - 1) / kChunkSize; }
 
 // Capacity of the argument struct per list depth (pointers per tensor). Per tensor:
-// DEPTH addresses + numel + first_chunk (8 bytes each) + index (4) + flag (1); per block
-// 5 bytes: 80 * 29, 64 * 37 and 48 * 45 bytes of tensors plus 256 * 5 of blocks are
-// 3600, 3648 and 3440 bytes, leaving room for the functor (static_assert below).
+// DEPTH addresses + numel + first_chunk (8 bytes each) + index (4) + flag (1), 8 DEPTH + 21
+// bytes; per block 5 bytes. Depths 1 to 6 (6: the extrapolated-Adam update) hold 80, 64,
+// 48, 40, 36 and 32 tensors: 80 * 29, 64 * 37, 48 * 45, 40 * 53, 36 * 61 and 32 * 69 bytes
+// of tensors plus 256 * 5 of blocks are 3600, 3648, 3440, 3400, 3476 and 3488 bytes,
+// leaving room for the functor (static_assert below).
 template <int DEPTH>
-struct MetaCapacity;
-template <>
-struct MetaCapacity<1> { static constexpr int tensors = 80, blocks = 256; };
-template <>
-struct MetaCapacity<2> { static constexpr int tensors = 64, blocks = 256; };
-template <>
-struct MetaCapacity<3> { static constexpr int tensors = 48, blocks = 256; };
-// Depth 4 (the LARS update with folded averaging): 40 * 53 bytes of tensors plus 256 * 5
-// of blocks are 3400 bytes.
-template <>
-struct MetaCapacity<4> { static constexpr int tensors = 40, blocks = 256; };
-// Depths 5 and 6 (the extrapolated-SGD and -Adam updates): 36 * 61 and 32 * 69 bytes of
-// tensors plus 256 * 5 of blocks are 3476 and 3488 bytes.
-template <>
-struct MetaCapacity<5> { static constexpr int tensors = 36, blocks = 256; };
-template <>
-struct MetaCapacity<6> { static constexpr int tensors = 32, blocks = 256; };
+struct MetaCapacity {
+  static_assert(DEPTH >= 1 && DEPTH <= 6, "no capacity chosen for this list depth");
+  static constexpr int tensors = DEPTH == 1   ? 80
+                                 : DEPTH == 2 ? 64
+                                 : DEPTH == 3 ? 48
+                                 : DEPTH == 4 ? 40
+                                 : DEPTH == 5 ? 36
+                                              : 32;
+  static constexpr int blocks = 256;
+};
 
 template <int DEPTH>
 struct TensorListMeta {

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include <lbkernels/extrap_math.h>
 #include <lbkernels/math.h>
 
 namespace lbkernels::cpu {
@@ -130,12 +131,10 @@ struct ExtrapPtrs {
   uint32_t index;  // position in the op's lists: the Philox stream of the tensor
 };
 
-enum class Extrapolation : int { PastGrad, Gaussian, Uniform, Weight, Filter };
-
 struct ExtrapParams {
   SgdParams sgd;  // grad_scale, momentum, nesterov (dampening 0)
   double extrap_lr = 0;
-  Extrapolation kind = Extrapolation::PastGrad;
+  Extrapolation kind = Extrapolation::kPastGrad;
   double noise_scale = 0;
   uint64_t seed = 0, offset = 0;
   bool has_local = false;

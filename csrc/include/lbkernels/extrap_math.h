@@ -6,10 +6,16 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 
 #include <lbkernels/math.h>
 
 namespace lbkernels {
+
+// The extrapolation variants of extrap_sgd_ (docs/algorithms.md section 2.1), in the
+// order of the op's `extrapolation` names ("past_grad", "gaussian", "uniform", "weight",
+// "filter"); parsed once by the host (lbkernels/extrap_args.h), read by every kernel.
+enum class Extrapolation : int32_t { kPastGrad, kGaussian, kUniform, kWeight, kFilter };
 
 // sqrt / abs for scalars and for vector types that have .sqrt() / .abs().
 LBK_HD float lbk_sqrt(float x) { return sqrtf(x); }

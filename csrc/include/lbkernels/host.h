@@ -1,11 +1,15 @@
-// Host code shared by the CPU and CUDA multi-tensor ops: argument checks (the Python
-// backends make the same checks with the same messages, lbkernels/_validate.py) and the
-// grouping of a call's tensors by dtype.
+// Host code shared by the CPU and CUDA multi-tensor ops, below the ops' own argument
+// checks (lbkernels/{lars,average,extrap}_args.h): checks of tensor lists and scalars
+// (the Python backends make the same checks with the same messages,
+// lbkernels/_validate.py), the grouping of a call's tensors by dtype, and the staging of
+// layouts the kernels cannot walk.
 // TORCH_CHECK_VALUE / TORCH_CHECK_TYPE surface in Python as ValueError / TypeError; all
 // checks run before any tensor is written, so a rejected call changes nothing.
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 
 #include <optional>
@@ -50,6 +54,36 @@ inline void check_aligned(at::TensorList params, at::TensorList xs, const char* 
   }
 }
 
+// `xs` empty, or aligned with `params` (local gradients, for instance).
+inline void check_optional_aligned(at::TensorList params, at::TensorList xs, const char* name) {
+  TORCH_CHECK_VALUE(xs.empty() || xs.size() == params.size(), name, " has ", xs.size(),
+                    " entries but params has ", params.size(), " (or pass none)");
+  if (!xs.empty()) check_aligned(params, xs, name);
+}
+
+// A list of flags or counters with one entry per param.
+inline void check_count(size_t size, at::TensorList params, const char* name) {
+  TORCH_CHECK_VALUE(size == params.size(), name, " has ", size, " entries but params has ",
+                    params.size());
+}
+
+inline void check_nonnegative(const char* name, double v) {
+  TORCH_CHECK_VALUE(v >= 0.0, name, " must be >= 0, got ", v);  // also rejects NaN
+}
+
+// A one-element tensor argument (lr_tensor, grad_scale, found_inf, ...), when given.
+inline void check_scalar_tensor(const std::optional<at::Tensor>& t, const char* name) {
+  if (t.has_value())
+    TORCH_CHECK_VALUE(t->numel() == 1, name, " must hold exactly one element, got shape ",
+                      t->sizes());
+}
+
+// The arithmetic dtype of a storage dtype (fp64 for fp64, fp32 otherwise): the dtype of
+// the averages of average_ and of the kernels' partial sums.
+inline c10::ScalarType opmath_dtype(c10::ScalarType t) {
+  return t == c10::kDouble ? c10::kDouble : c10::kFloat;
+}
+
 // Step counters: one per param, except that without dampening none are needed
 // (buffers start at zero, so m * 0 + d is already the first step).
 inline void check_steps(at::TensorList params, at::TensorList steps, double dampening) {
@@ -61,50 +95,6 @@ inline void check_steps(at::TensorList params, at::TensorList steps, double damp
                      "steps[", i, "] must be a one-element float32 tensor");
     TORCH_CHECK_VALUE(steps[i].device() == params[i].device(), "steps[", i, "] is on ",
                       steps[i].device(), " but params[", i, "] is on ", params[i].device());
-  }
-}
-
-inline void check_momentum_style(c10::string_view momentum_style) {
-  TORCH_CHECK_VALUE(momentum_style == "torch" || momentum_style == "paper",
-                    "momentum_style must be 'torch' or 'paper', got '", momentum_style, "'");
-}
-
-// The checks of the weight averaging folded into lars_sgd_ (same order and messages as
-// check_folded_average_args in lbkernels/reference/lars.py, after the step's own checks).
-inline void check_folded_average(at::TensorList params, at::TensorList averages,
-                                 const std::optional<at::Tensor>& count, c10::string_view method) {
-  TORCH_CHECK_VALUE(method == "swa" || method == "ema",
-                    "average_method must be one of ('swa', 'ema'), got '", method, "'");
-  if (averages.empty()) {
-    TORCH_CHECK_VALUE(!count.has_value(),
-                      "average_count is given but averages is empty: nothing to average");
-    return;
-  }
-  TORCH_CHECK_VALUE(averages.size() == params.size(), "averages has ", averages.size(),
-                    " entries but params has ", params.size());
-  for (size_t i = 0; i < params.size(); ++i) {
-    const at::Tensor& a = averages[i];
-    const at::Tensor& p = params[i];
-    const c10::ScalarType want = p.scalar_type() == c10::kDouble ? c10::kDouble : c10::kFloat;
-    TORCH_CHECK_TYPE(a.layout() == c10::kStrided, "params[", i, "] and averages[", i,
-                     "] must be dense tensors");
-    TORCH_CHECK_VALUE(a.device() == p.device(), "averages[", i, "] is on ", a.device(),
-                      " but params[0] is on ", p.device());
-    TORCH_CHECK_TYPE(a.scalar_type() == want, "averages[", i, "] has dtype ", a.scalar_type(),
-                     " but params[", i, "] (", p.scalar_type(), ") is averaged in ", want);
-    TORCH_CHECK_VALUE(a.sizes() == p.sizes(), "averages[", i, "] has shape ", a.sizes(),
-                      " but params[", i, "] has ", p.sizes());
-  }
-  if (!count.has_value()) {
-    TORCH_CHECK_VALUE(method != "swa",
-                      "average_method='swa' needs average_count (a one-element int64 tensor)");
-  } else {
-    TORCH_CHECK_TYPE(count->numel() == 1 && count->scalar_type() == at::kLong,
-                     "average_count must be a one-element int64 tensor, got ",
-                     count->scalar_type(), " of shape ", count->sizes());
-    TORCH_CHECK_VALUE(params.empty() || count->device() == params[0].device(),
-                      "average_count is on ", count->device(), " but params[0] is on ",
-                      params[0].device());
   }
 }
 
@@ -120,5 +110,52 @@ inline std::vector<std::pair<c10::ScalarType, std::vector<int64_t>>> group_by_dt
   }
   return groups;
 }
+
+// Views the kernels can walk: a lead tensor dense (or contiguous), the others in the
+// lead's strides; anything else goes through a temporary in the lead's layout (or
+// contiguous) that write_back() copies to the original. Parameters and their state
+// normally share strides: no copy.
+class Staging {
+ public:
+  // contiguous: the kernel needs row-major element order (element-indexed random numbers,
+  // a flat buffer's order), not just a dense layout.
+  at::Tensor lead(const at::Tensor& w, bool written, bool contiguous = false) {
+    const bool walkable = contiguous ? w.is_contiguous() : w.is_non_overlapping_and_dense();
+    return walkable ? w : stage(w, w.contiguous(), written);
+  }
+  // lead() of a tensor that is only written (its old values are not read): a contiguous
+  // temporary is not filled first.
+  at::Tensor output(const at::Tensor& w) {
+    return w.is_contiguous() ? w : stage(w, at::empty(w.sizes(), w.options()), true);
+  }
+  at::Tensor follow(const at::Tensor& x, const at::Tensor& lead, bool written) {
+    if (walkable_with(x, lead)) return x;
+    return stage(x, at::empty_like(lead).copy_(x), written);
+  }
+  // follow() for an x whose dtype differs from lead's (the fp32 average of a 16-bit
+  // param): a temporary in lead's layout but x's dtype.
+  at::Tensor follow_as(const at::Tensor& x, const at::Tensor& lead, bool written) {
+    if (walkable_with(x, lead)) return x;
+    return stage(x, at::empty_like(lead, x.options()).copy_(x), written);
+  }
+  // Temporaries stay referenced here until the loops (or launches) that read them are
+  // done (queued, on CUDA: the caching allocator is stream-ordered, so freeing them
+  // afterwards is safe).
+  void write_back() {
+    for (auto& [orig, tmp] : pending_) orig.copy_(tmp);
+  }
+
+ private:
+  static bool walkable_with(const at::Tensor& x, const at::Tensor& lead) {
+    return x.is_non_overlapping_and_dense() && x.strides() == lead.strides();
+  }
+  at::Tensor stage(const at::Tensor& orig, at::Tensor tmp, bool written) {
+    keep_.push_back(tmp);
+    if (written) pending_.emplace_back(orig, tmp);
+    return tmp;
+  }
+  std::vector<std::pair<at::Tensor, at::Tensor>> pending_;
+  std::vector<at::Tensor> keep_;
+};
 
 }  // namespace lbkernels
