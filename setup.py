@@ -50,7 +50,7 @@ def extensions():
 
         def _capability_objects(self, ext):
             objects = []
-            headers = rel("csrc/include/lbkernels/*.h")
+            headers = rel("csrc/include/lbkernels/*.h") + rel("csrc/cpu/*.h")
             for src in rel("csrc/cpu/*_kernel.cpp"):
                 for cap, flags in CAPABILITIES.items():
                     out_dir = os.path.join(self.build_temp, "capability", cap)

@@ -4,23 +4,14 @@
 //
 // The update reads w and avg and writes avg: 12 bytes per fp32 parameter, memory-bound,
 // so the loop only has to keep full vectors in flight; it allocates nothing.
-#include <ATen/cpu/vec/vec.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-
 #include <type_traits>
 
-#include <lbkernels/cpu_kernels.h>
 #include <lbkernels/math.h>
 
-#ifndef CPU_CAPABILITY
-#error "CPU_CAPABILITY must be defined (DEFAULT, AVX2 or AVX512)"
-#endif
+#include "kernel_dispatch.h"
 
 namespace lbkernels::cpu::CPU_CAPABILITY {
 namespace {
-
-using at::vec::Vectorized;
 
 // fp32 params into fp32 averages, fp64 into fp64: full vectors, then a scalar tail with
 // the same expression.
@@ -98,26 +89,12 @@ void worker_mean_impl(const TensorPtrs* t, const Chunk* chunks, int64_t c0, int6
 
 void worker_mean(c10::ScalarType dtype, const TensorPtrs* tensors, const Chunk* chunks, int64_t c0,
                  int64_t c1, double k) {
-  switch (dtype) {
-    case c10::ScalarType::Float: return worker_mean_impl<float>(tensors, chunks, c0, c1, k);
-    case c10::ScalarType::Double: return worker_mean_impl<double>(tensors, chunks, c0, c1, k);
-    case c10::ScalarType::Half: return worker_mean_impl<c10::Half>(tensors, chunks, c0, c1, k);
-    case c10::ScalarType::BFloat16:
-      return worker_mean_impl<c10::BFloat16>(tensors, chunks, c0, c1, k);
-    default: return;  // rejected by the host code before any kernel runs
-  }
+  by_dtype(dtype, [&](auto t) { worker_mean_impl<decltype(t)>(tensors, chunks, c0, c1, k); });
 }
 
 void average_update(c10::ScalarType param_dtype, const TensorPtrs* tensors, const Chunk* chunks,
                     int64_t c0, int64_t c1, const AverageParams& p) {
-  switch (param_dtype) {
-    case c10::ScalarType::Float: return average_impl<float>(tensors, chunks, c0, c1, p);
-    case c10::ScalarType::Double: return average_impl<double>(tensors, chunks, c0, c1, p);
-    case c10::ScalarType::Half: return average_impl<c10::Half>(tensors, chunks, c0, c1, p);
-    case c10::ScalarType::BFloat16:
-      return average_impl<c10::BFloat16>(tensors, chunks, c0, c1, p);
-    default: return;  // rejected by the host code before any kernel runs
-  }
+  by_dtype(param_dtype, [&](auto t) { average_impl<decltype(t)>(tensors, chunks, c0, c1, p); });
 }
 
 }  // namespace lbkernels::cpu::CPU_CAPABILITY

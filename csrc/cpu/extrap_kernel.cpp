@@ -8,25 +8,16 @@
 // run the same vector loop; the filter variant needs the norm of each filter's new anchor
 // and of its draw before writing w, so it takes two passes over each filter (the second
 // regenerates the draw, cheaper than storing it, and reads x back from cache).
-#include <ATen/cpu/vec/vec.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-
 #include <algorithm>
 #include <type_traits>
 
-#include <lbkernels/cpu_kernels.h>
 #include <lbkernels/extrap_math.h>
 #include <lbkernels/philox.h>
 
-#ifndef CPU_CAPABILITY
-#error "CPU_CAPABILITY must be defined (DEFAULT, AVX2 or AVX512)"
-#endif
+#include "kernel_dispatch.h"
 
 namespace lbkernels::cpu::CPU_CAPABILITY {
 namespace {
-
-using at::vec::Vectorized;
 
 // Noise values per block: 256 fp32 (1 KiB) on the stack, a multiple of every vector width.
 constexpr int64_t kBlock = 256;
@@ -268,39 +259,21 @@ void extrap_adam_impl(const ExtrapPtrs* t, const Chunk* chunks, int64_t c0, int6
   }
 }
 
-template <template <typename> class F, typename... Args>
-void by_dtype(c10::ScalarType dtype, Args&&... args) {
-  switch (dtype) {
-    case c10::ScalarType::Float: return F<float>::run(args...);
-    case c10::ScalarType::Double: return F<double>::run(args...);
-    case c10::ScalarType::Half: return F<c10::Half>::run(args...);
-    case c10::ScalarType::BFloat16: return F<c10::BFloat16>::run(args...);
-    default: return;  // rejected by the host code before any kernel runs
-  }
-}
-
-template <typename T>
-struct ExtrapSgd {
-  template <typename... A>
-  static void run(A... a) { extrap_sgd_impl<T>(a...); }
-};
-template <typename T>
-struct ExtrapAdam {
-  template <typename... A>
-  static void run(A... a) { extrap_adam_impl<T>(a...); }
-};
-
 }  // namespace
 
 void extrap_sgd(c10::ScalarType dtype, const ExtrapPtrs* tensors, const Chunk* chunks,
                 int64_t c0, int64_t c1, TensorCoefs* coefs, const LarsParams& lp,
                 const ExtrapParams& p, bool whole) {
-  by_dtype<ExtrapSgd>(dtype, tensors, chunks, c0, c1, coefs, lp, p, whole);
+  by_dtype(dtype, [&](auto t) {
+    extrap_sgd_impl<decltype(t)>(tensors, chunks, c0, c1, coefs, lp, p, whole);
+  });
 }
 
 void extrap_adam(c10::ScalarType dtype, const ExtrapPtrs* tensors, const Chunk* chunks,
                  int64_t c0, int64_t c1, const AdamTensorCoefs* coefs, const AdamParams& p) {
-  by_dtype<ExtrapAdam>(dtype, tensors, chunks, c0, c1, coefs, p);
+  by_dtype(dtype, [&](auto t) {
+    extrap_adam_impl<decltype(t)>(tensors, chunks, c0, c1, coefs, p);
+  });
 }
 
 }  // namespace lbkernels::cpu::CPU_CAPABILITY

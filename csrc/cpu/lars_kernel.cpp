@@ -2,23 +2,14 @@
 // compiled once per CPU capability with CPU_CAPABILITY set to DEFAULT, AVX2 or AVX512
 // (and the matching -m flags), like ATen's own kernels: at::vec::Vectorized is 16 floats
 // wide only when built with CPU_CAPABILITY_AVX512, whatever -march says.
-#include <ATen/cpu/vec/vec.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-
 #include <type_traits>
 
-#include <lbkernels/cpu_kernels.h>
 #include <lbkernels/math.h>
 
-#ifndef CPU_CAPABILITY
-#error "CPU_CAPABILITY must be defined (DEFAULT, AVX2 or AVX512)"
-#endif
+#include "kernel_dispatch.h"
 
 namespace lbkernels::cpu::CPU_CAPABILITY {
 namespace {
-
-using at::vec::Vectorized;
 
 template <typename V, typename T>
 SgdCoefs<V> broadcast(const TensorCoefs& c, const SgdParams& p) {
@@ -194,50 +185,24 @@ void lars_whole_impl(const TensorPtrs* t, const Chunk* chunks, int64_t c0, int64
   }
 }
 
-template <template <typename> class F, typename... Args>
-void by_dtype(c10::ScalarType dtype, Args&&... args) {
-  switch (dtype) {
-    case c10::ScalarType::Float: return F<float>::run(args...);
-    case c10::ScalarType::Double: return F<double>::run(args...);
-    case c10::ScalarType::Half: return F<c10::Half>::run(args...);
-    case c10::ScalarType::BFloat16: return F<c10::BFloat16>::run(args...);
-    default: return;  // rejected by the host code before any kernel runs
-  }
-}
-
-template <typename T>
-struct SumSquares {
-  template <typename... A>
-  static void run(A... a) { sum_squares_impl<T>(a...); }
-};
-template <typename T>
-struct SgdUpdate {
-  template <typename... A>
-  static void run(A... a) { sgd_update_impl<T>(a...); }
-};
-
-template <typename T>
-struct LarsWhole {
-  template <typename... A>
-  static void run(A... a) { lars_whole_impl<T>(a...); }
-};
-
 }  // namespace
 
 void lars_whole(c10::ScalarType dtype, const TensorPtrs* tensors, const Chunk* chunks,
                 int64_t c0, int64_t c1, TensorCoefs* coefs, const LarsParams& lp,
                 const SgdParams& p) {
-  by_dtype<LarsWhole>(dtype, tensors, chunks, c0, c1, coefs, lp, p);
+  by_dtype(dtype, [&](auto t) {
+    lars_whole_impl<decltype(t)>(tensors, chunks, c0, c1, coefs, lp, p);
+  });
 }
 
 void sum_squares(c10::ScalarType dtype, const TensorPtrs* tensors, const Chunk* chunks,
                  int64_t c0, int64_t c1, double* out) {
-  by_dtype<SumSquares>(dtype, tensors, chunks, c0, c1, out);
+  by_dtype(dtype, [&](auto t) { sum_squares_impl<decltype(t)>(tensors, chunks, c0, c1, out); });
 }
 
 void sgd_update(c10::ScalarType dtype, const TensorPtrs* tensors, const Chunk* chunks,
                 int64_t c0, int64_t c1, const TensorCoefs* coefs, const SgdParams& p) {
-  by_dtype<SgdUpdate>(dtype, tensors, chunks, c0, c1, coefs, p);
+  by_dtype(dtype, [&](auto t) { sgd_update_impl<decltype(t)>(tensors, chunks, c0, c1, coefs, p); });
 }
 
 }  // namespace lbkernels::cpu::CPU_CAPABILITY
