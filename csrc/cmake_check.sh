@@ -16,13 +16,10 @@
 # Exits 0 with "cmake not found: skipped" where there is no cmake; non-zero on any error.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source csrc/check_common.sh
 
 CMAKE=${CMAKE:-cmake}
-PYTHON=${PYTHON:-python3}
-if ! command -v "$CMAKE" >/dev/null 2>&1; then
-  echo "cmake not found: skipped"
-  exit 0
-fi
+skip_without "$CMAKE" cmake
 
 torch_version=$("$PYTHON" -c 'import torch; print(torch.__version__)')
 key=$({
@@ -31,7 +28,6 @@ key=$({
   "$CMAKE" --version | head -n 1
   "${CXX:-c++}" --version | head -n 1
 } | sha256sum | cut -c 1-16)
-cache=${LBK_CACHE_DIR:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/lbkernels}
 lib="$cache/cmake-$key/liblbkernels.so"
 
 if [ -f "$lib" ]; then

@@ -7,7 +7,7 @@
 #     (the 3.5 KB argument struct copied to local memory would be one).
 #  2. The filter-piece layout of extrap_sgd_ (check/filter_pieces_check.cu), built for
 #     the host and run against a brute-force enumeration.
-#  3. The host/registration files (lars.cu, average.cu, extrap.cu), compiled to an
+#  3. The host/registration files (every csrc/cuda/*.cu, as setup.py builds them), compiled to an
 #     object against the installed torch's headers with the flags torch's
 #     CUDAExtension uses, when torch imports.
 #     A CPU-only torch ships the c10/cuda headers but not the CMake-generated
@@ -15,28 +15,24 @@
 #     C10_CUDA_NO_CMAKE_CONFIGURE_FILE to do without it.
 #
 # A passing run is cached under ${LBK_CACHE_DIR:-~/.cache/lbkernels}, keyed on the content
-# of csrc/cuda/ and csrc/include/, the nvcc version and the torch version: unchanged
+# of csrc/cuda/, csrc/include/ and csrc/check_common.sh, the nvcc version and the torch version: unchanged
 # sources are not compiled again (minutes on two cores), changed ones are.
 #
 # Exits 0 with "nvcc not found: skipped" where there is no nvcc; non-zero on any error.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+source csrc/check_common.sh
 
 NVCC=${NVCC:-nvcc}
-PYTHON=${PYTHON:-python3}
-if ! command -v "$NVCC" >/dev/null 2>&1; then
-  echo "nvcc not found: skipped"
-  exit 0
-fi
+skip_without "$NVCC" nvcc
 PTXAS="$(dirname "$(command -v "$NVCC")")/ptxas"
 [ -x "$PTXAS" ] || PTXAS=ptxas
 
 key=$({
-  find csrc/cuda csrc/include -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum
+  find csrc/cuda csrc/include csrc/check_common.sh -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum
   "$NVCC" --version
   "$PYTHON" -c 'import torch; print("torch", torch.__version__)' 2>/dev/null || echo "no torch"
 } | sha256sum | cut -c 1-16)
-cache=${LBK_CACHE_DIR:-${XDG_CACHE_HOME:-${HOME:-/tmp}/.cache}/lbkernels}
 log="$cache/cuda-check-$key.log"
 if [ -f "$log" ]; then
   echo "cached: these sources passed with this nvcc and torch ($log)"
@@ -80,16 +76,12 @@ if [ ! -f "$first_include/c10/cuda/impl/cuda_cmake_macros.h" ]; then
   host_flags+=(-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE)
 fi
 # torch's headers need C++20 (the extension build passes -std=c++20 as well).
-"$NVCC" -std=c++20 -O3 "${TORCH_NVCC_FLAGS[@]}" "${STRICT[@]}" -Icsrc/include "${host_flags[@]}" \
-  -arch=sm_90 -c -o "$out/lars.o" csrc/cuda/lars.cu
-"$NVCC" -std=c++20 -O3 "${TORCH_NVCC_FLAGS[@]}" "${STRICT[@]}" -Icsrc/include "${host_flags[@]}" \
-  -arch=sm_90 -c -o "$out/average.o" csrc/cuda/average.cu
-"$NVCC" -std=c++20 -O3 "${TORCH_NVCC_FLAGS[@]}" "${STRICT[@]}" -Icsrc/include "${host_flags[@]}" \
-  -arch=sm_90 -c -o "$out/extrap.o" csrc/cuda/extrap.cu
 torch_version=$("$PYTHON" -c 'import torch; print(torch.__version__)')
-echo "host file: csrc/cuda/lars.cu compiled against torch $torch_version"
-echo "host file: csrc/cuda/average.cu compiled against torch $torch_version"
-echo "host file: csrc/cuda/extrap.cu compiled against torch $torch_version"
+for src in csrc/cuda/*.cu; do
+  "$NVCC" -std=c++20 -O3 "${TORCH_NVCC_FLAGS[@]}" "${STRICT[@]}" -Icsrc/include "${host_flags[@]}" \
+    -arch=sm_90 -c -o "$out/$(basename "$src" .cu).o" "$src"
+  echo "host file: $src compiled against torch $torch_version"
+done
 echo "CUDA compile check passed"
 }
 
