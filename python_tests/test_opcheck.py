@@ -124,9 +124,7 @@ def _op(name: str, impl: str, device: str):
         if not _library.has_native_kernel(name, device):
             pytest.fail(f"the compiled library serves lars_sgd_ on {device} but not {name}")
         return getattr(torch.ops.lbkernels, name)
-    # get_op imports the Triton kernels (registering their ops); lars_sgd_'s is a wrapper
-    # that defaults averages, so the op itself is taken by name: every schema's Triton op
-    # has the same arguments, none keyword-only.
+    # get_op defines the Triton ops on first use; each has its main op's schema.
     from lbkernels import triton as lbk_triton
 
     lbk_triton.get_op(name, device)
