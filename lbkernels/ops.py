@@ -78,9 +78,13 @@ def _scalar_arg(x: float | torch.Tensor) -> tuple[float, torch.Tensor | None]:
     return float(x), None
 
 
+# Read once here: parsing a schema inside a compiled step would break the graph.
+_OPTIONS = {name: frozenset(_library.schema_defaults(name)[1]) for name in _library.SCHEMAS}
+
+
 def _check_options(name: str, options: dict) -> None:
     """A TypeError naming an option the op does not take, before anything runs."""
-    unknown = options.keys() - _library.schema_defaults(name)[1].keys()
+    unknown = options.keys() - _OPTIONS[name]
     if unknown:
         raise TypeError(f"{name}() got an unexpected keyword argument {sorted(unknown)[0]!r}")
 
