@@ -1,4 +1,4 @@
-"""Batch-norm statistics of an averaged model (ALGORITHMS.md section 4, SWAP phase 3).
+"""Batch-norm statistics of an averaged model (docs/algorithms.md section 4, SWAP phase 3).
 
 Averaging weights does not average batch-norm statistics: the running mean and
 variance of the averaged model must be recomputed with one pass over the training data.

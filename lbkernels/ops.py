@@ -92,7 +92,7 @@ def _check_options(name: str, options: dict) -> None:
 def lars_sgd_(params: Tensors, grads: Tensors, momentum_buffers: Tensors, steps: Tensors,
               exclude: Sequence[bool], *, lr: float | torch.Tensor, impl: str = "auto",
               **options) -> None:
-    """One fused LARS-SGD step in place (ALGORITHMS.md section 1).
+    """One fused LARS-SGD step in place (docs/algorithms.md section 1).
 
     ``options``: the op's other keyword arguments, with the meaning that
     ``lbkernels.reference.lars.lars_sgd_`` documents and the defaults of its schema
@@ -108,7 +108,7 @@ def lars_sgd_(params: Tensors, grads: Tensors, momentum_buffers: Tensors, steps:
     With ``averages`` (one per param, fp32, or fp64 for fp64 params) the same pass
     averages the new weights in, exactly as ``average_(averages, params, average_count,
     method=average_method, decay=average_decay)`` after the step, and increments
-    ``average_count`` once (ALGORITHMS.md section 4): SWA without an extra read of ``w``.
+    ``average_count`` once (docs/algorithms.md section 4): SWA without an extra read of ``w``.
     """
     _check_options("lars_sgd_", options)
     lr_value, lr_tensor = _scalar_arg(lr)
@@ -120,7 +120,7 @@ def lars_sgd_(params: Tensors, grads: Tensors, momentum_buffers: Tensors, steps:
 
 def average_(averages: Tensors, params: Tensors, count: torch.Tensor | None = None, *,
              impl: str = "auto", **options) -> None:
-    """One fused weight-averaging update in place (ALGORITHMS.md section 4).
+    """One fused weight-averaging update in place (docs/algorithms.md section 4).
 
     ``options``: ``method`` (``"swa"``), ``decay`` (0.999), ``found_inf`` (None).
     ``avg += r * (w - avg)`` per element with ``r = 1 / (count + 1)`` (``method="swa"``,
@@ -135,7 +135,7 @@ def average_(averages: Tensors, params: Tensors, count: torch.Tensor | None = No
 
 def worker_mean_(params: Tensors, flat_sum: torch.Tensor, world_size: int, *,
                  impl: str = "auto") -> None:
-    """Write the cross-worker mean ``w = sum / K`` into ``params`` (ALGORITHMS.md section 4).
+    """Write the cross-worker mean ``w = sum / K`` into ``params`` (docs/algorithms.md section 4).
 
     ``flat_sum`` is the all-reduced (summed) flat buffer of ``params``, all of its dtype
     and device, each param's elements in row-major order; ``world_size`` is ``K``. The
@@ -148,7 +148,7 @@ def worker_mean_(params: Tensors, flat_sum: torch.Tensor, world_size: int, *,
 def extrap_sgd_(params: Tensors, anchors: Tensors, momentum_buffers: Tensors, grads: Tensors,
                 local_grads: Tensors, exclude: Sequence[bool], *, lr: float | torch.Tensor,
                 extrap_lr: float | torch.Tensor = 0.0, impl: str = "auto", **options) -> None:
-    """One fused extrapolated-SGD step in place (ALGORITHMS.md sections 2 and 2.1).
+    """One fused extrapolated-SGD step in place (docs/algorithms.md sections 2 and 2.1).
 
     ``options``: the op's other keyword arguments, with the meaning that
     ``lbkernels.reference.extrap.extrap_sgd_`` documents and the defaults of its schema
@@ -179,7 +179,7 @@ def extrap_adam_(params: Tensors, anchors: Tensors, exp_avgs: Tensors, exp_avg_s
                  steps: Tensors, grads: Tensors, local_grads: Tensors, *,
                  lr: float | torch.Tensor, extrap_lr: float | torch.Tensor = 0.0,
                  impl: str = "auto", **options) -> None:
-    """One fused extrap-Adam step in place (ALGORITHMS.md section 2.2).
+    """One fused extrap-Adam step in place (docs/algorithms.md section 2.2).
 
     ``options``: the op's other keyword arguments, with the meaning that
     ``lbkernels.reference.extrap.extrap_adam_`` documents and the defaults of its schema

@@ -1,4 +1,4 @@
-// CPU kernels of average_ and worker_mean_ (ALGORITHMS.md sections 4 and 6): the
+// CPU kernels of average_ and worker_mean_ (docs/algorithms.md sections 4 and 6): the
 // arguments checked by lbkernels/average_args.h, then one parallel region over the
 // chunks of every tensor of the call. The averages' dtype depends only on the params'
 // (fp32, or fp64 for fp64 params) and the loops take the param dtype per chunk, so

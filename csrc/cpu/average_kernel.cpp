@@ -1,4 +1,4 @@
-// Vectorised CPU loops of average_ (ALGORITHMS.md section 4): avg += r * (w - avg), and
+// Vectorised CPU loops of average_ (docs/algorithms.md section 4): avg += r * (w - avg), and
 // of worker_mean_: w = sum / k. This file is compiled once per CPU capability (DEFAULT,
 // AVX2, AVX512) like lars_kernel.cpp.
 //

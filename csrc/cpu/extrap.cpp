@@ -1,4 +1,4 @@
-// CPU kernels of extrap_sgd_ and extrap_adam_ (ALGORITHMS.md sections 2, 2.1, 2.2).
+// CPU kernels of extrap_sgd_ and extrap_adam_ (docs/algorithms.md sections 2, 2.1, 2.2).
 //
 // Memory-bound like lars_sgd_ (past_grad reads x, buf, g, gk and writes x, buf, w: 28 bytes
 // per fp32 parameter), so the same plan (lars.cpp):

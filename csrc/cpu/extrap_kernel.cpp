@@ -1,4 +1,4 @@
-// Vectorised CPU loops of extrap_sgd_ and extrap_adam_ (ALGORITHMS.md section 2). Built
+// Vectorised CPU loops of extrap_sgd_ and extrap_adam_ (docs/algorithms.md section 2). Built
 // once per CPU capability like lars_kernel.cpp; the per-element math is
 // lbkernels/extrap_math.h (shared with the CUDA kernels), the random numbers philox.h.
 //

@@ -1,4 +1,4 @@
-// CPU kernels of multi_tensor_l2norm and lars_sgd_ (ALGORITHMS.md sections 1 and 6);
+// CPU kernels of multi_tensor_l2norm and lars_sgd_ (docs/algorithms.md sections 1 and 6);
 // the arguments are checked by lbkernels/lars_args.h before lars_sgd_cpu runs.
 //
 // Where the time goes: the step is memory-bound (LARS reads w, g, buf and writes w, buf:

@@ -1,4 +1,4 @@
-// CUDA kernels of average_ and worker_mean_ (ALGORITHMS.md sections 4 and 6): the
+// CUDA kernels of average_ and worker_mean_ (docs/algorithms.md sections 4 and 6): the
 // argument checks of lbkernels/average_args.h, one launch per param dtype over all of
 // its tensors (average_kernels.cuh), then the count update. Nothing is read back to the
 // host unless count or found_inf live on the CPU, so an update never synchronises and

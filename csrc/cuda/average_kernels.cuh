@@ -1,4 +1,4 @@
-// CUDA functors of average_ (ALGORITHMS.md section 4) and worker_mean_ (w = sum / k, the
+// CUDA functors of average_ (docs/algorithms.md section 4) and worker_mean_ (w = sum / k, the
 // write-back of the cross-worker mean): avg += r * (w - avg), one block
 // per 65,536-element chunk, with r = 1 / (n + 1) (SWA, n read on the device) or
 // 1 - decay (EMA). The count is incremented by a one-thread kernel queued after every

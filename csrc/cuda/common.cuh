@@ -1,4 +1,4 @@
-// Device helpers shared by the CUDA functors of every op (ALGORITHMS.md section 6):
+// Device helpers shared by the CUDA functors of every op (docs/algorithms.md section 6):
 // element loads and stores in the arithmetic type, device scalars, aligned packs,
 // deterministic block sums, and the per-tensor norm and trust-ratio passes that
 // multi_tensor_l2norm, lars_sgd_ and extrap_sgd_ (with lars) all run:

@@ -1,4 +1,4 @@
-// CUDA kernels of extrap_sgd_ and extrap_adam_ (ALGORITHMS.md section 2): dtype groups
+// CUDA kernels of extrap_sgd_ and extrap_adam_ (docs/algorithms.md section 2): dtype groups
 // and the launches per group (extrap_kernels.cuh, extrap_adam_kernels.cuh) after the
 // argument checks of lbkernels/extrap_args.h, registered for the CUDA key.
 //

@@ -1,4 +1,4 @@
-// CUDA functors of extrap_adam_ (ALGORITHMS.md section 2.2): AdamBiasPass (a block per
+// CUDA functors of extrap_adam_ (docs/algorithms.md section 2.2): AdamBiasPass (a block per
 // tensor: step += 1, bias corrections), then ExtrapAdamUpdate (a block per chunk). The
 // per-element math is lbkernels/extrap_math.h, shared with the CPU kernels. The AMP
 // found_inf flag is read on the device by every block: when set, nothing is written.

@@ -1,4 +1,4 @@
-// CUDA functors of extrap_sgd_ and extrap_adam_ (ALGORITHMS.md section 2).
+// CUDA functors of extrap_sgd_ and extrap_adam_ (docs/algorithms.md section 2).
 //
 // extrap_sgd_, per dtype group, in stream order and without any host sync:
 //   [lars]   SumSquares<T, 2> over (x, g) and LarsCoefs<T> (common.cuh): the trust

@@ -1,4 +1,4 @@
-// CUDA functors of multi_tensor_l2norm and lars_sgd_ (ALGORITHMS.md sections 1 and 6).
+// CUDA functors of multi_tensor_l2norm and lars_sgd_ (docs/algorithms.md sections 1 and 6).
 //
 // Per dtype group, in stream order and without any host sync:
 //   1. SumSquares (common.cuh): per-chunk sums of squares of w and of the unscaled g;

@@ -1,4 +1,4 @@
-// Multi-tensor launcher: one kernel launch covers many tensors (ALGORITHMS.md section 6).
+// Multi-tensor launcher: one kernel launch covers many tensors (docs/algorithms.md section 6).
 //
 // The tensors' addresses and sizes travel in the kernel's argument struct (no device
 // table to upload, no host sync), split into 65,536-element chunks, one thread block per

@@ -25,7 +25,7 @@ class AsyncSimulator:
 
     Worker ``k`` last pulled after step ``t - tau - 1``, which is why it holds
     ``w_{t-tau}``: every gradient is exactly ``tau`` steps stale, the model of
-    ALGORITHMS.md section 3. The optimizer sees the current weights, so weight decay and
+    docs/algorithms.md section 3. The optimizer sees the current weights, so weight decay and
     LARS norms are taken at ``w_t``.
 
     With a :class:`~lbkernels.optim.ShiftedMomentumSGD` (of the same ``delay``) the

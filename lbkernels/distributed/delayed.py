@@ -52,7 +52,7 @@ class DelayedGradients:
     The first ``tau`` steps apply nothing (:meth:`step` returns False there): the weights
     stay ``w_0`` until the first all-reduce has had ``tau`` steps to finish. Update ``u``
     then applies a gradient computed on ``w_{u-tau}`` (``w_0`` while ``u < tau``): the
-    dynamics of asynchronous SGD with delay ``tau`` (ALGORITHMS.md section 3, and
+    dynamics of asynchronous SGD with delay ``tau`` (docs/algorithms.md section 3, and
     :class:`~lbkernels.distributed.AsyncSimulator`), so the stability threshold falls as in
     :func:`~lbkernels.schedules.stability_threshold`: pair it with
     :class:`~lbkernels.optim.ShiftedMomentumSGD` of the same ``delay`` (buffer

@@ -1,4 +1,4 @@
-"""SWAP: stochastic weight averaging in parallel (ALGORITHMS.md section 4).
+"""SWAP: stochastic weight averaging in parallel (docs/algorithms.md section 4).
 
 See :class:`SWAP`.
 """

@@ -1,4 +1,4 @@
-"""The cross-worker mean of parameters (ALGORITHMS.md section 4, SWAP's phase 3).
+"""The cross-worker mean of parameters (docs/algorithms.md section 4, SWAP's phase 3).
 
 See :func:`average_parameters`.
 """

@@ -3,7 +3,7 @@
 ``WeightAverager(..., fused_with=optimizer)`` sets ``optimizer._fused_averager``; the
 optimizer's ``_step_bucket`` adds :func:`folded_average_arguments` to its
 ``lbkernels.ops.lars_sgd_`` call, so that the pass that writes the weights also averages
-them (ALGORITHMS.md section 4).
+them (docs/algorithms.md section 4).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from .extrap import ExtrapOptimizer
 
 
 class ExtrapAdam(ExtrapOptimizer):
-    r"""Extrapolated Adam, one fused op per bucket (ALGORITHMS.md section 2.2).
+    r"""Extrapolated Adam, one fused op per bucket (docs/algorithms.md section 2.2).
 
     ``torch.optim.Adam`` (``amsgrad=False``) on the anchor ``x``, with moments of the
     all-reduced gradient ``g``; the extrapolation is this worker's local gradient ``g^k``

@@ -1,4 +1,4 @@
-"""Reference weight averaging: running mean (SWA) and EMA (ALGORITHMS.md section 4).
+"""Reference weight averaging: running mean (SWA) and EMA (docs/algorithms.md section 4).
 
 Both modes are one convex update per element, ``avg += r * (w - avg)``:
 

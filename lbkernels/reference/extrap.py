@@ -1,4 +1,4 @@
-"""Reference extrapolated-SGD and extrap-Adam steps (ALGORITHMS.md sections 2, 2.1, 2.2).
+"""Reference extrapolated-SGD and extrap-Adam steps (docs/algorithms.md sections 2, 2.1, 2.2).
 
 The anchor ``x`` is the real iterate; the parameters ``w`` hold the extrapolated point
 where the next forward and backward run. One call updates the anchor from the gradient

@@ -1,4 +1,4 @@
-"""Reference LARS-SGD step and multi-tensor L2 norm (ALGORITHMS.md section 1).
+"""Reference LARS-SGD step and multi-tensor L2 norm (docs/algorithms.md section 1).
 
 Written for clarity, not speed: one tensor at a time, fp32 arithmetic for fp16/bf16
 tensors, and the same operation order as timm's ``Lars`` and apex's ``LARC`` so that
@@ -138,7 +138,7 @@ def lars_sgd_(
     ``lr`` and ``w -= u``. ``g`` is divided by ``grad_scale`` when given; with
     ``found_inf != 0`` nothing (weights, buffers, steps) changes.
 
-    Weight averaging folded into the step (ALGORITHMS.md section 4): with ``averages``
+    Weight averaging folded into the step (docs/algorithms.md section 4): with ``averages``
     non-empty, each new ``w`` (as stored, in the param's dtype) is averaged in exactly as
     ``average_(averages, params, average_count, method=average_method,
     decay=average_decay)`` would, and ``average_count`` is incremented once per call;

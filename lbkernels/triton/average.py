@@ -1,4 +1,4 @@
-"""Triton weight averaging (ALGORITHMS.md section 4): ``avg += r * (w - avg)``, and the
+"""Triton weight averaging (docs/algorithms.md section 4): ``avg += r * (w - avg)``, and the
 write-back of the cross-worker mean, ``w = sum / k`` (``worker_mean_``).
 
 One launch per param dtype covers every tensor of that dtype: a chunk table

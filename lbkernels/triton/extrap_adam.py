@@ -1,4 +1,4 @@
-"""Triton extrap-Adam step (ALGORITHMS.md section 2.2).
+"""Triton extrap-Adam step (docs/algorithms.md section 2.2).
 
 One chunk table per dtype group (``multi_tensor.py``) of lists (w, x, m, v, g, gk) with
 per-tensor rows (argument index, step counter address), and two launches:

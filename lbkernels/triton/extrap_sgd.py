@@ -1,4 +1,4 @@
-"""Triton extrapolated SGD step (ALGORITHMS.md sections 2 and 2.1).
+"""Triton extrapolated SGD step (docs/algorithms.md sections 2 and 2.1).
 
 One launch per dtype group and pass, each covering every tensor of the group through a
 chunk table of lists (w, x, buf, g, gk) (``multi_tensor.py``) whose per-tensor rows are

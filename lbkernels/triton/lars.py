@@ -1,4 +1,4 @@
-"""Triton LARS-SGD step (ALGORITHMS.md section 1).
+"""Triton LARS-SGD step (docs/algorithms.md section 1).
 
 Three launches per dtype group, each covering every tensor of the group through a
 chunk table of lists (w, g, buf); nothing is read back to the host: the two

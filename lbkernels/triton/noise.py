@@ -1,4 +1,4 @@
-"""Triton noise of the extrapolation variants (ALGORITHMS.md section 2.1): Philox
+"""Triton noise of the extrapolation variants (docs/algorithms.md section 2.1): Philox
 numbers as ``csrc/include/lbkernels/philox.h`` defines them, and the two passes of the
 filter variant.
 

@@ -1,4 +1,4 @@
-"""Triton per-tensor norms and LARS trust ratios (ALGORITHMS.md sections 1 and 6): the
+"""Triton per-tensor norms and LARS trust ratios (docs/algorithms.md sections 1 and 6): the
 ``multi_tensor_l2norm`` op, and the coefficient passes that ``lars_sgd_`` and
 ``extrap_sgd_`` (with ``lars=True``) run before their updates.
 

@@ -115,7 +115,7 @@ LBK_DECLARE_CPU_KERNELS(AVX2)
 LBK_DECLARE_CPU_KERNELS(AVX512)
 #endif
 
-// --- extrap_sgd_ / extrap_adam_ (ALGORITHMS.md section 2) ---------------------------------
+// --- extrap_sgd_ / extrap_adam_ (docs/algorithms.md section 2) ---------------------------------
 
 // Raw view of one tensor of an extrapolated step; every pointer addresses `numel`
 // elements laid out identically (row-major for the noise variants).

@@ -1,4 +1,4 @@
-// Per-element math of extrap_sgd_ and extrap_adam_ (ALGORITHMS.md sections 2, 2.1, 2.2),
+// Per-element math of extrap_sgd_ and extrap_adam_ (docs/algorithms.md sections 2, 2.1, 2.2),
 // shared by the CPU and CUDA kernels like math.h. V is a scalar (float/double) or, on the
 // CPU, at::vec::Vectorized<float|double>. The anchor update of extrap_sgd_ is math.h's
 // sgd_update (first = false: buffers start at zero, so m * 0 + d is already the first

@@ -1,4 +1,4 @@
-// Per-element math shared by the CPU and CUDA kernels (ALGORITHMS.md section 1).
+// Per-element math shared by the CPU and CUDA kernels (docs/algorithms.md section 1).
 //
 // Every function is templated on the value type so that the CPU kernels instantiate it
 // with at::vec::Vectorized<float|double> and with scalars, and the CUDA kernels with
@@ -65,7 +65,7 @@ LBK_HD void sgd_update(V& w, V& buf, V g, const SgdCoefs<V>& c, bool has_scale,
   w = w - c.lr * u;
 }
 
-// One weight-averaging update (ALGORITHMS.md section 4): avg + r * (w - avg), with
+// One weight-averaging update (docs/algorithms.md section 4): avg + r * (w - avg), with
 // r = 1 / (n + 1) for the running mean (SWA) and r = 1 - decay for the EMA. V is the
 // averages' type (fp32, or fp64 for fp64 params); w is already converted to it.
 template <typename V>
@@ -73,7 +73,7 @@ LBK_HD V average_update(V avg, V w, V r) {
   return avg + r * (w - avg);
 }
 
-// The cross-worker mean written back after the all-reduce (ALGORITHMS.md section 4):
+// The cross-worker mean written back after the all-reduce (docs/algorithms.md section 4):
 // sum / k, a true division (not a multiplication by 1 / k, which differs in the last bit
 // for k = 3), in the arithmetic type (fp32, or fp64 for fp64 params).
 template <typename V>

@@ -1,6 +1,6 @@
 // Philox4x32-10 (Salmon, Moraes, Dror, Shaw, "Parallel random numbers: as easy as 1, 2,
 // 3", SC 2011): a counter-based generator, host and device inline, used by the CPU and
-// CUDA kernels of the noise variants of extrap_sgd_ (ALGORITHMS.md section 2.1).
+// CUDA kernels of the noise variants of extrap_sgd_ (docs/algorithms.md section 2.1).
 //
 // Counter layout. Element e (row-major index within its tensor) of tensor i (its
 // position in the op's lists) in the call with (seed, offset) takes lane e % 4 of

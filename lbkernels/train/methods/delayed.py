@@ -4,7 +4,7 @@
 ``t + tau``, so that communication overlaps the next ``tau`` steps of compute
 (:class:`lbkernels.distributed.DelayedGradients`). ``async-sim`` simulates ``tau + 1``
 asynchronous workers in one process (:class:`lbkernels.distributed.AsyncSimulator`).
-Both follow the same dynamics (ALGORITHMS.md section 3): pair them with shifted
+Both follow the same dynamics (docs/algorithms.md section 3): pair them with shifted
 momentum (one buffer per worker) and a learning rate scaled down for the delay
 (:func:`lbkernels.schedules.delay_scaled_lr`).
 """

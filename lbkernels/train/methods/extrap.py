@@ -1,7 +1,7 @@
 """``extrap`` and ``extrap-postlocal``: extrapolated SGD (Lin, Kong, Stich, Jaggi, ICML
 2020), alone or followed by post-local SGD (Lin, Stich, Patel, Jaggi, ICLR 2020).
 
-``extrap`` trains with :class:`lbkernels.optim.ExtrapSGD` (ALGORITHMS.md section 2):
+``extrap`` trains with :class:`lbkernels.optim.ExtrapSGD` (docs/algorithms.md section 2):
 the model's parameters hold the extrapolated point ``w = x - gamma * g^k`` where the next
 forward and backward run, and the optimizer keeps the anchor ``x``, the real iterate.
 The run evaluates and checkpoints the anchor (``Plan.eval_context``); the checkpoint

@@ -1,4 +1,4 @@
-"""``swap`` and ``swa``: weight averaging (ALGORITHMS.md section 4).
+"""``swap`` and ``swa``: weight averaging (docs/algorithms.md section 4).
 
 ``swap`` (Gupta, Akle Serrano, DeCoste, ICLR 2020) drives a
 :class:`lbkernels.distributed.SWAP` controller: phase 1 trains data-parallel at
