@@ -77,9 +77,9 @@ def _fake_inplace(*args, **kwargs):
     return None
 
 
-FAKE = {"multi_tensor_l2norm": _fake_l2norm, "lars_sgd_": _fake_inplace, "average_": _fake_inplace}
-FAKE["worker_mean_"] = _fake_inplace
-FAKE.update({"extrap_sgd_": _fake_inplace, "extrap_adam_": _fake_inplace})
+# Every op but the norm only mutates its arguments: its fake returns nothing.
+FAKE = {name: _fake_inplace for name in SCHEMAS} | {"multi_tensor_l2norm": _fake_l2norm}
+
 
 @functools.cache
 def schema_defaults(name: str) -> tuple[tuple, dict]:
