@@ -50,8 +50,14 @@ def backend_params(device_types=("cpu", "cuda")) -> list:
         out.append(pytest.param("native", dev, marks=marks, id=f"native-{dev}"))
         ok, why = _triton_usable(dev)
         marks = [] if ok else [pytest.mark.skip(reason=why)]
-        out.append(pytest.param("triton", dev, marks=marks, id=f"triton-{dev}"))
+        out.append(pytest.param("triton", dev, marks=marks + _interpreted(dev), id=f"triton-{dev}"))
     return out
+
+
+def _interpreted(device_type: str) -> list:
+    """The slow mark where Triton runs under its interpreter (CPU tensors): a program
+    costs milliseconds there, 70% of the kernel tests' time on two cores."""
+    return [pytest.mark.slow] if device_type == "cpu" else []
 
 
 def randn(shapes, seed, dtype, device) -> list[torch.Tensor]:
@@ -72,7 +78,8 @@ def _triton_device_params() -> list:
     out = []
     for dev in ("cpu", "cuda"):
         ok, why = _triton_usable(dev)
-        out.append(pytest.param(dev, marks=[] if ok else [pytest.mark.skip(reason=why)], id=dev))
+        out.append(pytest.param(dev, marks=([] if ok else [pytest.mark.skip(reason=why)]) + _interpreted(dev),
+                                id=dev))
     return out
 
 
