@@ -1,8 +1,10 @@
 """Build of the lbkernels extension.
 
 * CPU torch: a CppExtension (lbkernels._C) from csrc/*.cpp and csrc/cpu/*.cpp.
-* CUDA torch with a CUDA toolkit: a CUDAExtension that adds csrc/cuda/*.cu
-  (TORCH_CUDA_ARCH_LIST is honoured by torch's build helper).
+* CUDA torch with a CUDA toolkit: a CUDAExtension that adds csrc/cuda/*.cu. torch's
+  build helper honours TORCH_CUDA_ARCH_LIST (the architectures, e.g. "9.0") and MAX_JOBS
+  (parallel compiles, with ninja); nvcc compiles the architectures of one file in
+  NVCC_THREADS threads (default 0: as many as CPUs).
 * LBK_SKIP_CPP=1: no extension; the pure-PyTorch reference kernels serve every op.
 
 The vectorised CPU loops (csrc/cpu/*_kernel.cpp) are compiled once per CPU capability,
@@ -77,7 +79,8 @@ def extensions():
         ext = cpp_extension.CUDAExtension(
             "lbkernels._C", sources + cuda_sources, include_dirs=include_dirs,
             define_macros=macros + [("LBK_WITH_CUDA", None)],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
+            extra_compile_args={"cxx": cxx,
+                                "nvcc": ["-O3", f"--threads={os.environ.get('NVCC_THREADS', '0')}"]},
             extra_link_args=["-fopenmp"],
         )
     else:

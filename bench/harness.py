@@ -48,19 +48,31 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _copy(p: torch.nn.Parameter) -> torch.nn.Parameter:
+    q = torch.nn.Parameter(p.detach().clone())
+    q.grad = p.grad.clone()
+    return q
+
+
 def measure(set_name: str, device: str, reps: int, variants: dict[str, Callable], warmup: int = 3,
-            only: list[str] | None = None) -> list[dict]:
+            only: list[str] | None = None, shapes: list[tuple[int, ...]] | None = None,
+            dtype: torch.dtype = torch.float32) -> list[dict]:
     """Median step time of each of ``variants`` (name -> factory of an optimizer over a
-    parameter list) on ``set_name``, stepping them in turn round after round; ``only``:
-    the variants whose name contains one of these, and the anchor."""
-    shapes = PARAM_SETS[set_name]()
+    parameter list) on ``set_name`` (or on ``shapes`` of ``dtype``, named so), stepping
+    them in turn round after round; ``only``: the variants whose name contains one of
+    these, and the anchor. On CUDA a step is timed by events around it (the GPU's time
+    from the step's first launch to its last kernel's end), elsewhere by the clock."""
+    shapes = PARAM_SETS[set_name]() if shapes is None else shapes
     vs = variants
     if only:  # the anchor always runs: the ratios are to it
         vs = {k: v for k, v in vs.items() if k == ANCHOR or any(o in k for o in only)}
     opts, params = {}, {}
+    base = make_params(shapes, dtype=dtype, device=device)  # drawn once: 256M values take seconds
     for name, make in vs.items():
-        params[name] = make_params(shapes, device=device)
+        params[name] = [_copy(p) for p in base]
         opts[name] = make(params[name])
+    del base
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if device == "cuda" else None
     n = sum(p.numel() for p in next(iter(params.values())))
     times: dict[str, list[float]] = {name: [] for name in vs}
     faults: dict[str, list[int]] = {name: [] for name in vs}
@@ -71,9 +83,13 @@ def measure(set_name: str, device: str, reps: int, variants: dict[str, Callable]
             sync(device)
             f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
+            if events:
+                events[0].record()
             opt.step()
+            if events:
+                events[1].record()
             sync(device)
-            dt = time.perf_counter() - t0
+            dt = events[0].elapsed_time(events[1]) / 1e3 if events else time.perf_counter() - t0
             if r >= warmup:
                 times[name].append(dt)
                 faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)

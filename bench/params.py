@@ -125,8 +125,8 @@ class FoldedSWALARS:
 
     BYTES_PER_PARAM = 28
 
-    def __init__(self, params, **hp):
-        self.opt = LARS(params, impl="native", **hp)
+    def __init__(self, params, impl="native", **hp):
+        self.opt = LARS(params, impl=impl, **hp)
         self.averager = WeightAverager(params, mode="swa", fused_with=self.opt)
 
     def step(self):

@@ -3,7 +3,9 @@
 Each wrapper takes an ``impl`` argument:
 
 - ``"auto"``: the dispatcher decides: a compiled kernel for the tensors' device when the
-  library is loaded, the reference otherwise (on CUDA, the faster of native and Triton);
+  library is loaded, the reference otherwise; on CUDA the native kernel, or the Triton
+  one for the ops that ``lbkernels/triton/auto_pick.json`` names (``make gpu-proof``
+  measures which is faster on a GPU; the shipped table is empty);
 - ``"reference"``: the pure-PyTorch oracle;
 - ``"native"``: the compiled C++ (CPU) or CUDA kernel; an error when it is not built;
 - ``"triton"``: the Triton kernels (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).

@@ -4,9 +4,11 @@
 
 - ``get_op(name, device_type)``: the Triton op for ``impl="triton"``, or a RuntimeError
   that says why it cannot run here;
-- ``auto_pick(name, device_type)``: the op ``impl="auto"`` prefers on a GPU. It returns
-  None (the native CUDA kernel) for every op: the Triton kernels take over only once a
-  GPU benchmark shows them faster than the CUDA ones.
+- ``auto_pick(name, device_type)``: the op ``impl="auto"`` prefers on a GPU: the Triton
+  op where the shipped table ``auto_pick.json`` (op name -> ``"triton"`` or ``"native"``)
+  names Triton, else None (the native CUDA kernel). ``make gpu-proof`` writes such a
+  table from its benchmark (the faster of the two per op on that GPU); shipping it is a
+  copy into this folder. The shipped table is empty: native everywhere.
 
 Each op is ``lbkernels::triton_<name>``, defined from the op's schema in
 ``lbkernels._library`` (same arguments, defaults and fake kernel as ``lbkernels::<name>``)
@@ -20,7 +22,9 @@ are imported (Triton decides at definition time how a kernel runs).
 from __future__ import annotations
 
 import importlib
+import json
 from collections.abc import Callable
+from pathlib import Path
 
 from .multi_tensor import available, interpreting  # noqa: F401  (the backend's API)
 
@@ -69,9 +73,25 @@ def get_op(name: str, device_type: str) -> Callable:
     return getattr(torch.ops.lbkernels, PREFIX + name)
 
 
-def auto_pick(name: str, device_type: str) -> Callable | None:
-    """The Triton op ``impl='auto'`` should use on ``device_type``, or None for native.
+def read_auto_pick(path: Path) -> dict[str, str]:
+    """The table at ``path`` (op name -> "triton" | "native"); {} when absent or empty,
+    a ValueError naming the file and the entry when an entry is not one of those."""
+    text = path.read_text() if path.exists() else ""
+    table = json.loads(text) if text.strip() else {}
+    for name, impl in table.items():
+        if name not in OPS or impl not in ("triton", "native"):
+            raise ValueError(f"{path}: entry {name!r}: {impl!r} must map an op of {sorted(OPS)} "
+                             "to 'triton' or 'native'")
+    return table
 
-    None everywhere until a GPU benchmark shows a Triton kernel beating the CUDA one.
-    """
-    return None
+
+# Read once, at import: resolve() consults it on every op call (and inside compiled steps).
+AUTO_PICK = read_auto_pick(Path(__file__).with_name("auto_pick.json"))
+
+
+def auto_pick(name: str, device_type: str) -> Callable | None:
+    """The Triton op ``impl='auto'`` uses for ``name`` on ``device_type``, or None for
+    native: Triton only on CUDA, where ``AUTO_PICK`` names it for ``name`` and it can run."""
+    if device_type != "cuda" or AUTO_PICK.get(name) != "triton" or not available(device_type)[0]:
+        return None
+    return get_op(name, device_type)
