@@ -40,6 +40,18 @@ test-fast:
 bench: install
 	$(BENCH_ENV) $(PYTHON) -m bench
 
+# The GPU path proved on a bare GPU machine (no network, no pip) in under 10 minutes:
+# the build, the CUDA tests, the GPU benchmark table, training throughput per method and
+# the auto_pick table, every log and figure under OUT (bench/gpu_proof). The dry run
+# rehearses every stage a CPU can (~20 s on 2 cores).
+OUT ?= build/gpu-proof
+.PHONY: gpu-proof gpu-proof-dry-run
+gpu-proof:
+	$(PYTHON) -m bench.gpu_proof --out $(OUT)
+
+gpu-proof-dry-run:
+	$(PYTHON) -m bench.gpu_proof --dry-run --out $(OUT)-dry-run
+
 demo: install
 	$(PYTHON) -m lbkernels.train
 
