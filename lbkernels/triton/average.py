@@ -24,7 +24,7 @@ from .math import proceed, soft_bf16, store, worker_mean
 
 
 @triton.jit
-def _average(table, n_chunks, count_ptr, skip_ptr, one_minus_decay: "fp64",
+def _average(table, n_chunks, count_ptr, skip_ptr, one_minus_decay: tl.float64,
              PARAM: tl.constexpr, AVG: tl.constexpr, BLOCK: tl.constexpr,
              SWA: tl.constexpr, HAS_SKIP: tl.constexpr):
     c = tl.program_id(0)
@@ -75,7 +75,7 @@ def average_(averages, params, count=None, **kw) -> None:
 
 
 @triton.jit
-def _worker_mean(table, n_chunks, k: "fp64", ELEM: tl.constexpr, ACC: tl.constexpr,
+def _worker_mean(table, n_chunks, k: tl.float64, ELEM: tl.constexpr, ACC: tl.constexpr,
                  BLOCK: tl.constexpr, SOFT_BF16: tl.constexpr):
     c = tl.program_id(0)
     w_ptr = list_ptr(table, 0, n_chunks, c, ELEM)

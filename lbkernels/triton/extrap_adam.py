@@ -34,7 +34,7 @@ def _pow_int(base, n):
 
 
 @triton.jit
-def _adam_bias(table, n_chunks, n_tensors, bias, skip_ptr, beta1: "fp64", beta2: "fp64",
+def _adam_bias(table, n_chunks, n_tensors, bias, skip_ptr, beta1: tl.float64, beta2: tl.float64,
                HAS_SKIP: tl.constexpr):
     # A program per tensor (empty ones included). Tensor row 1: the step counter address.
     # bias[t] = 1 - beta1^t, bias[T + t] = sqrt(1 - beta2^t), in fp64 from the new step.
@@ -49,9 +49,9 @@ def _adam_bias(table, n_chunks, n_tensors, bias, skip_ptr, beta1: "fp64", beta2:
 
 
 @triton.jit
-def _adam_update(table, n_chunks, n_tensors, bias, lr: "fp64", lr_ptr, elr: "fp64", elr_ptr,
-                 scale_ptr, skip_ptr, beta2: "fp64", w1: "fp64", w2: "fp64", eps: "fp64",
-                 weight_decay: "fp64", decay: "fp64",
+def _adam_update(table, n_chunks, n_tensors, bias, lr: tl.float64, lr_ptr, elr: tl.float64,
+                 elr_ptr, scale_ptr, skip_ptr, beta2: tl.float64, w1: tl.float64,
+                 w2: tl.float64, eps: tl.float64, weight_decay: tl.float64, decay: tl.float64,
                  ELEM: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
                  HAS_SCALE: tl.constexpr, HAS_LOCAL: tl.constexpr, HAS_WD: tl.constexpr,
                  DECOUPLED: tl.constexpr, LERP_LOW: tl.constexpr, HAS_LR_TENSOR: tl.constexpr,

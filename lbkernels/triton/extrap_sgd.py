@@ -37,8 +37,9 @@ FILTER = tl.constexpr(_MODES["filter"])
 
 
 @triton.jit
-def _sgd_update(table, n_chunks, coefs, lr: "fp64", lr_ptr, elr: "fp64", elr_ptr, scale_ptr,
-                skip_ptr, momentum: "fp64", weight_decay: "fp64", noise_scale: "fp64", key, off_lo,
+def _sgd_update(table, n_chunks, coefs, lr: tl.float64, lr_ptr, elr: tl.float64, elr_ptr,
+                scale_ptr, skip_ptr, momentum: tl.float64, weight_decay: tl.float64,
+                noise_scale: tl.float64, key, off_lo,
                 ELEM: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr, MODE: tl.constexpr,
                 HAS_SCALE: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
                 LARS: tl.constexpr, HAS_LOCAL: tl.constexpr, HAS_LR_TENSOR: tl.constexpr,

@@ -24,9 +24,9 @@ from .math import load_sgd_update, proceed, scalar, soft_bf16, store, to_elem
 
 
 @triton.jit
-def _lars_update(table, n_chunks, n_tensors, coefs, lr: "fp64", lr_ptr, scale_ptr, skip_ptr,
-                 momentum: "fp64", one_minus_dampening: "fp64", avg_table, count_ptr,
-                 one_minus_decay: "fp64",
+def _lars_update(table, n_chunks, n_tensors, coefs, lr: tl.float64, lr_ptr, scale_ptr, skip_ptr,
+                 momentum: tl.float64, one_minus_dampening: tl.float64, avg_table, count_ptr,
+                 one_minus_decay: tl.float64,
                  ELEM: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
                  HAS_SCALE: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
                  PAPER: tl.constexpr, HAS_LR_TENSOR: tl.constexpr, HAS_SKIP: tl.constexpr,

@@ -83,7 +83,7 @@ def noise(key, off_lo, index, e, NORMAL: tl.constexpr):
 
 
 @triton.jit
-def _filter_norms(ftable, n_filters, factors, skip_ptr, noise_scale: "fp64", key, off_lo,
+def _filter_norms(ftable, n_filters, factors, skip_ptr, noise_scale: tl.float64, key, off_lo,
                   ELEM: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
                   HAS_SKIP: tl.constexpr):
     # A program per filter. Rows: address of the filter's first anchor element, F,

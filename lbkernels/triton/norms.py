@@ -93,8 +93,8 @@ def _norms(table, n_chunks, n_tensors, partial, out, ACC: tl.constexpr, RBLOCK: 
 
 
 @triton.jit
-def _lars_coefs(table, n_chunks, n_tensors, partial, coefs, lr: "fp64", lr_ptr,
-                weight_decay: "fp64", trust_coefficient: "fp64", eps: "fp64", skip_ptr,
+def _lars_coefs(table, n_chunks, n_tensors, partial, coefs, lr: tl.float64, lr_ptr,
+                weight_decay: tl.float64, trust_coefficient: tl.float64, eps: tl.float64, skip_ptr,
                 ACC: tl.constexpr, RBLOCK: tl.constexpr, CLIP: tl.constexpr,
                 ZERO_NORM_DECAY: tl.constexpr, HAS_LR_TENSOR: tl.constexpr,
                 HAS_MOMENTUM: tl.constexpr, HAS_STEPS: tl.constexpr, HAS_SKIP: tl.constexpr):
