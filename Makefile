@@ -58,6 +58,13 @@ demo: install
 cuda-check:
 	bash csrc/cuda/check.sh
 
+# The Triton kernels compiled for sm_90 (PTX and cubin, no GPU needed) by the Triton the
+# GPU machine runs, in a venv of its own under ~/.cache/lbkernels (bench/triton_aot.py).
+TRITON_AOT_VERSION := 3.6.0
+.PHONY: triton-aot-check
+triton-aot-check:
+	$(PYTHON) bench/triton_aot.py --triton $(TRITON_AOT_VERSION)
+
 # CMakeLists.txt built against the installed torch and one op run through the result.
 cmake-check:
 	PYTHON=$(PYTHON) bash csrc/cmake_check.sh
