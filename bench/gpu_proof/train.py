@@ -95,6 +95,8 @@ def run_method(method: str, out: Path, c: dict, device: str) -> dict:
     try:
         with contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
             status = train_main(argv)
+    except SystemExit as e:  # argparse's errors
+        status = e.code
     except Exception as e:  # the next method still runs; the error is this one's result
         status = f"{type(e).__name__}: {e}".splitlines()[0]
     finally:
