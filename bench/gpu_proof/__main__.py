@@ -59,6 +59,7 @@ def device_info() -> dict:
     """Versions, device and the build's architecture list (torch only: lbkernels is
     imported by the stages, after the build)."""
     import torch
+    from torch.utils.cpp_extension import CUDA_HOME  # where the build looks for nvcc
 
     def version(dist: str) -> str | None:
         try:
@@ -66,12 +67,15 @@ def device_info() -> dict:
         except importlib.metadata.PackageNotFoundError:
             return None
 
-    nvcc = shutil.which("nvcc")
+    nvcc = shutil.which("nvcc") or (CUDA_HOME and shutil.which("nvcc", path=os.path.join(CUDA_HOME, "bin")))
+    git = shutil.which("git") and subprocess.run([shutil.which("git"), "rev-parse", "--short", "HEAD"],
+                                                 cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    nvcc_version = nvcc and subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
     info = dict(python=platform.python_version(), torch=torch.__version__, cuda=torch.version.cuda,
                 triton=version("triton"), timm=version("timm"), setuptools=version("setuptools"),
                 ninja=shutil.which("ninja") is not None, cpus=os.cpu_count(),
-                nvcc=subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip()
-                .splitlines()[-1] if nvcc else None)
+                commit=git or None,
+                nvcc=nvcc_version and next((x for x in nvcc_version.splitlines() if "release" in x), None))
     if torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability()
         info.update(device=torch.cuda.get_device_name(), arch=f"{major}.{minor}")
@@ -180,8 +184,13 @@ def report(out: Path, info: dict, stages: list[dict], dry: bool) -> dict:
     md = [f"# GPU proof{' (dry run)' if dry else ''}", "",
           "; ".join(f"{k} {v}" for k, v in info.items()), "", *stage_lines, "",
           f"CUDA tests: {summary['tests']}", "", "## Benchmark (bench/gpu_table.py)", "",
+          "Median step time (CUDA events); GB/s: the least bytes per parameter of the "
+          "algorithm (in brackets; the byte model is in bench/gpu_table.py) over it; x copy: "
+          "that over the bandwidth of dst.copy_(src) of the set's bytes.", "",
           gpu_table.table(rows), "", "## Training throughput (bench/gpu_proof/train.py)", "",
-          train_table(train), "", f"## auto_pick (copy auto_pick.json to lbkernels/triton/ to ship it)",
+          "images/s: the command's figure for the last epoch; optimizer: CUDA events around "
+          "every Optimizer.step (torch's global step hooks), its share of the last epoch's time.",
+          "", train_table(train), "", "## auto_pick (copy auto_pick.json to lbkernels/triton/ to ship it)",
           "", json.dumps(pick)]
     (out / "summary.md").write_text("\n".join(md) + "\n")
     return summary
