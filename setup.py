@@ -17,6 +17,7 @@ from __future__ import annotations
 import glob
 import os
 import platform
+import sys
 
 from setuptools import setup
 
@@ -41,6 +42,10 @@ def extensions():
         return [], {}
     import torch
     from torch.utils import cpp_extension
+
+    # lbkernels/__init__.py's MIN_TORCH: say so at build time, not at the first import.
+    if tuple(int(x) for x in torch.__version__.split(".")[:2]) < (2, 11):
+        sys.exit(f"lbkernels needs torch >= 2.11 to build, found {torch.__version__}")
 
     class BuildExt(cpp_extension.BuildExtension):
         """Adds the per-capability objects of the CPU loops to the extension."""

@@ -12,6 +12,14 @@ import importlib.util
 import os
 import warnings
 
+import torch
+
+# The oldest torch the package is tested with (2.11, on the GPU machine; 2.13 on CPU).
+MIN_TORCH = (2, 11)
+if tuple(int(x) for x in torch.__version__.split(".")[:2]) < MIN_TORCH:
+    raise ImportError(f"lbkernels needs torch >= {'.'.join(map(str, MIN_TORCH))}, "
+                      f"found {torch.__version__}")
+
 from . import _library  # noqa: F401  (defines the ops before the compiled kernels register)
 
 __version__ = "0.1.0"
