@@ -1,4 +1,4 @@
-"""A fused step allocates nothing proportional to the model (ALGORITHMS.md section 6)."""
+"""A fused step allocates nothing proportional to the model (docs/algorithms.md section 6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Extrapolated SGD / extrap-Adam with K workers: the rule of ALGORITHMS.md section 2 written
+"""Extrapolated SGD / extrap-Adam with K workers: the rule of docs/algorithms.md section 2 written
 with plain torch ops, against two optimizers in one process and two gloo DDP ranks."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Every extrap_sgd_ / extrap_adam_ backend against the reference (ALGORITHMS.md section 2).
+"""Every extrap_sgd_ / extrap_adam_ backend against the reference (docs/algorithms.md section 2).
 
 Weights, anchors, momentum buffers, Adam moments and step counters are compared after 7
 steps; the noise variants are compared statistically (the reference draws from torch's

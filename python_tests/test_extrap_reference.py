@@ -1,4 +1,4 @@
-"""The extrapolated-SGD reference against the math of ALGORITHMS.md section 2 and torch.optim.
+"""The extrapolated-SGD reference against the math of docs/algorithms.md section 2 and torch.optim.
 
 The backends are tested against the reference (test_extrap_ops.py); this file tests the
 reference itself: against a step-by-step fp64 transcription of sections 2 and 2.2, and

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from helpers import backend_params
-from lbkernels.averaging import update_bn
+from lbkernels.bn_stats import update_bn
 from lbkernels.optim import WeightAverager
 
 IMPLS = [pytest.param("reference", "cpu", id="reference")] + backend_params(("cpu",))
