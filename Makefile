@@ -23,19 +23,23 @@ all: test
 deps:
 	$(PIP) install -q $(PIN) setuptools wheel
 	$(PIP) install -q $(TORCH_PIN) "$(TORCH_SPEC)"
-	$(PIP) install -q $(PIN) numpy pytest pytest-benchmark pytest-timeout scikit-learn matplotlib tqdm pyyaml
+	$(PIP) install -q $(PIN) numpy pytest pytest-benchmark pytest-timeout pytest-xdist scikit-learn matplotlib tqdm pyyaml
 	$(PIP) install -q $(TRITON_PIN) "$(TRITON_SPEC)" || echo "triton unavailable here: its tests will be skipped"
 
 install: deps
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 
+# Test processes (pytest-xdist): two on two cores run the suite in 0.7x the time of one
+# (266 s against 374 s), as most tests keep only one core busy.
+TEST_JOBS ?= 2
+
 # The whole suite, with its 15 slowest tests listed (<= 5 min on 2 cores).
 test: install
-	$(PYTHON) -m pytest -q --durations=15 python_tests
+	$(PYTHON) -m pytest -q -n $(TEST_JOBS) --durations=15 python_tests
 
 # The edit-compile-test loop: all but the multi-process and end-to-end tests (<= 1 min).
 test-fast:
-	$(PYTHON) -m pytest -q -m "not slow" python_tests
+	$(PYTHON) -m pytest -q -n $(TEST_JOBS) -m "not slow" python_tests
 
 bench: install
 	$(BENCH_ENV) $(PYTHON) -m bench
