@@ -8,6 +8,9 @@ import torch
 
 from .._validate import check_scalar_tensor
 
+# A list argument of the schemas (Tensor[]), as the dispatcher hands it over.
+Tensors = list[torch.Tensor]
+
 
 def check_nonnegative(**values: float) -> None:
     for name, v in values.items():

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from .._validate import check_tensor_lists
-from ._checks import check_nonnegative, check_scalars, check_steps
+from ._checks import Tensors, check_nonnegative, check_scalars, check_steps
 from .lars import opmath_dtype, trust_ratio
 
 EXTRAPOLATIONS = ("past_grad", "gaussian", "uniform", "weight", "filter")
@@ -130,30 +130,14 @@ def noise(x: torch.Tensor, extrapolation: str, a: float, gen: torch.Generator) -
 
 
 def extrap_sgd_(
-    params: list[torch.Tensor],
-    anchors: list[torch.Tensor],
-    momentum_buffers: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    local_grads: list[torch.Tensor],
-    exclude: list[bool],
-    *,
-    lr: float,
-    lr_tensor: torch.Tensor | None = None,
-    extrap_lr: float = 0.0,
-    extrap_lr_tensor: torch.Tensor | None = None,
-    momentum: float = 0.0,
-    weight_decay: float = 0.0,
-    nesterov: bool = False,
-    lars: bool = False,
-    trust_coefficient: float = 0.001,
-    eps: float = 1e-8,
-    clip: bool = False,
-    extrapolation: str = "past_grad",
-    noise_scale: float = 0.0,
-    seed: int = 0,
-    offset: int = 0,
-    grad_scale: torch.Tensor | None = None,
-    found_inf: torch.Tensor | None = None,
+    params: Tensors, anchors: Tensors, momentum_buffers: Tensors, grads: Tensors,
+    local_grads: Tensors, exclude: list[bool], *,
+    lr: float, lr_tensor: torch.Tensor | None = None,
+    extrap_lr: float = 0.0, extrap_lr_tensor: torch.Tensor | None = None,
+    momentum: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False,
+    lars: bool = False, trust_coefficient: float = 0.001, eps: float = 1e-8, clip: bool = False,
+    extrapolation: str = "past_grad", noise_scale: float = 0.0, seed: int = 0, offset: int = 0,
+    grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
 ) -> None:
     """One extrapolated-SGD step over lists of tensors, in place.
 
@@ -214,25 +198,13 @@ def extrap_sgd_(
 
 
 def extrap_adam_(
-    params: list[torch.Tensor],
-    anchors: list[torch.Tensor],
-    exp_avgs: list[torch.Tensor],
-    exp_avg_sqs: list[torch.Tensor],
-    steps: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    local_grads: list[torch.Tensor],
-    *,
-    lr: float,
-    lr_tensor: torch.Tensor | None = None,
-    extrap_lr: float = 0.0,
-    extrap_lr_tensor: torch.Tensor | None = None,
-    beta1: float = 0.9,
-    beta2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
+    params: Tensors, anchors: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors, steps: Tensors,
+    grads: Tensors, local_grads: Tensors, *,
+    lr: float, lr_tensor: torch.Tensor | None = None,
+    extrap_lr: float = 0.0, extrap_lr_tensor: torch.Tensor | None = None,
+    beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-8, weight_decay: float = 0.0,
     decoupled_weight_decay: bool = False,
-    grad_scale: torch.Tensor | None = None,
-    found_inf: torch.Tensor | None = None,
+    grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
 ) -> None:
     """One extrap-Adam step over lists of tensors, in place (section 2.2).
 

@@ -11,7 +11,7 @@ import torch
 
 from .._validate import FLOAT_DTYPES, check_tensor_lists
 from . import average as _average
-from ._checks import check_scalars, check_steps
+from ._checks import Tensors, check_scalars, check_steps
 
 
 def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -98,29 +98,14 @@ def check_lars_sgd_args(params, grads, momentum_buffers, steps, exclude, *, mome
 
 
 def lars_sgd_(
-    params: list[torch.Tensor],
-    grads: list[torch.Tensor],
-    momentum_buffers: list[torch.Tensor],
-    steps: list[torch.Tensor],
-    exclude: list[bool],
-    *,
-    lr: float,
-    lr_tensor: torch.Tensor | None = None,
-    momentum: float = 0.0,
-    dampening: float = 0.0,
-    weight_decay: float = 0.0,
-    nesterov: bool = False,
-    trust_coefficient: float = 0.001,
-    eps: float = 1e-8,
-    clip: bool = False,
-    zero_norm_decay: bool = True,
-    momentum_style: str = "torch",
-    grad_scale: torch.Tensor | None = None,
-    found_inf: torch.Tensor | None = None,
-    averages: list[torch.Tensor] | None = None,
-    average_count: torch.Tensor | None = None,
-    average_method: str = "swa",
-    average_decay: float = 0.999,
+    params: Tensors, grads: Tensors, momentum_buffers: Tensors, steps: Tensors,
+    exclude: list[bool], *, lr: float, lr_tensor: torch.Tensor | None = None,
+    momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0,
+    nesterov: bool = False, trust_coefficient: float = 0.001, eps: float = 1e-8,
+    clip: bool = False, zero_norm_decay: bool = True, momentum_style: str = "torch",
+    grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
+    averages: Tensors | None = None, average_count: torch.Tensor | None = None,
+    average_method: str = "swa", average_decay: float = 0.999,
 ) -> None:
     """One LARS-SGD step over lists of tensors, in place.
 
