@@ -54,6 +54,26 @@ def backend_params(device_types=("cpu", "cuda")) -> list:
     return out
 
 
+def optim_backend_params(triton_cpu: bool = False) -> list:
+    """(impl, device) pairs every optimizer-level test runs over: its models and grads are
+    built on ``device``. On cpu the compiled kernels (what impl="auto" picks there) and the
+    reference; on cuda the compiled kernels and Triton. Interpreted Triton on cpu only with
+    ``triton_cpu`` (a few tests: a program costs milliseconds there, and it is marked slow)."""
+    out = [pytest.param("reference", "cpu", id="reference-cpu")]
+    for param in backend_params():
+        impl, dev = param.values
+        if triton_cpu or (impl, dev) != ("triton", "cpu"):
+            out.append(param)
+    return out
+
+
+def compiled_backend_params() -> list:
+    """The compiled (impl, device) pairs, each skipped with its reason where absent: what a
+    comparison with the reference runs over (impl="auto" would fall back to the reference
+    and compare it with itself)."""
+    return [p for p in optim_backend_params() if p.values[0] != "reference"]
+
+
 def _interpreted(device_type: str) -> list:
     """The slow mark where Triton runs under its interpreter (CPU tensors): a program
     costs milliseconds there, 70% of the kernel tests' time on two cores."""
@@ -177,21 +197,24 @@ def through_checkpoint(state: dict) -> dict:
     return torch.load(buf, weights_only=True)
 
 
-def model(seed=0, dtype=torch.float32):
-    """The small classifier the optimizer checks train."""
+def model(seed=0, dtype=torch.float32, device="cpu"):
+    """The small classifier the optimizer checks train (the same weights on every device)."""
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).to(dtype)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)).to(device, dtype)
 
 
-def batch(t, dtype=torch.float32):
+def batch(t, dtype=torch.float32, device="cpu"):
     g = torch.Generator().manual_seed(100 + t)
-    return torch.randn(16, 6, generator=g, dtype=dtype), torch.randint(0, 3, (16,), generator=g)
+    x, y = torch.randn(16, 6, generator=g, dtype=dtype), torch.randint(0, 3, (16,), generator=g)
+    return x.to(device), y.to(device)
 
 
 def train(m, opt, steps, start=0, scaler=None, inf_at=()):
-    """``steps`` steps from batch ``start``; the loss is made infinite at the steps in ``inf_at``."""
+    """``steps`` steps from batch ``start``, on the model's device; the loss is made
+    infinite at the steps in ``inf_at``."""
+    p0 = next(m.parameters())
     for t in range(start, start + steps):
-        x, y = batch(t, next(m.parameters()).dtype)
+        x, y = batch(t, p0.dtype, p0.device)
         opt.zero_grad()
         loss = torch.nn.functional.cross_entropy(m(x), y)
         if t in inf_at:

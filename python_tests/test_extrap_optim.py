@@ -9,25 +9,27 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import through_checkpoint
+from helpers import optim_backend_params, through_checkpoint
 from lbkernels.optim import ExtrapAdam, ExtrapSGD, lars_param_groups
 
-IMPLS = ["reference", "auto"]
+BACKENDS = optim_backend_params()
 
 
-def model(seed=0):
+def model(seed=0, device="cpu"):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).to(device, torch.float64)
 
 
-def batch(t):
+def batch(t, device="cpu"):
     g = torch.Generator().manual_seed(100 + t)
-    return torch.randn(16, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (16,), generator=g)
+    x, y = torch.randn(16, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (16,), generator=g)
+    return x.to(device), y.to(device)
 
 
 def backward(m, t):
     m.zero_grad()
-    nn.functional.cross_entropy(m(batch(t)[0]), batch(t)[1]).backward()
+    x, y = batch(t, next(m.parameters()).device)
+    nn.functional.cross_entropy(m(x), y).backward()
 
 
 def train(m, opt, steps, start=0):
@@ -45,11 +47,11 @@ CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_one_worker_is_extragradient_from_the_past(impl):
+@pytest.mark.parametrize("impl,device", BACKENDS)
+def test_one_worker_is_extragradient_from_the_past(impl, device):
     # Popov's rule: w_t = x_t - gamma * grad f(w_{t-1}) (w_0 = x_0), x_{t+1} = x_t - lr * grad f(w_t).
     lr, gamma = 0.3, 0.3
-    ref = model()
+    ref = model(device=device)
     x = [p.detach().clone() for p in ref.parameters()]
     past = [torch.zeros_like(p) for p in x]
     for t in range(6):
@@ -59,7 +61,7 @@ def test_one_worker_is_extragradient_from_the_past(impl):
         backward(ref, t)
         past = [p.grad.clone() for p in ref.parameters()]
         x = [xi - lr * gi for xi, gi in zip(x, past)]
-    m = model()
+    m = model(device=device)
     opt = ExtrapSGD(m.parameters(), lr=lr, momentum=0.0, nesterov=False, impl=impl)
     train(m, opt, 6)
     # fp64; the two differ only in operation order (~1e-16 per op).
@@ -70,11 +72,11 @@ def test_one_worker_is_extragradient_from_the_past(impl):
             torch.testing.assert_close(p, xi - gamma * gi, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_first_step_does_not_extrapolate_and_anchor_is_the_initial_weights(impl):
+@pytest.mark.parametrize("impl,device", BACKENDS)
+def test_first_step_does_not_extrapolate_and_anchor_is_the_initial_weights(impl, device):
     # Step 0: x = w (the initial weights), no past gradient: the first backward runs at
     # w_0 = x_0. Then x_1 = x_0 - lr * g_0 and w_1 = x_1 - gamma * g_0 (gamma = lr / K, K = 1).
-    m = model()
+    m = model(device=device)
     w0 = [p.detach().clone() for p in m.parameters()]
     opt = ExtrapSGD(m.parameters(), lr=0.1, momentum=0.0, nesterov=False, impl=impl)
     with opt.anchor_weights():  # not stepped yet: the params are their own anchors
@@ -92,9 +94,9 @@ def test_first_step_does_not_extrapolate_and_anchor_is_the_initial_weights(impl)
             torch.testing.assert_close(p.detach(), w - 0.1 * g, rtol=0, atol=1e-15)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_gamma_follows_scheduler_world_size_and_override(impl):
-    m = model()
+@pytest.mark.parametrize("impl,device", BACKENDS)
+def test_gamma_follows_scheduler_world_size_and_override(impl, device):
+    m = model(device=device)
     opt = ExtrapSGD(m.parameters(), lr=0.4, extrap_scale=0.5, world_size=4, impl=impl)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
     assert opt.extrap_lr(opt.param_groups[0]) == 0.5 * 0.4 / 4
@@ -143,18 +145,18 @@ def test_anchor_weights_swaps_and_restores():
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
-@pytest.mark.parametrize("impl", IMPLS)
-def test_resume_is_bit_exact(name, impl):
+@pytest.mark.parametrize("impl,device", BACKENDS)
+def test_resume_is_bit_exact(name, impl, device):
     make = CONFIGS[name]
-    a = model()
+    a = model(device=device)
     oa = make(lars_param_groups(a, 1e-3) if "lars" in name else a.parameters(), impl=impl)
     train(a, oa, 10)
 
-    b = model()
+    b = model(device=device)
     ob = make(lars_param_groups(b, 1e-3) if "lars" in name else b.parameters(), impl=impl)
     train(b, ob, 5)
     saved = through_checkpoint({"model": b.state_dict(), "opt": ob.state_dict()})
-    c = model(seed=1)
+    c = model(seed=1, device=device)
     oc = make(lars_param_groups(c, 1e-3) if "lars" in name else c.parameters(), impl=impl)
     c.load_state_dict(saved["model"])
     oc.load_state_dict(saved["opt"])

@@ -9,21 +9,23 @@ import torch
 
 import lbkernels
 from lbkernels import ops
+from helpers import compiled_backend_params, optim_backend_params
 from lbkernels.optim import LARS, lars_param_groups
 
-IMPLS = ["reference", "auto"]
+BACKENDS = optim_backend_params()
 
 
-def net(seed=0):
+def net(seed=0, device="cpu"):
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
-                               torch.nn.Linear(16, 4))
+                               torch.nn.Linear(16, 4)).to(device)
 
 
 def steps(m, opt, n, seed=0):
     g = torch.Generator().manual_seed(seed)
+    device = next(m.parameters()).device
     for _ in range(n):
-        x, y = torch.randn(32, 10, generator=g), torch.randint(0, 4, (32,), generator=g)
+        x, y = torch.randn(32, 10, generator=g).to(device), torch.randint(0, 4, (32,), generator=g).to(device)
         opt.zero_grad()
         torch.nn.functional.cross_entropy(m(x), y).backward()
         opt.step()
@@ -38,10 +40,10 @@ SGD_CASES = {
 }
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl,device", BACKENDS)
 @pytest.mark.parametrize("case", list(SGD_CASES))
-def test_excluded_lars_is_torch_sgd(impl, case):
-    a, b = net(), net()
+def test_excluded_lars_is_torch_sgd(impl, device, case):
+    a, b = net(device=device), net(device=device)
     steps(a, LARS(a.parameters(), lars_exclude=True, impl=impl, **SGD_CASES[case]), 8)
     steps(b, torch.optim.SGD(b.parameters(), **SGD_CASES[case]), 8)
     for p, q in zip(a.parameters(), b.parameters()):
@@ -142,13 +144,14 @@ def test_reproduces_apex_larc_bitwise():
         params, 0.1, 0.9, 1e-3, 0.02, 1e-8, True, state))
 
 
-def test_native_follows_reference_on_a_model():
-    a, b = net(), net()
+@pytest.mark.parametrize("impl,device", compiled_backend_params())
+def test_compiled_backend_follows_reference_on_a_model(impl, device):
+    a, b = net(), net(device=device)
     kw = dict(lr=1.0, momentum=0.9, weight_decay=5e-4, trust_coefficient=0.01)
     steps(a, LARS(lars_param_groups(a, 5e-4), impl="reference", **kw), 10)
-    steps(b, LARS(lars_param_groups(b, 5e-4), impl="auto", **kw), 10)
+    steps(b, LARS(lars_param_groups(b, 5e-4), impl=impl, **kw), 10)
     for p, q in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(q.cpu(), p, rtol=1e-5, atol=1e-6)
 
 
 def test_lars_param_groups_splits_by_ndim():
@@ -191,33 +194,36 @@ def test_non_float_params_rejected():
         LARS([torch.zeros(3, requires_grad=True), torch.zeros(3, dtype=torch.long)], lr=0.1)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_sparse_grad_rejected_and_nothing_changes(impl):
-    emb = torch.nn.Embedding(10, 4, sparse=True)
-    lin = torch.nn.Linear(4, 2)
+@pytest.mark.parametrize("impl,device", BACKENDS)
+def test_sparse_grad_rejected_and_nothing_changes(impl, device):
+    emb = torch.nn.Embedding(10, 4, sparse=True, device=device)
+    lin = torch.nn.Linear(4, 2, device=device)
     opt = LARS([*lin.parameters(), *emb.parameters()], lr=0.1, momentum=0.9, impl=impl)
-    lin(emb(torch.tensor([1, 2]))).sum().backward()
+    lin(emb(torch.tensor([1, 2], device=device))).sum().backward()
     before = [p.detach().clone() for p in [*lin.parameters(), *emb.parameters()]]
     with pytest.raises(TypeError, match=r"grads\[2\].*sparse"):
         opt.step()
     assert all(torch.equal(p, q) for p, q in zip([*lin.parameters(), *emb.parameters()], before))
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_op_rejects_mismatched_lists_and_changes_nothing(impl):
-    p = [torch.ones(3), torch.ones(4)]
-    g = [torch.ones(3), torch.ones(4)]
+@pytest.mark.parametrize("impl,device", BACKENDS)
+def test_op_rejects_mismatched_lists_and_changes_nothing(impl, device):
+    def ones(n, dtype=torch.float32):
+        return torch.ones(n, dtype=dtype, device=device)
+
+    p = [ones(3), ones(4)]
+    g = [ones(3), ones(4)]
     with pytest.raises(ValueError, match="grads has 1 entries"):
         ops.lars_sgd_(p, g[:1], [], [], [False, False], lr=0.1, impl=impl)
     with pytest.raises(ValueError, match="exclude has 1 entries"):
         ops.lars_sgd_(p, g, [], [], [False], lr=0.1, impl=impl)
     with pytest.raises(ValueError, match=r"grads\[1\] has shape"):
-        ops.lars_sgd_(p, [torch.ones(3), torch.ones(5)], [], [], [False, False], lr=0.1, impl=impl)
+        ops.lars_sgd_(p, [ones(3), ones(5)], [], [], [False, False], lr=0.1, impl=impl)
     with pytest.raises(TypeError, match=r"grads\[0\] has dtype"):
-        ops.lars_sgd_(p, [torch.ones(3, dtype=torch.float64), torch.ones(4)], [], [], [False, False], lr=0.1, impl=impl)
+        ops.lars_sgd_(p, [ones(3, torch.float64), ones(4)], [], [], [False, False], lr=0.1, impl=impl)
     with pytest.raises(ValueError, match="momentum_buffers has 1 entries"):
-        ops.lars_sgd_(p, g, [torch.zeros(3)], [torch.zeros(()), torch.zeros(())], [False, False], lr=0.1,
-                      momentum=0.9, impl=impl)
+        ops.lars_sgd_(p, g, [torch.zeros(3, device=device)], [torch.zeros((), device=device) for _ in p],
+                      [False, False], lr=0.1, momentum=0.9, impl=impl)
     assert all(torch.equal(x, torch.ones_like(x)) for x in p)
 
 
@@ -236,24 +242,7 @@ def test_unknown_impl_and_missing_backends_say_why():
             ops.multi_tensor_l2norm([torch.ones(2)], impl="native")
 
 
-# -- tracing (opcheck of every op: test_opcheck.py) ----------------------------------------
-@pytest.mark.slow
-def test_compiled_step_matches_eager():
-    a, b = net(), net()
-    kw = dict(lr=torch.tensor(0.5), momentum=0.9, weight_decay=1e-4, nesterov=True)
-    oa, ob = LARS(lars_param_groups(a, 1e-4), **kw), LARS(lars_param_groups(b, 1e-4), **kw)
-    compiled = torch.compile(ob.step, fullgraph=True)
-    g = torch.Generator().manual_seed(0)
-    for _ in range(4):
-        x, y = torch.randn(32, 10, generator=g), torch.randint(0, 4, (32,), generator=g)
-        for m, step in ((a, oa.step), (b, compiled)):
-            m.zero_grad()
-            torch.nn.functional.cross_entropy(m(x), y).backward()
-            step()
-    for p, q in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
-
-
+# -- tracing: opcheck of every op in test_opcheck.py, compiled steps in test_optim_compile.py --
 def test_momentum_buffers_share_one_allocation_per_dtype():
     """Buffers of contiguous params are views of one buffer (streaming, not scattered);
     a non-contiguous param keeps its own buffer in its layout."""

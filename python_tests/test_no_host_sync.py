@@ -11,7 +11,7 @@ import torch
 
 from lbkernels.distributed import PostLocalSGD
 from lbkernels.optim import LARS, ShiftedMomentumSGD, WeightAverager
-from helpers import OPTIMIZERS, batch, model, train
+from helpers import OPTIMIZERS, batch, compiled_backend_params, model, optim_backend_params, train
 
 HOST_READS = ("item", "__bool__", "__float__", "__int__", "__index__", "tolist", "cpu", "numpy")
 
@@ -56,14 +56,14 @@ each_optimizer = pytest.mark.parametrize("entry", OPTIMIZERS, ids=[e.name for e 
 
 
 @each_optimizer
-@pytest.mark.parametrize("impl", ["auto", "reference"])
+@pytest.mark.parametrize("impl,device", optim_backend_params())
 @pytest.mark.parametrize("scaler", [False, True], ids=["plain", "grad-scaler"])
-def test_step_reads_nothing_on_the_host(entry, impl, scaler):
-    m = model()
+def test_step_reads_nothing_on_the_host(entry, impl, device, scaler):
+    m = model(device=device)
     opt = entry.make([{"params": list(m.parameters())[:2]},
                       {"params": list(m.parameters())[2:], **entry.group_overrides}], impl=impl)
     guard_steps(opt)
-    gs = torch.amp.GradScaler("cpu", init_scale=2.0**10) if scaler else None
+    gs = torch.amp.GradScaler(device, init_scale=2.0**10) if scaler else None
     # Step 1 skipped under the scaler (a non-finite loss), later steps taken.
     train(m, opt, 4, scaler=gs, inf_at=(1,) if scaler else ())
     opt.param_groups[0]["lr"] *= 0.5  # an edited group is checked again, still without a read
@@ -94,11 +94,11 @@ def test_post_local_sgd_step_reads_nothing_on_the_host(entry):
 
 
 @each_optimizer
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_cuda_step_does_not_synchronize(entry):
-    m = model().cuda()
-    opt = entry.make(m.parameters(), lr=torch.tensor(0.05, device="cuda"))
-    x, y = (t.cuda() for t in batch(0))
+@pytest.mark.parametrize("impl,device", [p for p in compiled_backend_params() if p.values[1] == "cuda"])
+def test_cuda_step_does_not_synchronize(entry, impl, device):
+    m = model(device=device)
+    opt = entry.make(m.parameters(), impl=impl, lr=torch.tensor(0.05, device=device))
+    x, y = batch(0, device=device)
     # What GradScaler.step hands the optimizer, set here so that only step() is watched.
     opt.grad_scale = torch.full((), 2.0**10, device="cuda")
     opt.found_inf = torch.zeros((), device="cuda")

@@ -7,9 +7,10 @@ import copy
 import pytest
 import torch
 
-from helpers import OPTIMIZERS, batch, model, through_checkpoint, train
+from helpers import OPTIMIZERS, batch, model, optim_backend_params, through_checkpoint, train
 
-IMPLS = ["reference", "auto"]
+BACKENDS = optim_backend_params()
+each_backend = pytest.mark.parametrize("impl,device", BACKENDS)
 
 
 def params_equal(a, b):
@@ -25,13 +26,13 @@ def state_equal(oa, ob):
 pytestmark = pytest.mark.parametrize("entry", OPTIMIZERS, ids=[e.name for e in OPTIMIZERS])
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_state_dict_round_trip_continues_bitwise(entry, impl):
-    a = model()
+@pytest.mark.parametrize("impl,device", optim_backend_params(triton_cpu=True))
+def test_state_dict_round_trip_continues_bitwise(entry, impl, device):
+    a = model(device=device)
     oa = entry.make(a.parameters(), impl=impl)
     train(a, oa, 3)
     saved = through_checkpoint({"model": a.state_dict(), "opt": oa.state_dict()})
-    b = model(seed=1)
+    b = model(seed=1, device=device)
     ob = entry.make(b.parameters(), impl=impl)
     b.load_state_dict(saved["model"])
     ob.load_state_dict(saved["opt"])
@@ -42,9 +43,9 @@ def test_state_dict_round_trip_continues_bitwise(entry, impl):
     assert params_equal(a, b) and state_equal(oa, ob)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_param_groups_with_different_hyperparameters(entry, impl):
-    a, b = model(), model()
+@each_backend
+def test_param_groups_with_different_hyperparameters(entry, impl, device):
+    a, b = model(device=device), model(device=device)
     ga, gb = list(a.parameters()), list(b.parameters())
     grouped = entry.make([{"params": ga[:2]}, {"params": ga[2:], **entry.group_overrides}], impl=impl)
     first = entry.make(gb[:2], impl=impl)
@@ -60,13 +61,14 @@ def test_param_groups_with_different_hyperparameters(entry, impl):
     train(a, grouped, 4)
     train(b, Both(), 4)
     assert params_equal(a, b)
-    assert not torch.equal(ga[0], model().state_dict()["0.weight"])  # it did train
+    assert not torch.equal(ga[0], model(device=device).state_dict()["0.weight"])  # it did train
 
 
-def test_closure_returns_loss_and_steps(entry):
-    m = model()
-    opt = entry.make(m.parameters())
-    x, y = batch(0)
+@each_backend
+def test_closure_returns_loss_and_steps(entry, impl, device):
+    m = model(device=device)
+    opt = entry.make(m.parameters(), impl=impl)
+    x, y = batch(0, device=device)
     before = [p.clone() for p in m.parameters()]
 
     def closure():
@@ -80,9 +82,10 @@ def test_closure_returns_loss_and_steps(entry):
     assert all(not torch.equal(p, q) for p, q in zip(m.parameters(), before))
 
 
-def test_zero_grad_then_step_changes_nothing(entry):
-    m = model()
-    opt = entry.make(m.parameters())
+@each_backend
+def test_zero_grad_then_step_changes_nothing(entry, impl, device):
+    m = model(device=device)
+    opt = entry.make(m.parameters(), impl=impl)
     train(m, opt, 2)
     opt.zero_grad()
     assert all(p.grad is None for p in m.parameters())
@@ -93,28 +96,29 @@ def test_zero_grad_then_step_changes_nothing(entry):
     assert all(torch.equal(state["state"][k][n], v) for k, s in opt.state_dict()["state"].items() for n, v in s.items())
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_non_contiguous_params(entry, impl):
+@each_backend
+def test_non_contiguous_params(entry, impl, device):
     torch.manual_seed(0)
-    w = torch.randn(5, 7)
+    w = torch.randn(5, 7).to(device)
     contiguous = torch.nn.Parameter(w.clone())
-    strided = torch.nn.Parameter(torch.empty(7, 5).t().copy_(w))  # a transposed leaf
+    strided = torch.nn.Parameter(torch.empty(7, 5, device=device).t().copy_(w))  # a transposed leaf
     assert not strided.is_contiguous()
     oc, os_ = entry.make([contiguous], impl=impl), entry.make([strided], impl=impl)
     for t in range(4):
-        g = torch.randn(5, 7, generator=torch.Generator().manual_seed(t))
+        g = torch.randn(5, 7, generator=torch.Generator().manual_seed(t)).to(device)
         contiguous.grad = g.clone()
         # grads in the param's layout, then in another layout
-        strided.grad = torch.empty(7, 5).t().copy_(g) if t % 2 else g.clone()
+        strided.grad = torch.empty(7, 5, device=device).t().copy_(g) if t % 2 else g.clone()
         oc.step()
         os_.step()
     assert torch.equal(contiguous, strided)
     assert strided.stride() == (1, 5)  # updated in place
 
 
-def test_none_grads_are_skipped(entry):
-    m = model()
-    opt = entry.make(m.parameters())
+@each_backend
+def test_none_grads_are_skipped(entry, impl, device):
+    m = model(device=device)
+    opt = entry.make(m.parameters(), impl=impl)
     frozen = m[2].bias
     frozen.requires_grad_(False)
     before = frozen.clone()
@@ -124,18 +128,19 @@ def test_none_grads_are_skipped(entry):
 
 
 @pytest.mark.parametrize("skip_first", [True, False], ids=["first-step", "later-step"])
-def test_grad_scaler_skip_leaves_everything_bitwise_unchanged(entry, skip_first):
-    a, b = model(), model()
-    oa, ob = entry.make(a.parameters()), entry.make(b.parameters())
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+@each_backend
+def test_grad_scaler_skip_leaves_everything_bitwise_unchanged(entry, skip_first, impl, device):
+    a, b = model(device=device), model(device=device)
+    oa, ob = entry.make(a.parameters(), impl=impl), entry.make(b.parameters(), impl=impl)
+    scaler = torch.amp.GradScaler(device, init_scale=2.0**10)
     if not skip_first:
         train(a, oa, 2, scaler=scaler)
-        train(b, ob, 2, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10))
+        train(b, ob, 2, scaler=torch.amp.GradScaler(device, init_scale=2.0**10))
     before = copy.deepcopy(a), copy.deepcopy(oa.state_dict())
     # A non-finite gradient: the scaler must skip the step (and halve its scale).
     scale = scaler.get_scale()
     oa.zero_grad()
-    x, y = batch(99)
+    x, y = batch(99, device=device)
     loss = torch.nn.functional.cross_entropy(a(x), y) * float("inf")
     scaler.scale(loss).backward()
     scaler.step(oa)
@@ -162,9 +167,10 @@ def test_grad_scaler_skip_leaves_everything_bitwise_unchanged(entry, skip_first)
     assert params_equal(a, b)
 
 
-def test_deepcopy_steps_independently(entry):
-    m = model()
-    opt = entry.make(m.parameters())
+@each_backend
+def test_deepcopy_steps_independently(entry, impl, device):
+    m = model(device=device)
+    opt = entry.make(m.parameters(), impl=impl)
     train(m, opt, 2)
     m2, opt2 = copy.deepcopy((m, opt))
     train(m, opt, 3, start=2)
@@ -173,10 +179,11 @@ def test_deepcopy_steps_independently(entry):
     assert all(p is not q for p, q in zip(m.parameters(), m2.parameters()))
 
 
-def test_lr_scheduler_and_tensor_lr(entry):
-    a, b = model(), model()
-    oa = entry.make(a.parameters())
-    ob = entry.make(b.parameters(), lr=torch.tensor(oa.param_groups[0]["lr"]))
+@each_backend
+def test_lr_scheduler_and_tensor_lr(entry, impl, device):
+    a, b = model(device=device), model(device=device)
+    oa = entry.make(a.parameters(), impl=impl)
+    ob = entry.make(b.parameters(), impl=impl, lr=torch.tensor(oa.param_groups[0]["lr"], device=device))
     sa = torch.optim.lr_scheduler.StepLR(oa, step_size=2, gamma=0.5)
     sb = torch.optim.lr_scheduler.StepLR(ob, step_size=2, gamma=0.5)
     for t in range(5):
@@ -203,11 +210,12 @@ PARAM_FORMS = {
 
 
 @pytest.mark.parametrize("form", list(PARAM_FORMS))
-def test_every_params_form_trains_every_param(entry, form):
+@each_backend
+def test_every_params_form_trains_every_param(entry, form, impl, device):
     sgd_model = model()
     sgd = torch.optim.SGD(PARAM_FORMS[form](sgd_model), lr=0.1)
-    m = model()
-    opt = entry.make(PARAM_FORMS[form](m))
+    m = model(device=device)
+    opt = entry.make(PARAM_FORMS[form](m), impl=impl)
     assert [len(g["params"]) for g in opt.param_groups] == [len(g["params"]) for g in sgd.param_groups]
     assert [g.get("param_names") for g in opt.param_groups] == [g.get("param_names") for g in sgd.param_groups]
     held = [p for g in opt.param_groups for p in g["params"]]

@@ -8,28 +8,28 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import backend_params
+from helpers import optim_backend_params
 from lbkernels.bn_stats import update_bn
 from lbkernels.optim import WeightAverager
 
-IMPLS = [pytest.param("reference", "cpu", id="reference")] + backend_params(("cpu",))
+IMPLS = optim_backend_params(triton_cpu=True)
 
 
-def make_model(dtype=torch.float32):
+def make_model(dtype=torch.float32, device="cpu"):
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(7, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3)).to(dtype)
+    return nn.Sequential(nn.Linear(7, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3)).to(device, dtype)
 
 
 def perturb(model, t):
     g = torch.Generator().manual_seed(50 + t)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype))
+            p.add_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.device, p.dtype))
 
 
 @pytest.mark.parametrize("impl,device", IMPLS)
 def test_swa_is_the_mean_of_the_snapshots(impl, device):
-    model = make_model(torch.float64)
+    model = make_model(torch.float64, device)
     avg = WeightAverager(model, mode="swa", impl=impl)
     snaps = []
     for t in range(7):
@@ -44,7 +44,7 @@ def test_swa_is_the_mean_of_the_snapshots(impl, device):
 @pytest.mark.parametrize("impl,device", IMPLS)
 def test_ema_matches_the_closed_form(impl, device):
     decay = 0.8
-    model = make_model(torch.float64)
+    model = make_model(torch.float64, device)
     w0 = [p.detach().clone() for p in model.parameters()]
     avg = WeightAverager(model, mode="ema", decay=decay, impl=impl)
     snaps = []
@@ -73,7 +73,7 @@ def test_low_precision_params_keep_fp32_averages():
 
 @pytest.mark.parametrize("impl,device", IMPLS)
 def test_apply_restore_round_trip_is_bitwise(impl, device):
-    model = make_model()
+    model = make_model(device=device)
     avg = WeightAverager(model, impl=impl)
     for t in range(3):
         perturb(model, t)

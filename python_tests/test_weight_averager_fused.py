@@ -8,19 +8,19 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import backend_params
+from helpers import optim_backend_params
 from lbkernels.optim import LARS, ShiftedMomentumSGD, WeightAverager, lars_param_groups
 
-IMPLS = [pytest.param("reference", "cpu", id="reference")] + backend_params(("cpu",))
+IMPLS = optim_backend_params(triton_cpu=True)
 STEPS = 7
 # Fused vs step-then-update() on one backend: the same expression on the same weights;
 # what is left is the compiler's freedom to fuse a multiply-add per update (fp32).
 TOL = dict(rtol=1e-6, atol=1e-6)
 
 
-def make_model():
+def make_model(device="cpu"):
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(7, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3))
+    return nn.Sequential(nn.Linear(7, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3)).to(device)
 
 
 def make_lars(model, impl):
@@ -29,7 +29,8 @@ def make_lars(model, impl):
 
 def train_step(model, opt, t):
     g = torch.Generator().manual_seed(100 + t)
-    x, y = torch.randn(16, 7, generator=g), torch.randint(0, 3, (16,), generator=g)
+    device = next(model.parameters()).device
+    x, y = torch.randn(16, 7, generator=g).to(device), torch.randint(0, 3, (16,), generator=g).to(device)
     opt.zero_grad()
     nn.functional.cross_entropy(model(x), y).backward()
     opt.step()
@@ -38,8 +39,8 @@ def train_step(model, opt, t):
 DECAY = 0.8
 
 
-def run(impl, mode, fused, steps=STEPS, make_opt=make_lars, iterates=None):
-    model = make_model()
+def run(impl, mode, fused, steps=STEPS, make_opt=make_lars, iterates=None, device="cpu"):
+    model = make_model(device)
     opt = make_opt(model, impl)
     avg = WeightAverager(model, mode=mode, decay=DECAY, impl=impl, fused_with=opt if fused else None)
     for t in range(steps):
@@ -47,7 +48,7 @@ def run(impl, mode, fused, steps=STEPS, make_opt=make_lars, iterates=None):
         if not fused:
             avg.update()
         if iterates is not None:
-            iterates.append([p.detach().clone() for p in model.parameters()])
+            iterates.append([p.detach().clone().cpu() for p in model.parameters()])
     return model, avg
 
 
@@ -65,7 +66,7 @@ def assert_rule_averages(averages, mode, iterates):
     eps = torch.finfo(torch.float32).eps
     for i, (a, e) in enumerate(zip(averages, expected)):
         big = max(w[i].abs().max().item() for w in [initial] + iterates)
-        torch.testing.assert_close(a.double(), e, rtol=0, atol=2 * len(iterates) * eps * big,
+        torch.testing.assert_close(a.cpu().double(), e, rtol=0, atol=2 * len(iterates) * eps * big,
                                    msg=f"average {i}")
 
 
@@ -73,8 +74,8 @@ def assert_rule_averages(averages, mode, iterates):
 @pytest.mark.parametrize("mode", ["swa", "ema"])
 def test_fused_is_step_then_update(impl, device, mode):
     iterates = []
-    m_fused, fused = run(impl, mode, True, iterates=iterates)
-    m_sep, sep = run(impl, mode, False)
+    m_fused, fused = run(impl, mode, True, iterates=iterates, device=device)
+    m_sep, sep = run(impl, mode, False, device=device)
     for a, b in zip(m_fused.parameters(), m_sep.parameters()):
         assert torch.equal(a, b)  # the step itself does not change
     if impl != "reference":  # (the reference folds by calling average_ itself)
@@ -97,14 +98,14 @@ def test_shifted_momentum_sgd_fuses_too():
 
 @pytest.mark.parametrize("impl,device", IMPLS)
 def test_count_and_averages_survive_a_checkpoint(impl, device):
-    model, avg = run(impl, "swa", True, steps=3)
+    model, avg = run(impl, "swa", True, steps=3, device=device)
     opt = avg.fused_with
     blob = io.BytesIO()
     torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "avg": avg.state_dict()}, blob)
     blob.seek(0)
     ckpt = torch.load(blob, weights_only=True)
 
-    model2 = make_model()
+    model2 = make_model(device)
     opt2 = make_lars(model2, impl)
     avg2 = WeightAverager(model2, mode="swa", impl=impl, fused_with=opt2)
     model2.load_state_dict(ckpt["model"])
@@ -114,7 +115,7 @@ def test_count_and_averages_survive_a_checkpoint(impl, device):
     for t in range(3, STEPS):
         train_step(model2, opt2, t)
 
-    _, whole = run(impl, "swa", True)
+    _, whole = run(impl, "swa", True, device=device)
     assert avg2.state_dict()["count"].tolist() == [STEPS, STEPS]
     for a, b in zip(avg2.averages, whole.averages):
         assert torch.equal(a, b)  # the same operations in the same order
