@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from lbkernels.optim import LARS, ExtrapAdam, ExtrapSGD, ShiftedMomentumSGD, WeightAverager
-from helpers import OPTIMIZERS, model, train
+from helpers import OPTIMIZERS, model, optim_backend_params, train
 
 each_optimizer = pytest.mark.parametrize("entry", OPTIMIZERS, ids=[e.name for e in OPTIMIZERS])
+each_backend = pytest.mark.parametrize("impl,device", optim_backend_params())
 
 
 def assert_same(a, b, where="state"):
@@ -46,14 +47,14 @@ def fused_averager(m, opt):
 
 
 def backward(m, t=7):
-    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(t))
+    x = torch.randn(16, 6, generator=torch.Generator().manual_seed(t)).to(next(m.parameters()).device)
     m.zero_grad()
     m(x).square().mean().backward()
 
 
 # -- a bad gradient in a later group ---------------------------------------------------------
 def _wrong_shape(p):
-    p.grad.data = torch.zeros(p.numel() + 1)  # what p.grad = ... refuses, .data lets through
+    p.grad.data = torch.zeros(p.numel() + 1, device=p.device)  # what p.grad = ... refuses, .data lets through
 
 
 def _sparse(p):
@@ -68,12 +69,13 @@ BAD_GRADS = {"shape": _wrong_shape, "sparse": _sparse, "dtype": _wrong_dtype}
 
 
 @each_optimizer
+@each_backend
 @pytest.mark.parametrize("bad", list(BAD_GRADS))
 @pytest.mark.parametrize("steps_before", [0, 2], ids=["first-step", "later-step"])
 @pytest.mark.parametrize("group", [0, 1], ids=["first-group", "second-group"])
-def test_a_bad_grad_changes_nothing(entry, bad, steps_before, group):
-    m = model()
-    opt = two_groups(entry, m)
+def test_a_bad_grad_changes_nothing(entry, impl, device, bad, steps_before, group):
+    m = model(device=device)
+    opt = two_groups(entry, m, impl=impl)
     avg = fused_averager(m, opt)
     train(m, opt, steps_before)
     backward(m)
@@ -126,10 +128,11 @@ EDITS = [("lr", -1.0, ValueError), ("lr", NAN, ValueError), ("lr", INF, ValueErr
 
 
 @each_optimizer
+@each_backend
 @pytest.mark.parametrize("name, value, exc", EDITS, ids=[f"{n}={v}" for n, v, _ in EDITS])
-def test_a_group_edited_after_construction_is_checked_at_step(entry, name, value, exc):
-    m = model()
-    opt = two_groups(entry, m)
+def test_a_group_edited_after_construction_is_checked_at_step(entry, impl, device, name, value, exc):
+    m = model(device=device)
+    opt = two_groups(entry, m, impl=impl)
     train(m, opt, 2)
     opt.param_groups[1][name] = value  # the second group: the first must not move either
     backward(m)
