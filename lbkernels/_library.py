@@ -124,9 +124,24 @@ def define_ops(lib: torch.library.Library, kernels: dict | None = None, prefix: 
 define_ops(_lib)
 
 
+# (op, device type) -> whether a compiled kernel serves it, read once: the compiled library
+# registers its kernels when lbkernels is imported, and a compiled step (torch.compile)
+# cannot trace the dispatcher query, while it reads this dict as a constant.
+NATIVE: dict[tuple[str, str], bool] = {}
+
+
 def has_native_kernel(name: str, device_type: str) -> bool:
     """True when a compiled kernel (not the reference) serves ``name`` on ``device_type``."""
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-        f"{NAMESPACE}::{name}", key
-    )
+    if (name, device_type) not in NATIVE:
+        key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+        NATIVE[name, device_type] = key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
+            f"{NAMESPACE}::{name}", key)
+    return NATIVE[name, device_type]
+
+
+def read_native_kernels() -> None:
+    """Fills ``NATIVE`` for every op and device, once the compiled library is loaded."""
+    NATIVE.clear()
+    for name in SCHEMAS:
+        for device_type in ("cpu", "cuda"):
+            has_native_kernel(name, device_type)

@@ -13,10 +13,6 @@ from lbkernels.optim import WeightAverager
 ENTRIES = [e for e in OPTIMIZERS if e.name in (
     "LARS", "ShiftedMomentumSGD-lars", "ExtrapSGD-nesterov", "ExtrapSGD-filter-noise", "ExtrapAdam")]
 
-NATIVE_GRAPH_BREAK = (
-    "impl='native': ops.resolve calls _library.has_native_kernel, whose "
-    "torch._C._dispatch_has_kernel_for_dispatch_key returns a bool that dynamo cannot "
-    "trace: a graph break, which fullgraph=True raises (impl='auto' skips that check)")
 # A counter kept in a Python attribute and advanced in _after_step: the compiled step
 # leaves it at 0 (measured: 0 after 3 compiled steps, 3 after 3 eager ones), so from the
 # second step on it uses another buffer / noise draw than the eager step.
@@ -29,18 +25,12 @@ HOST_COUNTERS = {
 
 
 def _backends() -> list:
-    """Every compiled backend, and impl="auto" on cpu: there it picks the compiled
-    kernels (skipped, as native-cpu, where they are not built) without the check that
-    breaks the graph."""
+    """Every compiled backend, and impl="auto" on cpu, which picks the compiled kernels
+    there (skipped, as native-cpu, where they are not built)."""
     out = []
     for p in compiled_backend_params():
-        impl, device = p.values
-        marks = list(p.marks)
-        if impl == "native":
-            marks.append(pytest.mark.xfail(raises=torch._dynamo.exc.Unsupported, strict=True,
-                                           reason=NATIVE_GRAPH_BREAK))
-        out.append(pytest.param(impl, device, marks=marks, id=p.id))
-        if (impl, device) == ("native", "cpu"):
+        out.append(p)
+        if tuple(p.values) == ("native", "cpu"):
             out.append(pytest.param("auto", "cpu", marks=p.marks, id="auto-cpu"))
     return out
 
