@@ -375,7 +375,14 @@ class ExtrapSGD(ExtrapOptimizer):
         if stepped and any(g["extrapolation"] != "past_grad" for g in self.param_groups):
             # Also after a step the GradScaler skipped (it drew nothing): reusing its offset
             # would take a host read of found_inf every step.
-            self._rng_step += 1
+            self._next_draw()
+
+    # Eager also inside torch.compile, which would drop the increment of this host counter
+    # (every step would draw the first step's noise): a graph break for the noise variants
+    # only, which fullgraph=True refuses; the changed offset guards a recompilation.
+    @torch.compiler.disable
+    def _next_draw(self) -> None:
+        self._rng_step += 1
 
     def _step_bucket(self, group: dict, bucket: Bucket, grads: list[torch.Tensor],
                      grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> None:
