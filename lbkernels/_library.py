@@ -124,24 +124,25 @@ def define_ops(lib: torch.library.Library, kernels: dict | None = None, prefix: 
 define_ops(_lib)
 
 
-# (op, device type) -> whether a compiled kernel serves it, read once: the compiled library
-# registers its kernels when lbkernels is imported, and a compiled step (torch.compile)
-# cannot trace the dispatcher query, while it reads this dict as a constant.
-NATIVE: dict[tuple[str, str], bool] = {}
+# The (op, device type) pairs a compiled kernel serves, as found: a compiled step
+# (torch.compile) cannot trace the dispatcher query, while it reads this set as a constant.
+# Only kernels found are kept: a library loaded later (torch.ops.load_library) still shows.
+NATIVE: set[tuple[str, str]] = set()
 
 
 def has_native_kernel(name: str, device_type: str) -> bool:
     """True when a compiled kernel (not the reference) serves ``name`` on ``device_type``."""
-    if (name, device_type) not in NATIVE:
-        key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-        NATIVE[name, device_type] = key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(
-            f"{NAMESPACE}::{name}", key)
-    return NATIVE[name, device_type]
+    if (name, device_type) in NATIVE:
+        return True
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    if key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"{NAMESPACE}::{name}", key):
+        NATIVE.add((name, device_type))
+        return True
+    return False
 
 
 def read_native_kernels() -> None:
-    """Fills ``NATIVE`` for every op and device, once the compiled library is loaded."""
-    NATIVE.clear()
+    """Records in ``NATIVE`` every kernel of the compiled library, once it is loaded."""
     for name in SCHEMAS:
         for device_type in ("cpu", "cuda"):
             has_native_kernel(name, device_type)
