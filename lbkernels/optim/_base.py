@@ -43,6 +43,12 @@ def group_args(group: dict, *names: str) -> dict[str, Any]:
     return {name: group[name] for name in (*names, "impl")}
 
 
+def capturing() -> bool:
+    """Whether a CUDA graph is being captured on the current stream (False without CUDA).
+    A replay runs no Python: a step that advances a host counter cannot be captured."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def zeros_state(p: torch.Tensor) -> torch.Tensor:
     """Zero state shaped like ``p`` (momentum buffers); see ``_make_flat_state``."""
     return torch.zeros_like(p, memory_format=torch.preserve_format)

@@ -19,8 +19,8 @@ import torch.distributed as dist
 
 from .. import ops
 from .._validate import check_int
-from ._base import (Bucket, FusedOptimizer, check_bools, check_numbers, copy_state, group_args,
-                    zeros_state)
+from ._base import (Bucket, FusedOptimizer, capturing, check_bools, check_numbers, copy_state,
+                    group_args, zeros_state)
 from .extrap_hook import extrap_allreduce_hook
 
 EXTRAPOLATIONS = ("past_grad", "gaussian", "uniform", "weight", "filter")
@@ -369,6 +369,13 @@ class ExtrapSGD(ExtrapOptimizer):
         # torch.optim.SGD stores momentum_buffer=None without momentum.
         if st.get("momentum_buffer") is None:
             st.pop("momentum_buffer", None)
+
+    def _before_step(self) -> None:
+        super()._before_step()
+        if any(g["extrapolation"] != "past_grad" for g in self.param_groups) and capturing():
+            raise RuntimeError("ExtrapSGD with a noise extrapolation cannot be captured in a CUDA "
+                               "graph: a replay does not advance the noise offset, so every replay "
+                               "would draw the captured step's noise")
 
     def _after_step(self, stepped: bool) -> None:
         super()._after_step(stepped)

@@ -9,7 +9,8 @@ import torch
 
 from .. import ops
 from .._validate import check_int
-from ._base import Bucket, FusedOptimizer, check_bools, check_numbers, group_args, zeros_state
+from ._base import (Bucket, FusedOptimizer, capturing, check_bools, check_numbers, group_args,
+                    zeros_state)
 from ._folded import folded_average_arguments
 
 
@@ -109,6 +110,10 @@ class ShiftedMomentumSGD(FusedOptimizer):
     # -- the step: FusedOptimizer.step's hooks; step(worker=k) takes worker k's buffers ------
     def _before_step(self, worker: int | None = None) -> None:
         """``worker``: whose buffers the step updates (default: the next in the round robin)."""
+        if worker is None and capturing():
+            raise RuntimeError("ShiftedMomentumSGD.step() captured in a CUDA graph needs worker=: "
+                               "a replay does not advance the round robin, so every replay would "
+                               "update the captured worker's buffers; capture one graph per worker")
         self._worker = self.next_worker if worker is None else check_int(
             "worker", worker, 0, maximum=self.delay, error=TypeError)
 
