@@ -15,8 +15,8 @@
 #     C10_CUDA_NO_CMAKE_CONFIGURE_FILE to do without it.
 #
 # A passing run is cached under ${LBK_CACHE_DIR:-~/.cache/lbkernels}, keyed on the content
-# of csrc/cuda/, csrc/include/ and csrc/check_common.sh, the nvcc version and the torch version: unchanged
-# sources are not compiled again (minutes on two cores), changed ones are.
+# of csrc/cuda/, csrc/include/ and csrc/check_common.sh, the nvcc, host compiler and torch
+# versions: unchanged sources are not compiled again (minutes on two cores), changed ones are.
 #
 # Exits 0 with "nvcc not found: skipped" where there is no nvcc; non-zero on any error.
 set -euo pipefail
@@ -31,7 +31,11 @@ PTXAS="$(dirname "$(command -v "$NVCC")")/ptxas"
 key=$({
   find csrc/cuda csrc/include csrc/check_common.sh -type f -print0 | LC_ALL=C sort -z | xargs -0 sha256sum
   "$NVCC" --version
-  "$PYTHON" -c 'import torch; print("torch", torch.__version__)' 2>/dev/null || echo "no torch"
+  # nvcc's host compiler (warnings are errors here, so its version decides a pass too)
+  "${NVCC_CCBIN:-g++}" --version 2>/dev/null || echo "no host compiler"
+  # the version from the package metadata: importing torch costs seconds on two cores
+  "$PYTHON" -c 'from importlib.metadata import version; print("torch", version("torch"))' \
+    2>/dev/null || echo "no torch"
 } | sha256sum | cut -c 1-16)
 log="$cache/cuda-check-$key.log"
 if [ -f "$log" ]; then
