@@ -188,6 +188,10 @@ OPTIMIZERS = [
     ),
 ]
 
+# The rows whose step advances a host counter (the round-robin position, the noise offset):
+# a compiled step breaks its graph there and a CUDA-graph capture is refused.
+HOST_COUNTERS = ("ShiftedMomentumSGD-lars", "ExtrapSGD-filter-noise")
+
 
 def through_checkpoint(state: dict) -> dict:
     """``state`` saved with torch.save and loaded back weights-only, as a checkpoint is."""

@@ -6,18 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import OPTIMIZERS, batch, compiled_backend_params, model
+from helpers import HOST_COUNTERS, OPTIMIZERS, batch, compiled_backend_params, model
 from lbkernels.optim import WeightAverager
 
 # One row per optimizer class of helpers.OPTIMIZERS, and the noise variant of ExtrapSGD.
 ENTRIES = [e for e in OPTIMIZERS if e.name in (
     "LARS", "ShiftedMomentumSGD-lars", "ExtrapSGD-nesterov", "ExtrapSGD-filter-noise", "ExtrapAdam")]
 
-# A host counter advanced after each step (the round-robin position, the noise offset):
-# a compiled step dropped its increment (measured: 0 after 3 compiled steps, 3 after 3
-# eager ones), so _after_step runs eagerly, a graph break: fullgraph=True refuses these
-# steps with an error, and without it every compiled step equals the eager one.
-HOST_COUNTERS = ("ShiftedMomentumSGD-lars", "ExtrapSGD-filter-noise")
+# helpers.HOST_COUNTERS: a compiled step dropped the counter's increment (measured: 0
+# after 3 compiled steps, 3 after 3 eager ones), so it runs eagerly, a graph break:
+# fullgraph=True refuses these steps, and without it every compiled step equals the eager one.
 
 
 def _backends() -> list:

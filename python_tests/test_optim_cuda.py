@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from helpers import OPTIMIZERS, assert_same, batch, compiled_backend_params, model, randn
+from helpers import HOST_COUNTERS, OPTIMIZERS, assert_same, batch, compiled_backend_params, model, randn
 from lbkernels import ops
 from lbkernels.optim import LARS
 
@@ -17,9 +17,8 @@ CUDA_BACKENDS = [p for p in compiled_backend_params() if p.values[1] == "cuda"]
 each_cuda_backend = pytest.mark.parametrize("impl,device", CUDA_BACKENDS)
 each_optimizer = pytest.mark.parametrize("entry", OPTIMIZERS, ids=[e.name for e in OPTIMIZERS])
 
-# Counters kept on the host and advanced by each step() call: a replay would repeat the
-# captured value, so the capture itself is refused (ShiftedMomentumSGD without worker=).
-HOST_COUNTERS = ("ShiftedMomentumSGD-lars", "ExtrapSGD-filter-noise")
+# helpers.HOST_COUNTERS: a replay would repeat the captured counter, so the capture
+# itself is refused (ShiftedMomentumSGD without worker=).
 
 
 def grads_of(m, t):
