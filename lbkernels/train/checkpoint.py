@@ -33,6 +33,11 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable or damaged (the message is one line)."""
 
 
+class OwnCheckpointError(CheckpointError):
+    """This process's own checkpoint (``checkpoint.rank<R>.pt``, a shard file) is missing,
+    damaged or out of step: an error the other processes may not share."""
+
+
 def content_digest(state: Any) -> str:
     """SHA-256 of a checkpoint's content, the same before saving and after loading.
 
@@ -69,8 +74,9 @@ def _feed(h: Any, obj: Any) -> None:
         h.update(f"{type(obj).__name__}:{obj!r};".encode())
 
 
-def save(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    """Write ``state`` to ``path`` so that ``path`` always holds a whole checkpoint.
+def save(path: str | os.PathLike, state: dict[str, Any]) -> str:
+    """Write ``state`` to ``path`` so that ``path`` always holds a whole checkpoint;
+    returns its content digest (:func:`content_digest`).
 
     The bytes go to a temporary file in the same directory, are flushed to disk, and
     the file then replaces ``path`` in one rename: a process killed at any moment
@@ -79,7 +85,8 @@ def save(path: str | os.PathLike, state: dict[str, Any]) -> None:
     path = Path(path)
     if CHECKSUM_KEY in state:
         raise ValueError(f"state: the key {CHECKSUM_KEY!r} is the checkpoint's own checksum")
-    state = {**state, CHECKSUM_KEY: content_digest(state)}
+    digest = content_digest(state)
+    state = {**state, CHECKSUM_KEY: digest}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -97,6 +104,7 @@ def save(path: str | os.PathLike, state: dict[str, Any]) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+    return digest
 
 
 def load(path: str | os.PathLike) -> dict[str, Any]:

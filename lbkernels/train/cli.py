@@ -18,12 +18,12 @@ from typing import Any
 
 import yaml
 
-from . import checkpoint
+from . import checkpoint, sharded
 from .argtypes import fraction, nonnegative_float, nonnegative_int, positive_float, positive_int
 from .config import (CHECKPOINT_NAME, FROM_RECIPE, PROG, ConfigError, check_values, flag,
                      read_config_file, resolved)
 from .data import DATASETS
-from .distributed import first_process
+from .distributed import first_process, job_world_size
 from .methods import METHODS
 from .models import MODELS
 
@@ -167,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     system.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: cuda when available; under torchrun each process takes "
                              "the GPU of its LOCAL_RANK")
+    system.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
+                        help="under torchrun: ddp replicates the model (DistributedDataParallel); "
+                             "fsdp shards weights, gradients and optimizer state over the "
+                             "processes (FSDP2 fully_shard; methods sgd, lars, growing-batch, swa)")
     system.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
                         help="mixed precision (fp16 with dynamic loss scaling)")
     system.add_argument("--dist-timeout", type=positive_float, default=300.0, metavar="SECONDS",
@@ -218,6 +222,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, dict 
     if args.out_dir is None:
         args.out_dir = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     _check_relations(args)
+    sharded.check_options(args, job_world_size(), state)
     if args.show_config:
         if first_process():  # under torchrun, once
             print(yaml.safe_dump(resolved(args), sort_keys=False), end="", flush=True)

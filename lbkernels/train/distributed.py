@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .config import ConfigError
@@ -33,6 +34,7 @@ class Runtime:
     device: torch.device
     group: Any = None
     job_rank: int | None = None  # rank in the whole job; None: ``rank``
+    sharded: bool = False  # --parallel fsdp: the model is sharded by FSDP2, not wrapped in DDP
 
     @property
     def distributed(self) -> bool:
@@ -50,9 +52,10 @@ class Runtime:
         return t
 
     def data_parallel(self, model: torch.nn.Module) -> torch.nn.Module:
-        """What the steps call: ``model`` itself in a single process, else ``model`` in a
-        DistributedDataParallel over this runtime's processes."""
-        if not self.distributed:
+        """What the steps call: ``model`` itself in a single process or when sharded (FSDP2
+        modules reduce their own gradients), else ``model`` in a DistributedDataParallel
+        over this runtime's processes."""
+        if not self.distributed or self.sharded:
             return model
         return DistributedDataParallel(
             model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
@@ -63,7 +66,59 @@ class Runtime:
         collectives, data shares and test shares become the group's; the job's first
         process stays the one that reports."""
         job_rank = self.rank if self.job_rank is None else self.job_rank
-        return Runtime(rank, world_size, self.device, group, job_rank)
+        return Runtime(rank, world_size, self.device, group, job_rank, self.sharded)
+
+    def shard(self, model: nn.Module) -> nn.Module:
+        """``model`` (on its device), sharded in place by FSDP2 when ``sharded`` (before
+        an optimizer is built on its parameters, which become DTensors); else as it is.
+
+        The unit of sharding is every direct child module that holds parameters (the
+        models of the command are ``nn.Sequential``s of layers and residual blocks),
+        then the model itself (whatever parameters are left), over a 1-D mesh of all
+        the processes: each block's weights are all-gathered for its forward and
+        backward and freed after, and its gradients reduce-scattered (averaged, as DDP
+        averages). Buffers (BatchNorm's running statistics) are not sharded and stay
+        each process's own (see :meth:`gathered`)."""
+        if not self.sharded:
+            return model
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        for child in model.children():
+            if any(True for _ in child.parameters()):
+                fully_shard(child, mesh=mesh, reshard_after_forward=True)
+        # The root keeps its (few) parameters gathered from forward to backward, as FSDP2
+        # does by default for the root.
+        fully_shard(model, mesh=mesh, reshard_after_forward=False)
+        return model
+
+    @contextlib.contextmanager
+    def gathered(self, model: nn.Module):
+        """A block in which the forward passes of ``model`` run without collectives, so
+        that the processes may run different numbers of them (evaluation on test shares
+        of different sizes, update_bn): a sharded model's weights are all-gathered once
+        on entry and kept until the exit, and the BatchNorm statistics of process 0 are
+        broadcast to every process, which makes one model evaluated everywhere: the one
+        DDP evaluates (DDP broadcasts process 0's buffers before every forward, so
+        process 0's statistics evolve from its own batches alone, as they do here)."""
+        if not self.sharded:
+            yield
+            return
+        from torch.distributed.fsdp import FSDPModule
+
+        for b in model.buffers():
+            dist.broadcast(b, src=0, group=self.group)
+        units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        for m in units:
+            m.set_reshard_after_forward(False, recurse=False)
+            m.unshard()
+        try:
+            yield
+        finally:
+            for m in units:
+                m.reshard()
+                m.set_reshard_after_forward(m is not model, recurse=False)
 
     def first_error(self, message: str | None) -> str | None:
         """The first process's (by job rank) error among every process's ``message``
@@ -100,6 +155,11 @@ def in_a_job() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def job_world_size() -> int:
+    """The number of processes torchrun started (``WORLD_SIZE``; 1 without torchrun)."""
+    return _env_int("WORLD_SIZE", 1)
+
+
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name, str(default))
     try:
@@ -132,4 +192,4 @@ def setup(args) -> Runtime:
         shared = [args.out_dir]
         dist.broadcast_object_list(shared, src=0)
         args.out_dir = shared[0]
-    return Runtime(rank, world_size, device)
+    return Runtime(rank, world_size, device, sharded=args.parallel == "fsdp")

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from lbkernels.data import ScheduledBatchSampler
 from lbkernels.schedules import noise_scale
 
-from . import checkpoint
+from . import checkpoint, sharded
+from .checkpoint import OwnCheckpointError
 from .config import CHECKPOINT_NAME, ConfigError, resolved
 from .data import DATASETS, TrainBatches, test_batches
 from .distributed import Runtime
@@ -50,11 +51,6 @@ class TrainingStopped(RuntimeError):
     checkpoint was written."""
 
 
-class OwnCheckpointError(checkpoint.CheckpointError):
-    """This process's own checkpoint (``checkpoint.rank<R>.pt``) is missing, damaged or
-    out of step: an error the other processes may not share."""
-
-
 class Trainer:
     """One run of the training command, in one process of it.
 
@@ -73,8 +69,9 @@ class Trainer:
 
         _seed_everything(args.seed)
         self.dataset = DATASETS[args.data](args).to(self.device)
-        self.model = build_model(args.model, self.dataset.input_shape, self.dataset.num_classes,
-                                 args.width).to(self.device)
+        # Sharded before the method builds its optimizer on the parameters (--parallel fsdp).
+        self.model = runtime.shard(build_model(args.model, self.dataset.input_shape,
+                                               self.dataset.num_classes, args.width).to(self.device))
         n = self.dataset.train_size
 
         def steps_per_epoch(batch_size: int) -> int:
@@ -105,9 +102,14 @@ class Trainer:
         self.elapsed = 0.0  # training seconds of earlier processes of this run
         self.epoch_sums = [0.0, 0.0, 0.0]  # loss sum, correct, samples of the epoch so far
         self.history: list[dict] = []
+        self.generation = 0  # saves of a sharded run (names its shard files)
         self.plan.attach(self)
         if resume is not None:
-            if resume.get("per_process") and not runtime.is_main:
+            if sharded.SHARDS_KEY in resume:
+                self.generation = resume[sharded.SHARDS_KEY]["generation"]
+                resume = sharded.load(Path(args.resume or args.out_dir), resume, runtime.rank,
+                                      self.model, self.plan)
+            elif resume.get("per_process") and not runtime.is_main:
                 resume = self._own_checkpoint(resume)
             self._restore(resume)
 
@@ -257,12 +259,14 @@ class Trainer:
         # forward would wait for the others at every batch.
         self.model.eval()
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)
-        for x, y in test_batches(self.dataset, EVAL_BATCH, self.runtime.rank, self.runtime.world_size):
-            with self.autocast():
-                out = self.model(x)
-            sums[0] += F.cross_entropy(out.float(), y, reduction="sum").double()
-            sums[1] += (out.argmax(1) == y).sum()
-            sums[2] += len(y)
+        with self.runtime.gathered(self.model):
+            for x, y in test_batches(self.dataset, EVAL_BATCH, self.runtime.rank,
+                                     self.runtime.world_size):
+                with self.autocast():
+                    out = self.model(x)
+                sums[0] += F.cross_entropy(out.float(), y, reduction="sum").double()
+                sums[1] += (out.argmax(1) == y).sum()
+                sums[2] += len(y)
         self.model.train()
         loss, correct, count = self.runtime.sum(sums).tolist()
         return loss / count, correct / count
@@ -281,7 +285,7 @@ class Trainer:
         processes hold different states (:meth:`Plan.shared_state`), every other
         process also writes its own, ``checkpoint.rank<R>.pt``, which it resumes from."""
         shared = self.plan.shared_state()
-        if not (self.runtime.is_main or not shared):
+        if not (self.runtime.is_main or not shared or self.runtime.sharded):
             return
         # The method's state first: its eval_context may change the weights for a while.
         method_state = self.plan.state_dict()
@@ -305,7 +309,11 @@ class Trainer:
             "history": self.history,
             "per_process": not shared,
         }
-        if self.runtime.is_main:
+        if self.runtime.sharded:
+            self.generation += 1
+            sharded.save(self.out_dir, self.checkpoint_path, state, self.runtime.rank,
+                         self.runtime.world_size, self.generation)
+        elif self.runtime.is_main:
             checkpoint.save(self.checkpoint_path, state)
         else:
             self.out_dir.mkdir(parents=True, exist_ok=True)

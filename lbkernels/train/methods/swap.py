@@ -275,8 +275,10 @@ class SwaPlan(Plan):
         _, last_acc = trainer.evaluate()
         for p, a in zip(trainer.model.parameters(), self.averager.averages):
             p.copy_(a)
-        update_bn(_bn_batches(trainer), trainer.model, device=trainer.device,
-                  distributed=trainer.runtime.distributed)
+        # Gathered: the processes' shares of the data may hold different numbers of batches.
+        with trainer.runtime.gathered(trainer.model):
+            update_bn(_bn_batches(trainer), trainer.model, device=trainer.device,
+                      distributed=trainer.runtime.distributed)
         loss, acc = trainer.evaluate()
         self.result = {"n_averaged": self.averager.n_averaged, "last_iterate_test_acc": last_acc,
                        "averaged_test_acc": acc, "averaged_test_loss": loss}
