@@ -27,6 +27,8 @@ from lbkernels.train.config import resolved
 # two processes share unevenly (and the test set's 360 unevenly too).
 RUN = ["--model", "cnn", "--width", "0.25", "--epochs", "3", "--batch-size", "256", "--quiet"]
 FSDP = ["--parallel", "fsdp"]
+# Every step checkpointed: the reference of the resume after SIGKILL too.
+SGD = [*RUN, *FSDP, "--method", "sgd", "--checkpoint-every-steps", "1"]
 
 
 def _shards(run: Path) -> list[dict]:
@@ -45,13 +47,25 @@ def _full_weights(run: Path) -> dict[str, torch.Tensor]:
             for k, v in shards[0]["model"].items()}
 
 
+@pytest.fixture(scope="module")
+def sgd_run(tmp_path_factory) -> tuple[Path, str]:
+    """A finished --parallel fsdp sgd run and its standard output (a torchrun costs
+    10-30 s here: shared by two tests)."""
+    run = tmp_path_factory.mktemp("fsdp") / "sgd"
+    return run, torchrun(*SGD, "--out-dir", str(run)).stdout
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("method", ["sgd", "lars"])
-def test_fsdp_trains_as_ddp_does(tmp_path, method):
+def test_fsdp_trains_as_ddp_does(tmp_path, request, method):
     torchrun(*RUN, "--method", method, "--out-dir", str(tmp_path / "ddp"))
-    proc = torchrun(*RUN, *FSDP, "--method", method, "--out-dir", str(tmp_path / "fsdp"))
-    ddp, fsdp = load_run(tmp_path / "ddp"), load_run(tmp_path / "fsdp")
-    weights = _full_weights(tmp_path / "fsdp")
+    if method == "sgd":
+        run, stdout = request.getfixturevalue("sgd_run")
+    else:
+        run = tmp_path / "fsdp"
+        stdout = torchrun(*RUN, *FSDP, "--method", method, "--out-dir", str(run)).stdout
+    ddp, fsdp = load_run(tmp_path / "ddp"), load_run(run)
+    weights = _full_weights(run)
     # The same batches and mean gradients; FSDP reduce-scatters where DDP all-reduces
     # (fp32 sums in another order, and LARS's norms from summed shard squares): a few
     # ulps a step, amplified over 18 steps. Measured: equal bit for bit on this CPU
@@ -62,7 +76,7 @@ def test_fsdp_trains_as_ddp_does(tmp_path, method):
         assert (a["step"], a["updates"], a["lr"]) == (b["step"], b["updates"], b["lr"])
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
         assert a["test_acc"] == pytest.approx(b["test_acc"], abs=1 / 360)  # one test sample
-    assert proc.stdout.count("final test accuracy") == 1
+    assert stdout.count("final test accuracy") == 1
 
 
 def _free_port() -> int:
@@ -72,16 +86,15 @@ def _free_port() -> int:
 
 
 @pytest.mark.distributed
-def test_sigkill_and_resume_of_a_sharded_run_matches_the_uninterrupted_run(tmp_path):
-    argv = [*RUN, *FSDP, "--method", "sgd", "--checkpoint-every-steps", "1"]
-    torchrun(*argv, "--out-dir", str(tmp_path / "ref"))
-    ref = load_run(tmp_path / "ref")
+def test_sigkill_and_resume_of_a_sharded_run_matches_the_uninterrupted_run(tmp_path, sgd_run):
+    ref_dir = sgd_run[0]
+    ref = load_run(ref_dir)
     total = ref["progress"]["steps"]
 
     run = tmp_path / "run"
     target = random.Random(os.getpid()).randrange(2, total - 2)
     env = train_env(WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
-    procs = [subprocess.Popen([sys.executable, "-m", "lbkernels.train", *argv, "--out-dir", str(run)],
+    procs = [subprocess.Popen([sys.executable, "-m", "lbkernels.train", *SGD, "--out-dir", str(run)],
                               env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
                               stderr=subprocess.PIPE, text=True) for r in range(2)]
     try:
@@ -103,7 +116,7 @@ def test_sigkill_and_resume_of_a_sharded_run_matches_the_uninterrupted_run(tmp_p
     assert_same(out["data"], ref["data"], "data")
     assert_same(out["scaler"], ref["scaler"], "scaler")
     assert out["shards"] == ref["shards"]  # the same saves, of the same content digests
-    for r, (a, b) in enumerate(zip(_shards(run), _shards(tmp_path / "ref"), strict=True)):
+    for r, (a, b) in enumerate(zip(_shards(run), _shards(ref_dir), strict=True)):
         # Weights and buffers, optimizer state and schedule, random generators.
         assert_same(a, b, f"shard {r}")
     # Only the files of the last save are left.

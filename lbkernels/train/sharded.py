@@ -186,6 +186,11 @@ def load(run_dir: Path, main: dict[str, Any], rank: int, model: torch.nn.Module,
     if checkpoint.content_digest(own) != shards["sha256"][rank]:
         raise OwnCheckpointError(f"{path}: not the shard file {run_dir / 'checkpoint.pt'} was "
                                  f"written with (its content differs); the run cannot be resumed")
-    method = sharded_like(own["method"], plan.state_dict())
-    method["optimizer"] = optimizer_state_like(own["method"]["optimizer"], plan.optimizer)
-    return {**main, **own, "model": sharded_like(own["model"], model.state_dict()), "method": method}
+    try:
+        method = sharded_like(own["method"], plan.state_dict())
+        method["optimizer"] = optimizer_state_like(own["method"]["optimizer"], plan.optimizer)
+        weights = sharded_like(own["model"], model.state_dict())
+    except (KeyError, IndexError, TypeError, ValueError) as e:
+        raise OwnCheckpointError(f"{path}: does not fit this run ({e}); was it written by another "
+                                 f"version of the command?") from None
+    return {**main, **own, "model": weights, "method": method}
