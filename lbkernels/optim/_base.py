@@ -18,6 +18,7 @@ from torch.optim import Optimizer
 
 from .. import ops
 from .._validate import FLOAT_DTYPES, check_bool, check_grads, check_number, metadata, same_metadata
+from . import _sharded
 
 # The hyper-parameters the ops take as one-element tensors (compiled / captured steps).
 TENSOR_HYPERPARAMETERS = ("lr", "extrap_lr")
@@ -41,6 +42,11 @@ def group_args(group: dict, *names: str) -> dict[str, Any]:
     """The hyper-parameters ``names`` of ``group``, and its ``impl``, as keyword arguments
     of its op (each optimizer's hyper-parameters are named as the op's arguments)."""
     return {name: group[name] for name in (*names, "impl")}
+
+
+def norm_arguments(bucket: Bucket) -> dict[str, Any]:
+    """The op's ``norm_sq`` argument for ``bucket`` ({} unless it holds sharded params)."""
+    return {} if bucket.norm_sq is None else {"norm_sq": bucket.norm_sq}
 
 
 def capturing() -> bool:
@@ -70,15 +76,27 @@ def _flat(make: Callable) -> bool:
 
 
 class Bucket:
-    """The params of one group on one device that have grads, and their state tensors."""
+    """The params of one group on one device that have grads, and their state tensors.
 
-    __slots__ = ("index", "params", "state")
+    ``sharded``: some params are DTensors; the step then hands the op ``local()``, the
+    same bucket over the local shards, with ``norm_sq`` (the global sums of squares of
+    the sharded tensors, for the op's argument of that name) when the rule needs norms.
+    """
+
+    __slots__ = ("index", "params", "state", "sharded", "norm_sq")
 
     def __init__(self, index: list[int] | None, params: list[torch.Tensor],
-                 state: dict[str, list[torch.Tensor]]):
+                 state: dict[str, list[torch.Tensor]], norm_sq: torch.Tensor | None = None):
         self.index = index  # positions in the group's params; None: all of them, in order
         self.params = params
         self.state = state
+        self.sharded = any(_sharded.is_sharded(p) for p in params)
+        self.norm_sq = norm_sq
+
+    def local(self, norm_sq: torch.Tensor | None) -> Bucket:
+        """This bucket over the local shards of its DTensors (~5 us per DTensor)."""
+        return Bucket(self.index, _sharded.locals_of(self.params),
+                      {name: _sharded.locals_of(ts) for name, ts in self.state.items()}, norm_sq)
 
 
 class FusedOptimizer(Optimizer):
@@ -86,6 +104,8 @@ class FusedOptimizer(Optimizer):
 
     # GradScaler then hands us ``grad_scale``/``found_inf`` instead of syncing to skip steps.
     _step_supports_amp_scaling = True
+    # Why this class refuses DTensor (sharded) parameters; None: it takes them.
+    _sharded_refusal: str | None = None
 
     def __init__(self, params: Any, defaults: dict[str, Any]):
         ops.check_impl(defaults.get("impl", "auto"))
@@ -109,6 +129,11 @@ class FusedOptimizer(Optimizer):
                      grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> None:
         raise NotImplementedError
 
+    def _adapts(self, group: dict) -> bool:
+        """Whether the op computes layer norms (trust ratios) for this group's params: their
+        norms are then reduced across shards before the step (sharded params only)."""
+        return False
+
     # -- torch.optim.Optimizer ----------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
         if not isinstance(param_group, dict):
@@ -127,6 +152,10 @@ class FusedOptimizer(Optimizer):
             if p.dtype not in FLOAT_DTYPES:
                 raise TypeError(f"params[{i}] has dtype {p.dtype}; {type(self).__name__} "
                                 "updates only floating-point parameters")
+            if _sharded.is_sharded(p) and self._sharded_refusal is not None:
+                raise ValueError(f"params[{i}] is a DTensor (sharded, e.g. by FSDP2's fully_shard): "
+                                 f"{self._sharded_refusal}")
+            _sharded.check_placements(i, p, type(self).__name__)
         param_group = {**param_group, "params": params}
         candidate = {**self.defaults, **param_group}
         self._check_group(candidate)
@@ -261,7 +290,9 @@ class FusedOptimizer(Optimizer):
                 continue
             missing: dict[torch.dtype, list[torch.Tensor]] = {}
             for p in params:
-                if self.state[p].get(name) is None and p.is_contiguous():
+                # A DTensor's state is a DTensor of its placements (zeros_like), not a view.
+                if (self.state[p].get(name) is None and not _sharded.is_sharded(p)
+                        and p.is_contiguous()):
                     missing.setdefault(p.dtype, []).append(p)
             for dtype, ps in missing.items():
                 if len(ps) < 2:
@@ -293,14 +324,37 @@ class FusedOptimizer(Optimizer):
             self._check_step()
             grad_scale = getattr(self, "grad_scale", None)
             found_inf = getattr(self, "found_inf", None)
-            for group, grads, buckets in self._checked_work():
+            work = self._checked_work()
+            norms = self._sharded_norms(work)
+            for group, grads, buckets in work:
                 for bucket in buckets:
                     bgrads = grads if bucket.index is None else [grads[i] for i in bucket.index]
+                    if bucket.sharded:
+                        bgrads = _sharded.locals_of(bgrads)
+                        bucket = bucket.local(norms.get(id(bucket)))
                     self._step_bucket(group, bucket, bgrads, grad_scale, found_inf)
             stepped = True
         finally:
             self._after_step(stepped)
         return loss
+
+    def _sharded_norms(self, work: list) -> dict[int, torch.Tensor]:
+        """id(bucket) -> ``norm_sq`` of each sharded bucket whose rule needs layer norms:
+        every such bucket's global sums of squares in one collective per (process group,
+        dtype) (``_sharded.global_norm_sq``)."""
+        jobs, owners = [], []
+        for group, grads, buckets in work:
+            if not self._adapts(group):
+                continue
+            for bucket in buckets:
+                if bucket.sharded:
+                    bgrads = grads if bucket.index is None else [grads[i] for i in bucket.index]
+                    jobs.append((bucket.params, bgrads, [True] * len(bgrads)))
+                    owners.append(id(bucket))
+        if not jobs:
+            return {}
+        return {owner: norm_sq for owner, norm_sq in zip(owners, _sharded.global_norm_sq(jobs))
+                if norm_sq is not None}
 
     # Hooks of the step. None may read a tensor on the host: a step runs in a CUDA graph.
     def _before_step(self, **options: Any) -> None:

@@ -46,6 +46,12 @@ class ExtrapOptimizer(FusedOptimizer):
     """Anchors, local-gradient capture, the extrapolation rate and ``anchor_weights()``,
     shared by :class:`ExtrapSGD` and :class:`~lbkernels.optim.ExtrapAdam`."""
 
+    # docs/algorithms.md section 2: each worker's gradient is taken at its own point.
+    _sharded_refusal = (
+        "extrapolation takes each worker's gradient at its own extrapolated point, and "
+        "sharded data parallel gives every rank the same gathered weights, so no rank can "
+        "hold its own point; train with DistributedDataParallel (attach()) instead")
+
     def __init__(self, params: Any, defaults: dict[str, Any], world_size: int | None):
         self.world_size = check_int("world_size", world_size, 1, error=TypeError, allow_none=True)
         self.process_group: dist.ProcessGroup | None = None  # set by attach()

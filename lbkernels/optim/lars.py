@@ -7,7 +7,8 @@ from typing import Any
 import torch
 
 from .. import ops
-from ._base import Bucket, FusedOptimizer, check_bools, check_numbers, group_args, zeros_state
+from ._base import (Bucket, FusedOptimizer, check_bools, check_numbers, group_args, norm_arguments,
+                    zeros_state)
 from ._folded import folded_average_arguments
 
 _MOMENTUM_STYLES = ("torch", "paper")
@@ -126,21 +127,23 @@ class LARS(FusedOptimizer):
             st.pop("momentum_buffer", None)
             st.pop("step", None)
 
+    def _adapts(self, group: dict) -> bool:
+        return not group["lars_exclude"] and (group["always_adapt"] or group["weight_decay"] != 0)
+
     def _step_bucket(self, group: dict, bucket: Bucket, grads: list[torch.Tensor],
                      grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> None:
-        adapt = group["always_adapt"] or group["weight_decay"] != 0
-        exclude = [group["lars_exclude"] or not adapt] * len(grads)
         ops.lars_sgd_(
             bucket.params,
             grads,
             bucket.state.get("momentum_buffer", []),
             bucket.state.get("step", []),
-            exclude,
+            [not self._adapts(group)] * len(grads),
             grad_scale=grad_scale,
             found_inf=found_inf,
             **group_args(group, "lr", "momentum", "dampening", "weight_decay", "nesterov",
                          "trust_coefficient", "eps", "clip", "zero_norm_decay", "momentum_style"),
             **folded_average_arguments(self, group, bucket),
+            **norm_arguments(bucket),
         )
 
 

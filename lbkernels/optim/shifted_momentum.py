@@ -10,7 +10,7 @@ import torch
 from .. import ops
 from .._validate import check_int
 from ._base import (Bucket, FusedOptimizer, capturing, check_bools, check_numbers, group_args,
-                    zeros_state)
+                    norm_arguments, zeros_state)
 from ._folded import folded_average_arguments
 
 
@@ -129,6 +129,9 @@ class ShiftedMomentumSGD(FusedOptimizer):
         if stepped:
             self._position += 1
 
+    def _adapts(self, group: dict) -> bool:
+        return group["lars"] and not group["lars_exclude"]
+
     def _step_bucket(self, group: dict, bucket: Bucket, grads: list[torch.Tensor],
                      grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> None:
         ops.lars_sgd_(
@@ -136,11 +139,12 @@ class ShiftedMomentumSGD(FusedOptimizer):
             grads,
             bucket.state.get(f"momentum_buffer_{self._worker}", []),
             [],
-            [group["lars_exclude"] or not group["lars"]] * len(grads),
+            [not self._adapts(group)] * len(grads),
             grad_scale=grad_scale,
             found_inf=found_inf,
             **group_args(group, "lr", "momentum", "weight_decay", "nesterov", "trust_coefficient"),
             **folded_average_arguments(self, group, bucket),
+            **norm_arguments(bucket),
         )
 
     # -- state: the buffers are per-param state, the round-robin position is global ------

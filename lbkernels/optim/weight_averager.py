@@ -13,6 +13,7 @@ import torch
 from .. import ops
 from .._validate import check_int, tensor_list
 from ..reference.average import METHODS, average_dtype
+from . import _sharded
 
 
 class _Applied:
@@ -183,7 +184,8 @@ class WeightAverager:
         # _check_step has refused, before the step, every case where this lookup fails.
         averages, count = self._fused_groups[id(group["params"])]
         assert bucket.index is None
-        return {"averages": averages, "average_count": count, "average_method": self.mode,
+        # The bucket holds the local shards of sharded params: so do their averages.
+        return {"averages": _sharded.locals_of(averages), "average_count": count, "average_method": self.mode,
                 "average_decay": self.decay}
 
     @property
@@ -214,8 +216,10 @@ class WeightAverager:
         if self._backup is not None:
             raise RuntimeError("update() while the averages are applied to the model; "
                                "call restore() first")
-        args, kwargs = self.op_arguments()
-        ops.average_(*args, found_inf=found_inf, **kwargs)
+        (averages, params, count), kwargs = self.op_arguments()
+        # Sharded (DTensor) params: the elementwise average runs on the local shards.
+        ops.average_(_sharded.locals_of(averages), _sharded.locals_of(params), count,
+                     found_inf=found_inf, **kwargs)
 
     @property
     def n_averaged(self) -> int:
