@@ -40,6 +40,8 @@ COUNT = "*i64"  # average_count / count: a one-element int64 tensor
 BLOCKS = (mt.BLOCK, 16)  # multi_tensor.block's largest and smallest
 MOMENTUM = {"none": (False, False), "plain": (True, False), "nesterov": (True, True)}
 AVERAGING = {"none": (False, False), "ema": (True, False), "swa": (True, True)}
+# lars_sgd_ / extrap_sgd_'s norm_sq: absent, or a float32 / float64 tensor (read as passed).
+NORM_SQ = {"none": None, "fp32": "*fp32", "fp64": "*fp64"}
 # Philox key and low counter word: i32 for small seeds and offsets, i64 above 2**31.
 KEY_TYPES = {"i32": ("i32", "i32"), "i64": ("i64", "i64")}
 # Spills found by this check with Triton 3.6 (sm_90), left until a GPU benchmark says
@@ -126,15 +128,19 @@ def _elem(dtype) -> dict:
 
 
 def _norm_kernels() -> list[Variant]:
-    # multi_tensor_l2norm: norms of w only; lars_coefs: of w and the (unscaled) g.
+    # multi_tensor_l2norm: norms of w only; lars_coefs: of w and the (unscaled) g, with
+    # the op's norm_sq (float32 or float64, read as passed) or without.
     def sum_squares(dtype, c):
         acc = acc_ptr(dtype)
         lars = c["pass"] == "lars"
+        given = lars and NORM_SQ[c["norm_sq"]]
         return ({"table": TABLE, "n_chunks": "i32", "n_tensors": "i32", "partial": acc,
                  "scale_ptr": ptr(c["HAS_SCALE"]) if lars else acc,
-                 "skip_ptr": ptr(c["HAS_SKIP"]) if lars else acc},
+                 "skip_ptr": ptr(c["HAS_SKIP"]) if lars else acc,
+                 "norm_sq": given or (TABLE if lars else acc), "n_params": "i32"},
                 {**_elem(dtype), "BLOCK": c["BLOCK"], "WITH_G": lars,
-                 "HAS_SCALE": lars and c["HAS_SCALE"], "HAS_SKIP": lars and c["HAS_SKIP"]})
+                 "HAS_SCALE": lars and c["HAS_SCALE"], "HAS_SKIP": lars and c["HAS_SKIP"],
+                 "HAS_NORM_SQ": bool(given)})
 
     def norms_(dtype, c):
         return ({"table": TABLE, "n_chunks": "i32", "n_tensors": "i32",
@@ -143,22 +149,28 @@ def _norm_kernels() -> list[Variant]:
 
     def lars_coefs(dtype, c):
         has_momentum, has_steps = MOMENTUM[c["momentum"]]
+        given = NORM_SQ[c["norm_sq"]]
         return ({"table": TABLE, "n_chunks": "i32", "n_tensors": "i32",
                  "partial": acc_ptr(dtype), "coefs": acc_ptr(dtype),
-                 "lr_ptr": ptr(c["HAS_LR_TENSOR"]), "skip_ptr": ptr(c["HAS_SKIP"])},
+                 "lr_ptr": ptr(c["HAS_LR_TENSOR"]), "skip_ptr": ptr(c["HAS_SKIP"]),
+                 "norm_sq": given or TABLE, "n_params": "i32",
+                 "scale_ptr": ptr(c["HAS_SCALE"])},
                 {"ACC": acc_types(dtype)[1], "RBLOCK": mt.RBLOCK, "CLIP": c["CLIP"],
                  "ZERO_NORM_DECAY": c["ZERO_NORM_DECAY"], "HAS_LR_TENSOR": c["HAS_LR_TENSOR"],
-                 "HAS_MOMENTUM": has_momentum, "HAS_STEPS": has_steps, "HAS_SKIP": c["HAS_SKIP"]})
+                 "HAS_MOMENTUM": has_momentum, "HAS_STEPS": has_steps, "HAS_SKIP": c["HAS_SKIP"],
+                 "HAS_NORM_SQ": bool(given), "HAS_SCALE": c["HAS_SCALE"]})
 
     accs = [next(d for d in ELEM if acc_types(d)[1] == a) for a in (tl.float32, tl.float64)]
     flags = (False, True)
     return (per_dtype(norms, "_sum_squares", {"pass": ("l2norm", "lars"), "HAS_SCALE": flags,
-                                              "HAS_SKIP": flags, "BLOCK": BLOCKS}, sum_squares)
+                                              "HAS_SKIP": flags, "norm_sq": tuple(NORM_SQ),
+                                              "BLOCK": BLOCKS}, sum_squares)
             + per_dtype(norms, "_norms", {}, norms_, dtypes=accs)
             # momentum "nesterov" here stands for (HAS_MOMENTUM, HAS_STEPS): steps given.
             + per_dtype(norms, "_lars_coefs", {"CLIP": flags, "ZERO_NORM_DECAY": flags,
                                                "HAS_LR_TENSOR": flags,
-                                               "momentum": tuple(MOMENTUM), "HAS_SKIP": flags},
+                                               "momentum": tuple(MOMENTUM), "HAS_SKIP": flags,
+                                               "norm_sq": tuple(NORM_SQ), "HAS_SCALE": flags},
                         lars_coefs, dtypes=accs))
 
 

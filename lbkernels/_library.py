@@ -32,7 +32,7 @@ SCHEMAS = {
         "bool zero_norm_decay=True, str momentum_style=\"torch\", "
         "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor(d!)[]? averages=None, "
         "Tensor(e!)? average_count=None, str average_method=\"swa\", "
-        "float average_decay=0.999) -> ()"
+        "float average_decay=0.999, Tensor? norm_sq=None) -> ()"
     ),
     "average_": (
         "(Tensor(a!)[] averages, Tensor[] params, Tensor(b!)? count=None, *, "
@@ -46,7 +46,7 @@ SCHEMAS = {
         "float momentum=0., float weight_decay=0., bool nesterov=False, bool lars=False, "
         "float trust_coefficient=0.001, float eps=1e-8, bool clip=False, "
         "str extrapolation=\"past_grad\", float noise_scale=0., int seed=0, int offset=0, "
-        "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()"
+        "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? norm_sq=None) -> ()"
     ),
     "extrap_adam_": (
         "(Tensor(a!)[] params, Tensor(b!)[] anchors, Tensor(c!)[] exp_avgs, "

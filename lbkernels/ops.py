@@ -100,7 +100,14 @@ def lars_sgd_(params: Tensors, grads: Tensors, momentum_buffers: Tensors, steps:
     ``lbkernels.reference.lars.lars_sgd_`` documents and the defaults of its schema
     (``_library.SCHEMAS``): momentum, dampening, weight_decay, nesterov,
     trust_coefficient, eps, clip, zero_norm_decay, momentum_style, grad_scale, found_inf,
-    averages, average_count, average_method, average_decay.
+    averages, average_count, average_method, average_decay, norm_sq.
+
+    ``norm_sq``: optional precomputed squared norms, a contiguous float32/float64 tensor
+    of shape ``(2, len(params))`` on the params' device: row 0 ``||w_i||^2``, row 1
+    ``||g_i||^2`` of the gradient as passed (still loss-scaled). An entry >= 0 is used
+    (``sqrt`` in the arithmetic dtype) and that norm is not computed; a negative entry is
+    computed as without ``norm_sq``. Read on the device only (it may be the output of an
+    all-reduce still in flight), never written.
 
     ``momentum_buffers`` (zero-initialised) may be empty when ``momentum == 0``;
     ``steps`` (0-dim fp32 counters; step 0 sets ``buf = d``) may be empty unless
@@ -155,7 +162,8 @@ def extrap_sgd_(params: Tensors, anchors: Tensors, momentum_buffers: Tensors, gr
     ``options``: the op's other keyword arguments, with the meaning that
     ``lbkernels.reference.extrap.extrap_sgd_`` documents and the defaults of its schema
     (``_library.SCHEMAS``): momentum, weight_decay, nesterov, lars, trust_coefficient,
-    eps, clip, extrapolation, noise_scale, seed, offset, grad_scale, found_inf.
+    eps, clip, extrapolation, noise_scale, seed, offset, grad_scale, found_inf, norm_sq
+    (as in ``lars_sgd_``, row 0 holding ``||anchor_i||^2``; read only with ``lars``).
 
     Updates the anchors ``x`` (the real iterate) with momentum SGD (optionally LARS-scaled)
     from ``grads`` and writes the next extrapolated point into ``params``:

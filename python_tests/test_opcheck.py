@@ -54,6 +54,11 @@ def _lars(dev):
          dict(lr=0.1, averages=[], momentum=0.9, weight_decay=1e-3, nesterov=True, **scalar)),
         # No momentum: no buffers nor step counters.
         ((ps, grads, [], [], exclude), dict(lr=1.0, averages=[], lr_tensor=torch.tensor(0.05, device=dev))),
+        # Precomputed squared norms, float32, given for some entries (< 0: computed); the
+        # excluded tensor's entries are never read.
+        ((ps, grads, bufs, steps, exclude),
+         dict(lr=0.1, averages=[], momentum=0.9, clip=True, grad_scale=torch.tensor(2.0, device=dev),
+              norm_sq=torch.tensor([[-1.0, 5.0, 2.0], [3.0, 7.0, -1.0]], device=dev))),
         # Weight averaging folded in: the averages and their count are written too.
         ((ps, grads, bufs, steps, exclude),
          dict(lr=0.1, momentum=0.9, averages=[torch.zeros_like(p) for p in ps],
@@ -92,6 +97,11 @@ def _extrap_sgd(dev):
     return [
         ((params, anchors, bufs, grads, local, [False, True, False]),
          dict(lr=0.1, momentum=0.9, weight_decay=1e-4, nesterov=True, lars=True, **_extrap_scalars(dev))),
+        # Precomputed squared norms of the anchors and gradients, float64, some not given.
+        ((params, anchors, bufs, grads, local, [False, True, False]),
+         dict(lr=0.1, momentum=0.9, lars=True, clip=True, grad_scale=torch.tensor(2.0, device=dev),
+              norm_sq=torch.tensor([[4.0, 1.0, -1.0], [-1.0, 9.0, 0.5]], dtype=torch.float64,
+                                   device=dev))),
         # Noise extrapolation (the filter variant: per-filter norms), no momentum, no local grads.
         ((params, anchors, [], grads, [], [False] * 3),
          dict(lr=0.1, extrapolation="filter", noise_scale=0.1, seed=3, offset=4)),

@@ -8,6 +8,8 @@
 //  * with LARS, a tensor of one chunk gets its norms, ratio and update in one visit; the
 //    norms of larger tensors are summed in that same region and their update chunks run
 //    in a second one;
+//  * a norm given by norm_sq (>= 0) is not summed; a large tensor with both given gets its
+//    ratio on the host and its update in the first region;
 //  * the scalars (lr, extrap_lr, grad_scale, found_inf, Adam's step counters) are CPU
 //    tensors read on the host, which costs no device synchronisation here.
 // Tensors the loops cannot walk in lock step with params (other strides, not dense) are
@@ -102,19 +104,27 @@ void extrap_sgd_cpu(const ExtrapSgdArgs& a) {
       const ExtrapPtrs& p = ptrs[k];
       coefs[k].excluded = !a.lars || a.exclude.get(index[k]);
       lars_coefs(0, 0, lp, ep.sgd, coefs[k]);  // r = 1 until the norms are known
-      norm_ptrs[k] = TensorPtrs{p.x, p.g, nullptr, p.numel};
+      if (!coefs[k].excluded)
+        read_given_norms(a.norm_sq, index[k], dtype == c10::kDouble, coefs[k]);
+      // A norm given by norm_sq is not summed: null, not read for it.
+      norm_ptrs[k] = TensorPtrs{coefs[k].given_w2 < 0 ? p.x : nullptr,
+                                coefs[k].given_g2 < 0 ? p.g : nullptr, nullptr, p.numel};
       if (p.numel == 0) continue;
       if (p.numel <= kChunk) {
         jobs.push_back({k, 0, p.numel});
       } else {
         append_extrap_chunks(chunks, k, p, filters);
-        large_lars = large_lars || !coefs[k].excluded;
+        if (coefs[k].needs_norms()) {
+          large_lars = true;
+        } else if (!coefs[k].excluded) {
+          lars_coefs(0, 0, lp, ep.sgd, coefs[k]);  // both norms given: the ratio now
+        }
       }
     }
     const int64_t n_whole = static_cast<int64_t>(jobs.size());
     if (large_lars) {
       for (int64_t k = 0; k < n; ++k)
-        if (ptrs[k].numel > kChunk && !coefs[k].excluded)
+        if (ptrs[k].numel > kChunk && coefs[k].needs_norms())
           append_chunks(jobs, k, ptrs[k].numel);
     } else {
       jobs.insert(jobs.end(), chunks.begin(), chunks.end());
@@ -140,7 +150,7 @@ void extrap_sgd_cpu(const ExtrapSgdArgs& a) {
         sum_g2[jobs[c].tensor] += partial[2 * (c - n_whole) + 1];
       }
       for (int64_t k = 0; k < n; ++k)
-        if (ptrs[k].numel > kChunk && !coefs[k].excluded)
+        if (ptrs[k].numel > kChunk && coefs[k].needs_norms())
           lars_coefs(sum_x2[k], sum_g2[k], lp, ep.sgd, coefs[k]);
       parallel_chunks(static_cast<int64_t>(chunks.size()), [&](int64_t c0, int64_t c1) {
         K.extrap_sgd(dtype, ptrs.data(), chunks.data(), c0, c1, coefs.data(), lp, ep, false);

@@ -199,8 +199,10 @@ void extrap_sgd_impl(const ExtrapPtrs* t, const Chunk* chunks, int64_t c0, int64
     const ExtrapPtrs& tp = t[ch.tensor];
     TensorCoefs& tc = coefs[ch.tensor];
     if (whole && !tc.excluded) {
-      // LARS norms of the anchor and the (still scaled) gradient, then the ratio.
-      const TensorPtrs norm_ptrs{tp.x, tp.g, nullptr, tp.numel};
+      // LARS norms of the anchor and the (still scaled) gradient, then the ratio; a
+      // norm given by norm_sq is not summed (null: not read).
+      const TensorPtrs norm_ptrs{tc.given_w2 < 0 ? tp.x : nullptr,
+                                 tc.given_g2 < 0 ? tp.g : nullptr, nullptr, tp.numel};
       const Chunk all{0, ch.begin, ch.end};
       double sums[2];
       sum_squares(c10::CppTypeToScalarType<T>::value, &norm_ptrs, &all, 0, 1, sums);

@@ -11,6 +11,8 @@
 //    sweep while the block is still in the last-level cache;
 //  * nothing proportional to the model is allocated: the chunk table is 24 bytes per 64K
 //    elements, and the norms never leave these loops.
+//  * a norm given by norm_sq (>= 0) is not summed: that tensor is not read for it (a
+//    tensor with both norms given is read once, by its update).
 #include <torch/library.h>
 
 #include <cstdlib>
@@ -92,9 +94,20 @@ void lars_sgd_cpu(const LarsSgdArgs& a) {
     for (int64_t k = 0; k < n; ++k) {
       const int64_t i = index[k];
       coefs[k].excluded = a.exclude.get(i);
+      if (!coefs[k].excluded) read_given_norms(a.norm_sq, i, dtype == c10::kDouble, coefs[k]);
       coefs[k].first = has_momentum && !a.steps.empty() && *a.steps[i].const_data_ptr<float>() == 0.f;
       if (flat.ptrs[k].numel <= kChunk) whole.push_back({k, 0, flat.ptrs[k].numel});
     }
+    // The norm pass's view: w or g null where norm_sq gives that norm (not read for it).
+    std::vector<TensorPtrs> norm_ptrs;
+    if (a.norm_sq.has_value()) {
+      norm_ptrs = flat.ptrs;
+      for (int64_t k = 0; k < n; ++k) {
+        if (coefs[k].given_w2 >= 0) norm_ptrs[k].w = nullptr;
+        if (coefs[k].given_g2 >= 0) norm_ptrs[k].g = nullptr;
+      }
+    }
+    const TensorPtrs* norm_view = a.norm_sq.has_value() ? norm_ptrs.data() : flat.ptrs.data();
     // Small tensors: one region, each tensor visited once by one thread.
     parallel_chunks(static_cast<int64_t>(whole.size()), [&](int64_t c0, int64_t c1) {
       K.lars_whole(dtype, flat.ptrs.data(), whole.data(), c0, c1, coefs.data(), lp, sp);
@@ -111,13 +124,13 @@ void lars_sgd_cpu(const LarsSgdArgs& a) {
         const int64_t numel = flat.ptrs[k_end].numel;
         if (numel <= kChunk) continue;
         append_chunks(chunks, k_end, numel);
-        if (!coefs[k_end].excluded) append_chunks(norm_chunks, k_end, numel);
+        if (coefs[k_end].needs_norms()) append_chunks(norm_chunks, k_end, numel);
         bytes += 2 * numel * elem;
       }
       if (!norm_chunks.empty()) {
         partial.assign(2 * norm_chunks.size(), 0.0);
         parallel_chunks(static_cast<int64_t>(norm_chunks.size()), [&](int64_t c0, int64_t c1) {
-          K.sum_squares(dtype, flat.ptrs.data(), norm_chunks.data(), c0, c1, partial.data());
+          K.sum_squares(dtype, norm_view, norm_chunks.data(), c0, c1, partial.data());
         });
         for (size_t c = 0; c < norm_chunks.size(); ++c) {
           sum_w2[norm_chunks[c].tensor] += partial[2 * c];

@@ -144,7 +144,7 @@ void sum_squares_impl(const TensorPtrs* t, const Chunk* chunks, int64_t c0, int6
   for (int64_t c = c0; c < c1; ++c) {
     const Chunk& ch = chunks[c];
     const TensorPtrs& tp = t[ch.tensor];
-    out[2 * c] = squares<T>(tp.w, ch.begin, ch.end);
+    out[2 * c] = tp.w != nullptr ? squares<T>(tp.w, ch.begin, ch.end) : 0.0;
     out[2 * c + 1] = tp.g != nullptr ? squares<T>(tp.g, ch.begin, ch.end) : 0.0;
   }
 }
@@ -176,8 +176,9 @@ void lars_whole_impl(const TensorPtrs* t, const Chunk* chunks, int64_t c0, int64
     TensorCoefs& tc = coefs[ch.tensor];
     const TensorPtrs& tp = t[ch.tensor];
     if (!tc.excluded) {
-      lars_coefs(squares<T>(tp.w, ch.begin, ch.end), squares<T>(tp.g, ch.begin, ch.end), lp, p,
-                 tc);
+      // A norm given by norm_sq is not summed: no read of that tensor for it.
+      lars_coefs(tc.given_w2 < 0 ? squares<T>(tp.w, ch.begin, ch.end) : 0.0,
+                 tc.given_g2 < 0 ? squares<T>(tp.g, ch.begin, ch.end) : 0.0, lp, p, tc);
     } else {
       lars_coefs(0, 0, lp, p, tc);
     }

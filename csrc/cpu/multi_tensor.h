@@ -90,6 +90,25 @@ inline AverageParams average_params(c10::string_view method, const std::optional
   return {1.0 / (static_cast<double>(n) + 1.0), 1.f / (static_cast<float>(n) + 1.f)};
 }
 
+// The squared norms that the op's norm_sq (a CPU tensor, checked by check_norm_sq) gives
+// for argument i of n, into c.given_w2 / c.given_g2, rounded to the arithmetic type (fp64
+// for fp64 params, else fp32, as the reference's .to(dtype)); -1 where the entry is < 0.
+// Called for LARS tensors only: the entries of excluded ones are never read.
+inline void read_given_norms(const std::optional<at::Tensor>& norm_sq, int64_t i, bool fp64,
+                             TensorCoefs& c) {
+  if (!norm_sq.has_value()) return;
+  const int64_t n = norm_sq->size(1);
+  auto entry = [&](int64_t row) {
+    const double v = norm_sq->scalar_type() == c10::kDouble
+                         ? norm_sq->const_data_ptr<double>()[row * n + i]
+                         : static_cast<double>(norm_sq->const_data_ptr<float>()[row * n + i]);
+    if (!(v >= 0)) return -1.0;
+    return fp64 ? v : static_cast<double>(static_cast<float>(v));
+  };
+  c.given_w2 = entry(0);
+  c.given_g2 = entry(1);
+}
+
 // Appends the chunks of tensor `t` (position in the flat lists) with `numel` elements.
 inline void append_chunks(std::vector<Chunk>& chunks, int64_t t, int64_t numel) {
   for (int64_t b = 0; b < numel; b += kChunk) chunks.push_back({t, b, std::min(numel, b + kChunk)});

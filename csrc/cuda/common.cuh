@@ -7,6 +7,8 @@
 //   2. LarsCoefs (a block per tensor): the tensor's partials added in a fixed order
 //      (deterministic, no atomics), its norms, the trust ratio from lars_scale(), the
 //      first-step flag and the step count.
+// A norm given by the op's norm_sq (GivenNorms, read on the device) is not summed by pass
+// 1 (that list is not read for the tensor) and pass 2 takes its square root instead.
 // An op's own functors live in its header (lars_kernels.cuh, extrap_kernels.cuh, ...),
 // which includes this one and no other op's.
 //
@@ -79,6 +81,23 @@ struct DeviceScalar {
   __device__ __forceinline__ bool nonzero() const { return ptr != nullptr && load() != 0.0; }
 };
 
+// The op's norm_sq read on the device (lars_sgd_, extrap_sgd_): row 0 the squared norm of
+// the trust ratio's w, row 1 that of the still-scaled g, by argument index; an entry < 0
+// (or NaN, or no tensor) is "not given". Read by the norm passes only, never on the host:
+// it may be the output of an all-reduce still in flight on the stream.
+struct GivenNorms {
+  const void* ptr = nullptr;
+  bool fp64 = false;
+  int64_t n = 0;  // len(params): the row length
+
+  __device__ __forceinline__ double load(int row, int32_t index) const {
+    if (ptr == nullptr) return -1.0;
+    const int64_t k = row * n + index;
+    return fp64 ? static_cast<const double*>(ptr)[k]
+                : static_cast<double>(static_cast<const float*>(ptr)[k]);
+  }
+};
+
 // ------------------------------------------------------------------------- helpers
 
 template <typename T>
@@ -120,17 +139,25 @@ struct SumSquares {
   int64_t total_chunks;
   DeviceScalar grad_scale;
   DeviceScalar found_inf;
+  GivenNorms given;  // list d's norm given by norm_sq (row d): that list is not read
 
   __device__ __forceinline__ void operator()(const TensorListMeta<DEPTH>& meta, int slot,
                                              int64_t chunk) const {
     if (found_inf.nonzero()) return;
+    bool use[DEPTH];
+    bool any = false;
+    for (int d = 0; d < DEPTH; ++d) {
+      use[d] = !(given.load(d, meta.index[slot]) >= 0.0);
+      any = any || use[d];
+    }
+    if (!any) return;  // every norm given (the same for the whole block)
     const int64_t begin = chunk * kChunkSize;
     const int64_t n = min(kChunkSize, meta.numel[slot] - begin);
     const T* x[DEPTH];
     bool vec = true;
     for (int d = 0; d < DEPTH; ++d) {
       x[d] = static_cast<const T*>(meta.addresses[d][slot]) + begin;
-      vec = vec && pack_aligned(x[d]);
+      vec = vec && (!use[d] || pack_aligned(x[d]));
     }
     const A scale = grad_scale.set() ? grad_scale.get<A>() : A(1);
     A sums[DEPTH];
@@ -144,13 +171,15 @@ struct SumSquares {
       const int64_t n_packs = n / kPack;
       for (int64_t p = threadIdx.x; p < n_packs; p += blockDim.x)
         for (int d = 0; d < DEPTH; ++d) {
+          if (!use[d]) continue;
           const Pack<T> pk = reinterpret_cast<const Pack<T>*>(x[d])[p];
           for (int k = 0; k < kPack; ++k) add(d, load_acc(&pk.v[k]));
         }
       i = n_packs * kPack;
     }
     for (i += threadIdx.x; i < n; i += blockDim.x)
-      for (int d = 0; d < DEPTH; ++d) add(d, load_acc(x[d] + i));
+      for (int d = 0; d < DEPTH; ++d)
+        if (use[d]) add(d, load_acc(x[d] + i));
     for (int d = 0; d < DEPTH; ++d) {
       const A s = block_sum(sums[d]);
       if (threadIdx.x == 0) partial[d * total_chunks + meta.first_chunk[slot] + chunk] = s;
@@ -185,18 +214,30 @@ struct LarsCoefs {
   DeviceScalar lr_tensor;
   DeviceScalar found_inf;
   bool clip, zero_norm_decay, has_momentum;
+  DeviceScalar grad_scale;  // divides a given ||g|| (the partials are of g / scale already)
+  GivenNorms given;
 
   __device__ __forceinline__ void operator()(const TensorListMeta<1>& meta, int slot,
                                              int64_t) const {
     if (found_inf.nonzero()) return;  // a skipped step counts nothing
     const bool excluded = meta.flag[slot] != 0;
     const int64_t first = meta.first_chunk[slot];
+    // An excluded tensor's entries are never read; a given norm's partials were not written.
+    const double given_w = excluded ? -1.0 : given.load(0, meta.index[slot]);
+    const double given_g = excluded ? -1.0 : given.load(1, meta.index[slot]);
     const int64_t count = excluded ? 0 : num_chunks(meta.numel[slot]);
-    const A sum_w = tensor_sum(partial, first, count);
-    const A sum_g = tensor_sum(partial + total_chunks, first, count);
+    const A sum_w = tensor_sum(partial, first, given_w >= 0.0 ? 0 : count);
+    const A sum_g = tensor_sum(partial + total_chunks, first, given_g >= 0.0 ? 0 : count);
     if (threadIdx.x != 0) return;
+    // A given norm: sqrt of the entry rounded to A (as the reference's .to(dtype)).
+    const A n_w = given_w >= 0.0 ? sqrt_rn(static_cast<A>(given_w)) : sqrt_rn(sum_w);
+    A n_g = sqrt_rn(sum_g);
+    if (given_g >= 0.0) {
+      n_g = sqrt_rn(static_cast<A>(given_g));
+      if (grad_scale.set()) n_g = n_g / grad_scale.get<A>();
+    }
     const A lr_v = lr_tensor.set() ? lr_tensor.get<A>() : static_cast<A>(lr);
-    const LarsScale<A> s = lars_scale<A>(sqrt_rn(sum_w), sqrt_rn(sum_g), lr_v,
+    const LarsScale<A> s = lars_scale<A>(n_w, n_g, lr_v,
                                          static_cast<A>(weight_decay),
                                          static_cast<A>(trust_coefficient), static_cast<A>(eps),
                                          clip, zero_norm_decay, excluded);

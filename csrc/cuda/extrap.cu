@@ -2,7 +2,7 @@
 // and the launches per group (extrap_kernels.cuh, extrap_adam_kernels.cuh) after the
 // argument checks of lbkernels/extrap_args.h, registered for the CUDA key.
 //
-// Nothing here reads a device value on the host: trust ratios, filter norms, step
+// Nothing here reads a device value on the host: norm_sq, trust ratios, filter norms, step
 // counters, lr_tensor, extrap_lr_tensor, grad_scale and found_inf stay on the device, so
 // a step never synchronises and can be captured in a CUDA graph. Scratch per call: with
 // lars 16 bytes per 64K-element chunk plus 24 per tensor; the filter variant 8 bytes per
@@ -56,6 +56,7 @@ void extrap_sgd_cuda(const ExtrapSgdArgs& a) {
   const auto n_params = static_cast<int64_t>(params.size());
   const NoiseKey key{static_cast<uint64_t>(a.seed), static_cast<uint64_t>(a.offset)};
   const bool filter = mode == Extrapolation::kFilter;
+  const GivenNorms given = given_norms(a.norm_sq);  // read on the device only (lars)
 
   at::Tensor coefs;  // trust ratios
   TensorCoefs* c = a.lars ? per_tensor_scratch<TensorCoefs>(coefs, params) : nullptr;
@@ -132,12 +133,14 @@ void extrap_sgd_cuda(const ExtrapSgdArgs& a) {
         const A* p = partial.mutable_data_ptr<A>();
         C10_CUDA_CHECK(multi_tensor_apply<2>(
             norms, Blocks::kPerChunk, kChunkThreads, stream,
-            SumSquares<T, 2>{partial.mutable_data_ptr<A>(), total, sc.scale, sc.found_inf.device}));
+            SumSquares<T, 2>{partial.mutable_data_ptr<A>(), total, sc.scale, sc.found_inf.device,
+                             given}));
         // zero_norm_decay: a zero norm sets r = 1 and keeps the weight decay; no counters.
         C10_CUDA_CHECK(multi_tensor_apply<1>(
             lars_tensors, Blocks::kPerTensor, kTensorThreads, stream,
             LarsCoefs<T>{p, total, c, lr_v, weight_decay, a.trust_coefficient, a.eps,
-                         sc.lr.device, sc.found_inf.device, a.clip, true, false}));
+                         sc.lr.device, sc.found_inf.device, a.clip, true, false, sc.scale,
+                         given}));
       }
       C10_CUDA_CHECK(multi_tensor_apply<5>(
           updates, Blocks::kPerChunk, kChunkThreads, stream,

@@ -71,6 +71,13 @@ struct StepScalars {
   bool skip() const { return found_inf.host.has_value() && *found_inf.host != 0.0; }
 };
 
+// The op's norm_sq (checked by check_norm_sq: on the params' device, (2, n), contiguous)
+// as the norm passes read it on the device; none: every norm is computed.
+inline GivenNorms given_norms(const std::optional<at::Tensor>& norm_sq) {
+  if (!norm_sq.has_value()) return {};
+  return {norm_sq->const_data_ptr(), norm_sq->scalar_type() == c10::kDouble, norm_sq->size(1)};
+}
+
 // Per-tensor scratch on the device, by argument index: one S (a struct of doubles) per
 // param, written and read by the kernels only; `keep` holds it until the launches are
 // queued.

@@ -2,7 +2,7 @@
 // per group (lars_kernels.cuh) after the argument checks of lbkernels/lars_args.h,
 // registered for the CUDA key.
 //
-// Nothing here reads a device value on the host: norms, trust ratios, lr_tensor,
+// Nothing here reads a device value on the host: norms, norm_sq, trust ratios, lr_tensor,
 // grad_scale and found_inf stay on the device, so a step never synchronises and can be
 // captured in a CUDA graph. Scratch is 16 bytes per 64K-element chunk plus 24 per tensor.
 #include <ATen/core/Tensor.h>
@@ -73,6 +73,7 @@ void lars_sgd_cuda(const LarsSgdArgs& a) {
   const DeviceScalar scale = sc.scale;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool paper = a.paper();
+  const GivenNorms given = given_norms(a.norm_sq);  // read on the device only
   at::Tensor coefs;
   TensorCoefs* c = per_tensor_scratch<TensorCoefs>(coefs, params);
 
@@ -111,12 +112,13 @@ void lars_sgd_cuda(const LarsSgdArgs& a) {
       const A* p = partial.mutable_data_ptr<A>();
       C10_CUDA_CHECK(multi_tensor_apply<2>(
           norms, Blocks::kPerChunk, kChunkThreads, stream,
-          SumSquares<T, 2>{partial.mutable_data_ptr<A>(), total, scale, sc.found_inf.device}));
+          SumSquares<T, 2>{partial.mutable_data_ptr<A>(), total, scale, sc.found_inf.device,
+                           given}));
       C10_CUDA_CHECK(multi_tensor_apply<1>(
           tensors, Blocks::kPerTensor, kTensorThreads, stream,
           LarsCoefs<T>{p, total, c, lr_v, a.weight_decay, a.trust_coefficient, a.eps,
                        sc.lr.device, sc.found_inf.device, a.clip, a.zero_norm_decay,
-                       has_momentum}));
+                       has_momentum, scale, given}));
       const bool nesterov = a.nesterov && has_momentum;
       if (averaging) {
         C10_CUDA_CHECK(multi_tensor_apply<4>(

@@ -33,3 +33,23 @@ def check_steps(params, steps) -> None:
                             f"got {s.dtype} of shape {tuple(s.shape)}")
         if s.device != params[i].device:
             raise ValueError(f"steps[{i}] is on {s.device} but params[{i}] is on {params[i].device}")
+
+
+def check_norm_sq(params, norm_sq: torch.Tensor | None) -> None:
+    """The optional precomputed squared norms of ``lars_sgd_`` / ``extrap_sgd_``: a
+    contiguous float32/float64 tensor of shape ``(2, len(params))`` on the params' device
+    (row 0 the trust ratio's w, row 1 the gradient as passed). Its values are not read here:
+    it may still be written by a collective in flight."""
+    if norm_sq is None:
+        return
+    if norm_sq.layout != torch.strided:
+        raise TypeError(f"norm_sq must be a dense tensor, got layout {norm_sq.layout}")
+    if norm_sq.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"norm_sq must be float32 or float64, got {norm_sq.dtype}")
+    if params and norm_sq.device != params[0].device:
+        raise ValueError(f"norm_sq is on {norm_sq.device} but params[0] is on {params[0].device}")
+    if tuple(norm_sq.shape) != (2, len(params)):
+        raise ValueError(f"norm_sq must have shape (2, len(params)) = (2, {len(params)}), "
+                         f"got {tuple(norm_sq.shape)}")
+    if not norm_sq.is_contiguous():
+        raise ValueError("norm_sq must be contiguous")

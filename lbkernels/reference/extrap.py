@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from .._validate import check_tensor_lists
-from ._checks import Tensors, check_nonnegative, check_scalars, check_steps
+from ._checks import Tensors, check_nonnegative, check_norm_sq, check_scalars, check_steps
 from .lars import opmath_dtype, trust_ratio
 
 EXTRAPOLATIONS = ("past_grad", "gaussian", "uniform", "weight", "filter")
@@ -55,7 +55,7 @@ def _check_common(params, anchors, grads, local_grads, lr_tensor, extrap_lr_tens
 def check_extrap_sgd_args(params, anchors, momentum_buffers, grads, local_grads, exclude, *, lr,
                           lr_tensor, extrap_lr, extrap_lr_tensor, momentum, weight_decay,
                           extrapolation, noise_scale, offset, grad_scale, found_inf,
-                          **_) -> None:
+                          norm_sq=None, **_) -> None:
     """Every check of ``extrap_sgd_``, before any write (the other keyword arguments of
     the op need none); the Triton launcher runs it too."""
     _check_common(params, anchors, grads, local_grads, lr_tensor, extrap_lr_tensor, grad_scale,
@@ -67,6 +67,7 @@ def check_extrap_sgd_args(params, anchors, momentum_buffers, grads, local_grads,
         raise ValueError(f"extrapolation must be one of {EXTRAPOLATIONS}, got {extrapolation!r}")
     check_nonnegative(lr=lr, extrap_lr=extrap_lr, momentum=momentum, weight_decay=weight_decay,
                       noise_scale=noise_scale, offset=offset)
+    check_norm_sq(params, norm_sq)
 
 
 def check_extrap_adam_args(params, anchors, exp_avgs, exp_avg_sqs, steps, grads, local_grads, *,
@@ -138,6 +139,7 @@ def extrap_sgd_(
     lars: bool = False, trust_coefficient: float = 0.001, eps: float = 1e-8, clip: bool = False,
     extrapolation: str = "past_grad", noise_scale: float = 0.0, seed: int = 0, offset: int = 0,
     grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
+    norm_sq: torch.Tensor | None = None,
 ) -> None:
     """One extrapolated-SGD step over lists of tensors, in place.
 
@@ -154,13 +156,18 @@ def extrap_sgd_(
 
     The noise is taken at the updated anchor. Gradients are divided by ``grad_scale``
     when given; with ``found_inf != 0`` nothing changes.
+
+    ``norm_sq`` (optional): precomputed squared norms for the trust ratio, as in
+    ``lars.lars_sgd_`` with the anchor as its ``w``: ``norm_sq[0, i] = ||x_i||^2``,
+    ``norm_sq[1, i] = ||g_i||^2`` (``g`` as passed, still loss-scaled); a negative entry
+    is computed. Read only for LARS tensors (``lars`` and not ``exclude[i]``).
     """
     check_extrap_sgd_args(params, anchors, momentum_buffers, grads, local_grads, exclude, lr=lr,
                           lr_tensor=lr_tensor, extrap_lr=extrap_lr,
                           extrap_lr_tensor=extrap_lr_tensor, momentum=momentum,
                           weight_decay=weight_decay, extrapolation=extrapolation,
                           noise_scale=noise_scale, offset=offset, grad_scale=grad_scale,
-                          found_inf=found_inf)
+                          found_inf=found_inf, norm_sq=norm_sq)
     has_momentum = momentum != 0.0
     gen = None
     if extrapolation != "past_grad" and params:
@@ -174,7 +181,9 @@ def extrap_sgd_(
                                                    grad_scale)
         d = g32.add(x32, alpha=weight_decay)
         if lars and not exclude[i]:
-            r, _ = trust_ratio(x32, g32, lr_i, weight_decay, trust_coefficient, eps, clip)
+            r, _ = trust_ratio(x32, g32, lr_i, weight_decay, trust_coefficient, eps, clip,
+                               None if norm_sq is None else norm_sq[:, i],
+                               None if grad_scale is None else grad_scale.to(w.device, ct))
             d = d.mul(r)
         if has_momentum:
             buf = momentum_buffers[i].to(ct).mul(momentum).add(d)

@@ -11,7 +11,7 @@ import torch
 
 from .._validate import FLOAT_DTYPES, check_tensor_lists
 from . import average as _average
-from ._checks import Tensors, check_scalars, check_steps
+from ._checks import Tensors, check_norm_sq, check_scalars, check_steps
 
 
 def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -46,6 +46,8 @@ def trust_ratio(
     trust_coefficient: float,
     eps: float,
     clip: bool,
+    given_sq: torch.Tensor | None = None,
+    grad_scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The LARS trust ratio ``r`` of one tensor and whether both norms are non-zero.
 
@@ -53,9 +55,22 @@ def trust_ratio(
 
         r = tc * ||w|| / (||g|| + wd * ||w|| + eps)   (1 if either norm is 0)
         r = min(r / lr, 1)                              if clip
+
+    ``given_sq``: this tensor's column of the op's ``norm_sq`` (``(||w||^2, ||g_scaled||^2)``,
+    ``g`` still multiplied by the loss scale); an entry >= 0 replaces the computed norm by
+    ``sqrt(entry)`` in the arithmetic dtype (``/ grad_scale`` for ``g``), a negative one
+    keeps it. Selected on the device (``torch.where``): no host sync.
     """
     n_w = torch.linalg.vector_norm(w)
     n_g = torch.linalg.vector_norm(g)
+    if given_sq is not None:
+        # "Given" is decided on the entry as passed (a tiny negative fp64 entry would
+        # round to -0.0 in fp32), the value used is the entry in the arithmetic dtype.
+        is_given = given_sq.to(w.device) >= 0
+        given = given_sq.to(w.device, w.dtype).sqrt()
+        given_g = given[1] if grad_scale is None else given[1] / grad_scale.reshape(())
+        n_w = torch.where(is_given[0], given[0], n_w)
+        n_g = torch.where(is_given[1], given_g, n_g)
     valid = (n_w > 0) & (n_g > 0)
     r = trust_coefficient * n_w / (n_g + n_w * weight_decay + eps)
     r = torch.where(valid, r, 1.0)
@@ -66,7 +81,7 @@ def trust_ratio(
 
 def check_lars_sgd_args(params, grads, momentum_buffers, steps, exclude, *, momentum,
                         dampening, momentum_style, lr_tensor, grad_scale, found_inf, averages,
-                        average_count, average_method, **_) -> None:
+                        average_count, average_method, norm_sq=None, **_) -> None:
     """Every check of ``lars_sgd_``, before any write (the other keyword arguments of the op
     need none); the Triton launcher runs it too."""
     check_tensor_lists(
@@ -95,6 +110,7 @@ def check_lars_sgd_args(params, grads, momentum_buffers, steps, exclude, *, mome
             raise ValueError(f"average_method must be one of {_average.METHODS}, got {average_method!r}")
         if average_count is not None:
             raise ValueError("average_count is given but averages is empty: nothing to average")
+    check_norm_sq(params, norm_sq)
 
 
 def lars_sgd_(
@@ -106,6 +122,7 @@ def lars_sgd_(
     grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
     averages: Tensors | None = None, average_count: torch.Tensor | None = None,
     average_method: str = "swa", average_decay: float = 0.999,
+    norm_sq: torch.Tensor | None = None,
 ) -> None:
     """One LARS-SGD step over lists of tensors, in place.
 
@@ -129,11 +146,21 @@ def lars_sgd_(
     decay=average_decay)`` would, and ``average_count`` is incremented once per call;
     the kernels do it in the pass that writes ``w``. ``found_inf != 0`` leaves the
     averages and the count unchanged too.
+
+    ``norm_sq`` (optional, shape ``(2, len(params))``, float32/float64, contiguous, on the
+    params' device): precomputed squared norms, e.g. the all-reduced sums of the shards of
+    a sharded model. ``norm_sq[0, i] = ||w_i||^2`` and ``norm_sq[1, i] = ||g_i||^2`` of the
+    gradient as passed (still multiplied by the loss scale: ``||g||`` is divided by
+    ``grad_scale`` here). An entry ``>= 0`` replaces that norm by ``sqrt(entry)`` in the
+    arithmetic dtype; a negative entry means "not given": that norm is computed (all -1 is
+    ``norm_sq=None`` bit for bit). Entries of excluded tensors are never read; the tensor is
+    read on the device only and never written (docs/algorithms.md section 1).
     """
     check_lars_sgd_args(params, grads, momentum_buffers, steps, exclude, momentum=momentum,
                         dampening=dampening, momentum_style=momentum_style, lr_tensor=lr_tensor,
                         grad_scale=grad_scale, found_inf=found_inf, averages=averages,
-                        average_count=average_count, average_method=average_method)
+                        average_count=average_count, average_method=average_method,
+                        norm_sq=norm_sq)
     has_momentum = momentum != 0.0
     averages = averages or []
     paper = momentum_style == "paper"
@@ -146,7 +173,9 @@ def lars_sgd_(
         lr_i = lr if lr_tensor is None else lr_tensor.to(w.device, ct)
         d = g32.add(w32, alpha=weight_decay)
         if not exclude[i]:
-            r, valid = trust_ratio(w32, g32, lr_i, weight_decay, trust_coefficient, eps, clip)
+            r, valid = trust_ratio(w32, g32, lr_i, weight_decay, trust_coefficient, eps, clip,
+                                   None if norm_sq is None else norm_sq[:, i],
+                                   None if grad_scale is None else grad_scale.to(w.device, ct))
             d = d.mul(r)
             if not zero_norm_decay:
                 d = torch.where(valid, d, g32)

@@ -145,7 +145,8 @@ def extrap_sgd_(params, anchors, momentum_buffers, grads, local_grads, exclude, 
                 norm_tab, dtype, block, lr=kw["lr"], lr_tensor=lr_tensor,
                 weight_decay=kw["weight_decay"], trust_coefficient=kw["trust_coefficient"],
                 eps=kw["eps"], clip=kw["clip"], zero_norm_decay=True, grad_scale=grad_scale,
-                found_inf=found_inf, has_momentum=False, has_steps=False)
+                found_inf=found_inf, has_momentum=False, has_steps=False,
+                norm_sq=kw["norm_sq"])
         if tab.n_chunks:
             _sgd_update[(tab.n_chunks,)](
                 tab.data, tab.n_chunks, coefs, float(kw["lr"]), mt.pointer(lr_tensor, tab.data),

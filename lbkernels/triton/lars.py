@@ -114,7 +114,7 @@ def lars_sgd_(params, grads, momentum_buffers, steps, exclude, **kw) -> None:
             weight_decay=kw["weight_decay"], trust_coefficient=kw["trust_coefficient"],
             eps=kw["eps"], clip=kw["clip"], zero_norm_decay=kw["zero_norm_decay"],
             grad_scale=grad_scale, found_inf=found_inf, has_momentum=has_momentum,
-            has_steps=has_steps)
+            has_steps=has_steps, norm_sq=kw["norm_sq"])
         if tab.n_chunks:
             _lars_update[(tab.n_chunks,)](
                 tab.data, tab.n_chunks, tab.n_tensors, coefs, float(kw["lr"]),

@@ -12,6 +12,9 @@ read back to the host:
    chunks' partials in chunk order (deterministic: no atomics), takes the norms, and
    writes the tensor's trust ratio, weight decay and first-step flag; it then counts
    the step, the update reading the flag from the coefficients, not from the counter.
+
+A norm given by the op's ``norm_sq`` (an entry >= 0, read on the device) is not summed
+by pass 1 (that list is not read for the tensor); pass 2 takes its square root instead.
 """
 
 from __future__ import annotations
@@ -42,32 +45,51 @@ def table(addresses: list[tuple[int, int, int]], numels: list[int], element_size
 
 
 @triton.jit
-def _sum_squares(table, n_chunks, n_tensors, partial, scale_ptr, skip_ptr,
+def _given(norm_sq, n_params, row, index, read):
+    """Whether entry (row, index) of the op's norm_sq is given (>= 0; NaN is not), and the
+    entry; not read (not given) where ``read`` is false."""
+    v = tl.load(norm_sq + row * n_params + index, mask=read, other=-1.0)
+    return v >= 0, v
+
+
+@triton.jit
+def _sum_squares(table, n_chunks, n_tensors, partial, scale_ptr, skip_ptr, norm_sq, n_params,
                  ELEM: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
-                 WITH_G: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SKIP: tl.constexpr):
+                 WITH_G: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SKIP: tl.constexpr,
+                 HAS_NORM_SQ: tl.constexpr):
     c = tl.program_id(0)
     n, t, _ = chunk_rows(table, 3, n_chunks, c)
     # Excluded tensors need no norms, and a skipped step none at all: read nothing.
     work = tl.load(table + TENSOR_ROWS * n_chunks + 3 * n_tensors + t) == 0
     if HAS_SKIP:
         work = work & (tl.load(skip_ptr) == 0)
+    do_w = work
+    do_g = work
+    if HAS_NORM_SQ:  # a norm given by norm_sq is not summed: its list is not read
+        index = tl.load(table + TENSOR_ROWS * n_chunks + 4 * n_tensors + t)
+        given_w, _ = _given(norm_sq, n_params, 0, index, work)
+        given_g, _ = _given(norm_sq, n_params, 1, index, work)
+        do_w = work & (given_w == 0)
+        do_g = work & (given_g == 0)
     acc_w = tl.zeros([BLOCK], dtype=ACC)
     acc_g = tl.zeros([BLOCK], dtype=ACC)
-    if work:
+    if do_w | do_g:
         w_ptr = list_ptr(table, 0, n_chunks, c, ELEM)
         g_ptr = list_ptr(table, 1, n_chunks, c, ELEM)
         offs = tl.arange(0, BLOCK)
         for s in range(0, n, BLOCK):
             mask = s + offs < n
-            w = load(w_ptr, s + offs, mask, ACC)
-            acc_w += w * w
+            if do_w:
+                w = load(w_ptr, s + offs, mask, ACC)
+                acc_w += w * w
             if WITH_G:
-                g = load(g_ptr, s + offs, mask, ACC)
-                if HAS_SCALE:
-                    # The norm of the unscaled gradient, element by element as the
-                    # reference computes it (no overflow of g**2 at large scales).
-                    g = div(g, tl.load(scale_ptr).to(ACC))
-                acc_g += g * g
+                if do_g:
+                    g = load(g_ptr, s + offs, mask, ACC)
+                    if HAS_SCALE:
+                        # The norm of the unscaled gradient, element by element as the
+                        # reference computes it (no overflow of g**2 at large scales).
+                        g = div(g, tl.load(scale_ptr).to(ACC))
+                    acc_g += g * g
     tl.store(partial + c, tl.sum(acc_w, 0))
     if WITH_G:
         tl.store(partial + n_chunks + c, tl.sum(acc_g, 0))
@@ -95,9 +117,11 @@ def _norms(table, n_chunks, n_tensors, partial, out, ACC: tl.constexpr, RBLOCK: 
 @triton.jit
 def _lars_coefs(table, n_chunks, n_tensors, partial, coefs, lr: tl.float64, lr_ptr,
                 weight_decay: tl.float64, trust_coefficient: tl.float64, eps: tl.float64, skip_ptr,
+                norm_sq, n_params, scale_ptr,
                 ACC: tl.constexpr, RBLOCK: tl.constexpr, CLIP: tl.constexpr,
                 ZERO_NORM_DECAY: tl.constexpr, HAS_LR_TENSOR: tl.constexpr,
-                HAS_MOMENTUM: tl.constexpr, HAS_STEPS: tl.constexpr, HAS_SKIP: tl.constexpr):
+                HAS_MOMENTUM: tl.constexpr, HAS_STEPS: tl.constexpr, HAS_SKIP: tl.constexpr,
+                HAS_NORM_SQ: tl.constexpr, HAS_SCALE: tl.constexpr):
     t = tl.program_id(0)
     rows = table + TENSOR_ROWS * n_chunks
     first = tl.load(rows + t)
@@ -105,6 +129,17 @@ def _lars_coefs(table, n_chunks, n_tensors, partial, coefs, lr: tl.float64, lr_p
     excluded = tl.load(rows + 3 * n_tensors + t) != 0
     n_w = sqrt(_tensor_sum(partial, first, end, ACC, RBLOCK))
     n_g = sqrt(_tensor_sum(partial + n_chunks, first, end, ACC, RBLOCK))
+    if HAS_NORM_SQ:
+        # A given norm: sqrt of the entry in ACC (as the reference's .to(dtype)); ||g|| of
+        # the scaled gradient divided by the scale. Excluded tensors' entries are not read.
+        index = tl.load(rows + 4 * n_tensors + t)
+        given_w, v_w = _given(norm_sq, n_params, 0, index, excluded == 0)
+        given_g, v_g = _given(norm_sq, n_params, 1, index, excluded == 0)
+        n_w = tl.where(given_w, sqrt(v_w.to(ACC)), n_w)
+        g_given = sqrt(v_g.to(ACC))
+        if HAS_SCALE:
+            g_given = div(g_given, tl.load(scale_ptr).to(ACC))
+        n_g = tl.where(given_g, g_given, n_g)
     lr_v = scalar(lr, lr_ptr, HAS_LR_TENSOR, ACC)
     r, wd = lars_scale(n_w, n_g, lr_v, tl.full([], weight_decay, ACC),
                        tl.full([], trust_coefficient, ACC), tl.full([], eps, ACC), CLIP,
@@ -142,9 +177,9 @@ def multi_tensor_l2norm(xs: list[torch.Tensor]) -> torch.Tensor:
         partial = torch.empty(max(1, tab.n_chunks), dtype=acc_torch, device=device)
         if tab.n_chunks:
             _sum_squares[(tab.n_chunks,)](
-                tab.data, tab.n_chunks, tab.n_tensors, partial, partial, partial,
+                tab.data, tab.n_chunks, tab.n_tensors, partial, partial, partial, partial, 0,
                 ELEM=ELEM[dtype], ACC=acc, BLOCK=mt.block(max(numels)), WITH_G=False,
-                HAS_SCALE=False, HAS_SKIP=False, num_warps=mt.NUM_WARPS)
+                HAS_SCALE=False, HAS_SKIP=False, HAS_NORM_SQ=False, num_warps=mt.NUM_WARPS)
         _norms[(tab.n_tensors,)](tab.data, tab.n_chunks, tab.n_tensors, partial, out,
                                  ACC=acc, RBLOCK=mt.RBLOCK, num_warps=mt.NUM_WARPS)
     return out
@@ -152,25 +187,32 @@ def multi_tensor_l2norm(xs: list[torch.Tensor]) -> torch.Tensor:
 
 def lars_coefs(tab: mt.Table, dtype: torch.dtype, block: int, *, lr, lr_tensor, weight_decay,
                trust_coefficient, eps, clip, zero_norm_decay, grad_scale, found_inf,
-               has_momentum: bool, has_steps: bool) -> torch.Tensor:
+               has_momentum: bool, has_steps: bool,
+               norm_sq: torch.Tensor | None = None) -> torch.Tensor:
     """Trust ratio, weight decay and first-step flag of every tensor of ``tab`` (a
-    ``table`` of lists (w, g, buf)), as 3 rows of ``tab.n_tensors`` values."""
+    ``table`` of lists (w, g, buf)), as 3 rows of ``tab.n_tensors`` values. ``norm_sq``:
+    the op's precomputed squared norms (by argument index, the table's output-index row),
+    read on the device: a norm given there (>= 0) is not summed."""
     device = tab.data.device
     acc_torch, acc = acc_types(dtype)
     partial = torch.empty(2 * max(1, tab.n_chunks), dtype=acc_torch, device=device)
     coefs = torch.empty(3 * tab.n_tensors, dtype=acc_torch, device=device)
     skip_arg = mt.pointer(found_inf, tab.data)
+    scale_arg = mt.pointer(grad_scale, tab.data)
+    norm_arg = mt.pointer(norm_sq, tab.data)
+    n_params = 0 if norm_sq is None else norm_sq.shape[1]
     if tab.n_chunks:
         _sum_squares[(tab.n_chunks,)](
-            tab.data, tab.n_chunks, tab.n_tensors, partial, mt.pointer(grad_scale, tab.data),
-            skip_arg, ELEM=ELEM[dtype], ACC=acc, BLOCK=block, WITH_G=True,
+            tab.data, tab.n_chunks, tab.n_tensors, partial, scale_arg, skip_arg, norm_arg,
+            n_params, ELEM=ELEM[dtype], ACC=acc, BLOCK=block, WITH_G=True,
             HAS_SCALE=grad_scale is not None, HAS_SKIP=found_inf is not None,
-            num_warps=mt.NUM_WARPS)
+            HAS_NORM_SQ=norm_sq is not None, num_warps=mt.NUM_WARPS)
     _lars_coefs[(tab.n_tensors,)](
         tab.data, tab.n_chunks, tab.n_tensors, partial, coefs, float(lr),
         mt.pointer(lr_tensor, tab.data), float(weight_decay), float(trust_coefficient),
-        float(eps), skip_arg, ACC=acc, RBLOCK=mt.RBLOCK, CLIP=bool(clip),
-        ZERO_NORM_DECAY=bool(zero_norm_decay), HAS_LR_TENSOR=lr_tensor is not None,
-        HAS_MOMENTUM=has_momentum, HAS_STEPS=has_steps, HAS_SKIP=found_inf is not None,
-        num_warps=mt.NUM_WARPS)
+        float(eps), skip_arg, norm_arg, n_params, scale_arg, ACC=acc, RBLOCK=mt.RBLOCK,
+        CLIP=bool(clip), ZERO_NORM_DECAY=bool(zero_norm_decay),
+        HAS_LR_TENSOR=lr_tensor is not None, HAS_MOMENTUM=has_momentum, HAS_STEPS=has_steps,
+        HAS_SKIP=found_inf is not None, HAS_NORM_SQ=norm_sq is not None,
+        HAS_SCALE=grad_scale is not None, num_warps=mt.NUM_WARPS)
     return coefs

@@ -43,6 +43,10 @@ struct TensorCoefs {
   double lr = 0;    // step applied to u
   bool first = false;     // first momentum step: buf = d
   bool excluded = false;  // LARS-excluded: r = 1, no norms needed
+  // Squared norms given by the op's norm_sq (of w and of the still-scaled g), in the
+  // arithmetic type; < 0: not given, the loops sum that one.
+  double given_w2 = -1, given_g2 = -1;
+  bool needs_norms() const { return !excluded && (given_w2 < 0 || given_g2 < 0); }
 };
 
 struct SgdParams {
@@ -64,10 +68,12 @@ struct LarsParams {
 };
 
 // Fills c.r/c.wd/c.pre/c.lr of one tensor from its sums of squares (of w and of the
-// still-scaled g). Called by the host for multi-chunk tensors and by the kernels for
+// still-scaled g), or from c.given_w2 / c.given_g2 where those are given. Called by the host for multi-chunk tensors and by the kernels for
 // tensors that fit in one chunk, so both paths compute the same coefficients.
 inline void lars_coefs(double sum_w2, double sum_g2, const LarsParams& lp, const SgdParams& sp,
                        TensorCoefs& c) {
+  if (c.given_w2 >= 0) sum_w2 = c.given_w2;
+  if (c.given_g2 >= 0) sum_g2 = c.given_g2;
   const double n_w = std::sqrt(sum_w2);
   const double n_g = sp.has_scale ? std::sqrt(sum_g2) / sp.grad_scale : std::sqrt(sum_g2);
   const LarsScale<double> s = lars_scale<double>(n_w, n_g, lp.lr, lp.weight_decay,
@@ -89,7 +95,7 @@ struct AverageParams {
 
 #define LBK_DECLARE_CPU_KERNELS(NS)                                                        \
   namespace NS {                                                                           \
-  /* out[2*c] = sum(w^2), out[2*c+1] = sum(g^2) over chunk c. */                           \
+  /* out[2*c] = sum(w^2), out[2*c+1] = sum(g^2) over chunk c (0 for a null pointer). */     \
   void sum_squares(c10::ScalarType dtype, const TensorPtrs* tensors, const Chunk* chunks,  \
                    int64_t c0, int64_t c1, double* out);                                   \
   /* The update of chunks [c0, c1) with the coefficients of their tensors. */              \

@@ -36,6 +36,7 @@ struct ExtrapSgdArgs : ExtrapCommonArgs {
   Extrapolation mode;  // parsed from the op's `extrapolation` name
   double noise_scale;
   int64_t seed, offset;
+  std::optional<at::Tensor> norm_sq;  // (2, n) squared norms of x and g; < 0: not given
 
   bool has_momentum() const { return momentum != 0.0; }
 };
@@ -77,12 +78,13 @@ void extrap_sgd_op(at::TensorList params, at::TensorList anchors,
                    double weight_decay, bool nesterov, bool lars, double trust_coefficient,
                    double eps, bool clip, c10::string_view extrapolation, double noise_scale,
                    int64_t seed, int64_t offset, const std::optional<at::Tensor>& grad_scale,
-                   const std::optional<at::Tensor>& found_inf) {
+                   const std::optional<at::Tensor>& found_inf,
+                   const std::optional<at::Tensor>& norm_sq) {
   ExtrapSgdArgs a{{params, anchors, grads, local_grads, lr, lr_tensor, extrap_lr,
                    extrap_lr_tensor, grad_scale, found_inf},
                   momentum_buffers, exclude, momentum, weight_decay, nesterov, lars,
                   trust_coefficient, eps, clip, Extrapolation::kPastGrad, noise_scale, seed,
-                  offset};
+                  offset, norm_sq};
   check_extrap_common_args(a, kDevice);
   check_count(a.exclude.size(), params, "exclude");
   if (a.has_momentum()) check_aligned(params, momentum_buffers, "momentum_buffers");
@@ -93,6 +95,7 @@ void extrap_sgd_op(at::TensorList params, at::TensorList anchors,
   check_nonnegative("weight_decay", weight_decay);
   check_nonnegative("noise_scale", noise_scale);
   TORCH_CHECK_VALUE(offset >= 0, "offset must be >= 0, got ", offset);
+  check_norm_sq(params, norm_sq);
   Kernel(a);
 }
 

@@ -78,6 +78,25 @@ inline void check_scalar_tensor(const std::optional<at::Tensor>& t, const char* 
                       t->sizes());
 }
 
+// The precomputed squared norms of lars_sgd_ / extrap_sgd_ (norm_sq), when given: a
+// contiguous float32/float64 tensor of shape (2, len(params)) on the params' device. Its
+// values are not read here (on CUDA it may still be written by a collective in flight).
+inline void check_norm_sq(at::TensorList params, const std::optional<at::Tensor>& norm_sq) {
+  if (!norm_sq.has_value()) return;
+  const at::Tensor& t = *norm_sq;
+  TORCH_CHECK_TYPE(t.layout() == c10::kStrided, "norm_sq must be a dense tensor, got layout ",
+                   t.layout());
+  TORCH_CHECK_TYPE(t.scalar_type() == c10::kFloat || t.scalar_type() == c10::kDouble,
+                   "norm_sq must be float32 or float64, got ", t.scalar_type());
+  if (!params.empty())
+    TORCH_CHECK_VALUE(t.device() == params[0].device(), "norm_sq is on ", t.device(),
+                      " but params[0] is on ", params[0].device());
+  const auto n = static_cast<int64_t>(params.size());
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(0) == 2 && t.size(1) == n,
+                    "norm_sq must have shape (2, len(params)) = (2, ", n, "), got ", t.sizes());
+  TORCH_CHECK_VALUE(t.is_contiguous(), "norm_sq must be contiguous");
+}
+
 // The arithmetic dtype of a storage dtype (fp64 for fp64, fp32 otherwise): the dtype of
 // the averages of average_ and of the kernels' partial sums.
 inline c10::ScalarType opmath_dtype(c10::ScalarType t) {

@@ -32,6 +32,7 @@ struct LarsSgdArgs {
   std::optional<at::Tensor> average_count;
   c10::string_view average_method;
   double average_decay;
+  std::optional<at::Tensor> norm_sq;  // (2, n) squared norms of w and g; < 0: not given
 
   bool has_momentum() const { return momentum != 0.0; }
   bool paper() const { return momentum_style == "paper"; }
@@ -52,6 +53,7 @@ inline void check_lars_sgd_args(const LarsSgdArgs& a, c10::DeviceType device_typ
   check_scalar_tensor(a.found_inf, "found_inf");
   check_folded_average(a.params, a.averages, a.average_count, a.average_method, a.found_inf,
                        device_type);
+  check_norm_sq(a.params, a.norm_sq);
 }
 
 // The registered kernel of one device type: gathers and checks the arguments, then runs
@@ -66,12 +68,13 @@ void lars_sgd_op(at::TensorList params, at::TensorList grads, at::TensorList mom
                  const std::optional<at::Tensor>& found_inf,
                  std::optional<at::TensorList> averages,
                  const std::optional<at::Tensor>& average_count,
-                 c10::string_view average_method, double average_decay) {
+                 c10::string_view average_method, double average_decay,
+                 const std::optional<at::Tensor>& norm_sq) {
   const LarsSgdArgs a{params, grads, momentum_buffers, steps, exclude, lr, lr_tensor, momentum,
                       dampening, weight_decay, nesterov, trust_coefficient, eps, clip,
                       zero_norm_decay, momentum_style, grad_scale, found_inf,
                       averages.value_or(at::TensorList()), average_count, average_method,
-                      average_decay};
+                      average_decay, norm_sq};
   check_lars_sgd_args(a, kDevice);
   Kernel(a);
 }
