@@ -1,0 +1,200 @@
+"""The fused optimizers on sharded parameters (FSDP2 ``fully_shard``, DTensor) against the
+same run under DDP, on 2 and 3 gloo processes.
+
+FSDP2 gives each rank a shard of every parameter, so a LARS trust ratio computed from the
+local shard would differ from the DDP run; the optimizers reduce the shards' sums of
+squares in one collective per (process group, dtype) and step the local shards
+(docs/algorithms.md section 1). One job per world size runs every case, so the processes
+start once.
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lbkernels.optim import LARS, ExtrapAdam, ExtrapSGD, ShiftedMomentumSGD, WeightAverager
+
+STEPS = 5
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
+# (model, dtype, optimizer, mesh): mesh "1d" is FSDP over all ranks, "hsdp" a 2-D mesh
+# (replicate 1, shard world): HSDP's placements (Replicate(), Shard(0)).
+CASES = [
+    ("mlp", torch.float64, "lars", "1d"),
+    ("cnn", torch.float64, "lars", "1d"),
+    ("mlp", torch.float32, "lars", "1d"),
+    ("cnn", torch.float32, "lars+swa", "1d"),
+    ("mlp", torch.float64, "shifted", "1d"),
+    ("mlp", torch.float64, "averager", "1d"),
+    ("mlp", torch.float64, "lars", "hsdp"),
+]
+
+
+def _model(kind: str, dtype: torch.dtype) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "mlp":
+        m = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 9), nn.Tanh(), nn.Linear(9, 3))
+    else:
+        m = nn.Sequential(nn.Conv2d(2, 5, 3, padding=1), nn.ReLU(), nn.Conv2d(5, 4, 3), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    return m.to(dtype)
+
+
+def _batch(kind: str, dtype: torch.dtype, step: int, rank: int):
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    shape = (8, 6) if kind == "mlp" else (8, 2, 6, 6)
+    return torch.randn(shape, generator=g, dtype=dtype), torch.randint(0, 3, (8,), generator=g)
+
+
+def _optimizer(name: str, model: nn.Module):
+    """(optimizer, averager or None, whether the averager is updated after the step)."""
+    params = list(model.parameters())
+    # Large trust coefficient: the ratios move the weights visibly, so that a ratio from a
+    # shard's norms instead of the whole tensor's fails the comparison by far.
+    if name == "shifted":
+        return ShiftedMomentumSGD(params, lr=0.2, momentum=0.9, delay=1, weight_decay=1e-3,
+                                  lars=True, trust_coefficient=0.05), None, False
+    opt = LARS(params, lr=0.5, momentum=0.9, weight_decay=1e-3, trust_coefficient=0.05, nesterov=True)
+    if name == "lars+swa":
+        return opt, WeightAverager(params, mode="swa", fused_with=opt), False
+    if name == "averager":
+        return opt, WeightAverager(params, mode="ema", decay=0.5), True
+    return opt, None, False
+
+
+def _state_tensors(opt, averager) -> list[torch.Tensor]:
+    out = []
+    for p in (p for g in opt.param_groups for p in g["params"]):
+        out += [v for v in opt.state[p].values() if isinstance(v, torch.Tensor) and v.dim() > 0]
+    if averager is not None:
+        out += averager.averages
+    return out
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+
+
+def _run_case(rank, world, meshes, kind, dtype, name, mesh, patch_norms=False):
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    from lbkernels.optim import _sharded
+
+    ddp_model = nn.parallel.DistributedDataParallel(_model(kind, dtype))
+    fsdp_model = _model(kind, dtype)
+    for layer in fsdp_model:
+        if any(True for _ in layer.parameters()):
+            fully_shard(layer, mesh=meshes[mesh])
+    fully_shard(fsdp_model, mesh=meshes[mesh])
+    ddp_opt, ddp_avg, ddp_update = _optimizer(name, ddp_model.module)
+    fsdp_opt, fsdp_avg, _ = _optimizer(name, fsdp_model)
+    counts = []
+    real_dist = _sharded.dist
+    if patch_norms:  # the shards' own norms: what the optimizers must not use
+        _sharded.dist = types.SimpleNamespace(all_reduce=lambda *a, **k: None)
+    try:
+        for t in range(STEPS):
+            x, y = _batch(kind, dtype, t, rank)
+            for model, opt, avg in ((ddp_model, ddp_opt, ddp_avg), (fsdp_model, fsdp_opt, fsdp_avg)):
+                opt.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                if model is fsdp_model:
+                    with CommDebugMode() as comm:
+                        opt.step()
+                    counts.append(comm.get_total_counts())
+                else:
+                    opt.step()
+                if ddp_update:
+                    avg.update()
+    finally:
+        _sharded.dist = real_dist
+    errors = [_rel(_full(a.detach()), b.detach())
+              for a, b in zip(fsdp_model.parameters(), ddp_model.module.parameters())]
+    state_errors = [_rel(_full(a), b) for a, b in zip(_state_tensors(fsdp_opt, fsdp_avg),
+                                                     _state_tensors(ddp_opt, ddp_avg))]
+    n_state = len(_state_tensors(ddp_opt, ddp_avg))
+    placements = {str(p.placements) for p in fsdp_model.parameters()}
+    return dict(weights=max(errors), state=max(state_errors, default=0.0), n_state=n_state,
+                n_state_fsdp=len(state_errors), counts=counts, placements=placements)
+
+
+def _job(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    meshes = {"1d": init_device_mesh("cpu", (world,)),
+              "hsdp": init_device_mesh("cpu", (1, world), mesh_dim_names=("replicate", "shard"))}
+    out = {case: _run_case(rank, world, meshes, *case) for case in CASES}
+    out["local norms"] = _run_case(rank, world, meshes, "mlp", torch.float64, "lars", "1d",
+                                   patch_norms=True)
+    out["refusals"] = _refusals(meshes["1d"])
+    return out
+
+
+def _refusals(mesh) -> dict[str, str]:
+    from torch.distributed.fsdp import fully_shard
+
+    model = fully_shard(_model("mlp", torch.float32), mesh=mesh)
+    out = {}
+    for cls in (ExtrapSGD, ExtrapAdam):
+        try:
+            cls(model.parameters(), lr=0.1)
+        except ValueError as e:
+            out[cls.__name__] = str(e)
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(gloo):
+    return {world: gloo(world).run(_job) for world in (2, 3)}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: str(c).replace("torch.", ""))
+def test_sharded_step_matches_ddp(runs, world, case):
+    kind, dtype, name, mesh = case
+    for rank, res in enumerate(runs[world]):
+        assert res[case]["weights"] < TOL[dtype], (rank, res[case])
+        # Every state tensor (momentum buffers, averages) compared, and there are some.
+        assert res[case]["n_state_fsdp"] == res[case]["n_state"] > 0
+        assert res[case]["state"] < TOL[dtype], (rank, res[case])
+        expected = "(Replicate(), Shard(dim=0))" if mesh == "hsdp" else "(Shard(dim=0),)"
+        assert res[case]["placements"] == {expected}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: str(c).replace("torch.", ""))
+def test_one_norm_collective_per_step(runs, world, case):
+    # All of a step's layer norms in one all-reduce (one mesh, one dtype): not one per tensor.
+    for res in runs[world]:
+        assert res[case]["counts"] == [1] * STEPS
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("world", [2, 3])
+def test_shard_local_norms_would_be_caught(runs, world):
+    # The same LARS run with the collective removed (each rank's trust ratio from its own
+    # shard) departs from DDP by far more than the tolerance: the comparison above sees it.
+    for res in runs[world]:
+        assert res["local norms"]["weights"] > 1e-4, res["local norms"]
+
+
+@pytest.mark.distributed
+def test_extrapolation_refuses_sharded_params(runs):
+    for res in runs[2]:
+        for name in ("ExtrapSGD", "ExtrapAdam"):
+            message = res["refusals"][name]
+            assert "DTensor" in message and "own extrapolated point" in message
+            assert "DistributedDataParallel" in message and "\n" not in message
