@@ -31,6 +31,9 @@ CASES = [
     ("mlp", torch.float64, "shifted", "1d"),
     ("mlp", torch.float64, "averager", "1d"),
     ("mlp", torch.float64, "lars", "hsdp"),
+    # The last layer left unsharded (plain tensors, averaged by hand): one op call mixes
+    # norms given by the collective with norms the op computes itself.
+    ("mlp", torch.float64, "lars", "mixed"),
 ]
 
 
@@ -93,10 +96,12 @@ def _run_case(rank, world, meshes, kind, dtype, name, mesh, patch_norms=False):
 
     ddp_model = nn.parallel.DistributedDataParallel(_model(kind, dtype))
     fsdp_model = _model(kind, dtype)
-    for layer in fsdp_model:
-        if any(True for _ in layer.parameters()):
-            fully_shard(layer, mesh=meshes[mesh])
-    fully_shard(fsdp_model, mesh=meshes[mesh])
+    plain = list(fsdp_model[-1].parameters()) if mesh == "mixed" else []
+    layers = [m for m in fsdp_model if any(True for _ in m.parameters())]
+    for layer in layers[:-1] if plain else layers:
+        fully_shard(layer, mesh=meshes["1d" if plain else mesh])
+    if not plain:
+        fully_shard(fsdp_model, mesh=meshes[mesh])
     ddp_opt, ddp_avg, ddp_update = _optimizer(name, ddp_model.module)
     fsdp_opt, fsdp_avg, _ = _optimizer(name, fsdp_model)
     counts = []
@@ -109,6 +114,9 @@ def _run_case(rank, world, meshes, kind, dtype, name, mesh, patch_norms=False):
             for model, opt, avg in ((ddp_model, ddp_opt, ddp_avg), (fsdp_model, fsdp_opt, fsdp_avg)):
                 opt.zero_grad()
                 nn.functional.cross_entropy(model(x), y).backward()
+                for p in plain if model is fsdp_model else []:
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
                 if model is fsdp_model:
                     with CommDebugMode() as comm:
                         opt.step()
@@ -124,7 +132,7 @@ def _run_case(rank, world, meshes, kind, dtype, name, mesh, patch_norms=False):
     state_errors = [_rel(_full(a), b) for a, b in zip(_state_tensors(fsdp_opt, fsdp_avg),
                                                      _state_tensors(ddp_opt, ddp_avg))]
     n_state = len(_state_tensors(ddp_opt, ddp_avg))
-    placements = {str(p.placements) for p in fsdp_model.parameters()}
+    placements = {str(getattr(p, "placements", "plain")) for p in fsdp_model.parameters()}
     return dict(weights=max(errors), state=max(state_errors, default=0.0), n_state=n_state,
                 n_state_fsdp=len(state_errors), counts=counts, placements=placements)
 
@@ -169,8 +177,9 @@ def test_sharded_step_matches_ddp(runs, world, case):
         # Every state tensor (momentum buffers, averages) compared, and there are some.
         assert res[case]["n_state_fsdp"] == res[case]["n_state"] > 0
         assert res[case]["state"] < TOL[dtype], (rank, res[case])
-        expected = "(Replicate(), Shard(dim=0))" if mesh == "hsdp" else "(Shard(dim=0),)"
-        assert res[case]["placements"] == {expected}
+        expected = {"1d": {"(Shard(dim=0),)"}, "hsdp": {"(Replicate(), Shard(dim=0))"},
+                    "mixed": {"(Shard(dim=0),)", "plain"}}[mesh]
+        assert res[case]["placements"] == expected
 
 
 @pytest.mark.distributed
@@ -198,3 +207,57 @@ def test_extrapolation_refuses_sharded_params(runs):
             message = res["refusals"][name]
             assert "DTensor" in message and "own extrapolated point" in message
             assert "DistributedDataParallel" in message and "\n" not in message
+
+
+def _checkpoint_job(rank, world, directory):
+    """LARS (with fused SWA) on a sharded MLP, saved after 2 steps with
+    torch.distributed.checkpoint and loaded into a fresh model and optimizer: the next
+    steps of both are bitwise equal."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    def build(seed):
+        model = _model("mlp", torch.float32)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(seed)
+        for layer in model[::2]:
+            fully_shard(layer)
+        fully_shard(model)
+        opt = LARS(model.parameters(), lr=0.5, momentum=0.9, weight_decay=1e-3, trust_coefficient=0.05)
+        return model, opt
+
+    def step(model, opt, t):
+        x, y = _batch("mlp", torch.float32, t, rank)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    model, opt = build(0)
+    for t in range(2):
+        step(model, opt, t)
+    msd, osd = get_state_dict(model, opt)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=directory)
+    fresh, fresh_opt = build(1)
+    msd2, osd2 = get_state_dict(fresh, fresh_opt)
+    state = {"model": msd2, "optim": osd2}
+    dcp.load(state, checkpoint_id=directory)
+    set_state_dict(fresh, fresh_opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    for t in range(2, 4):
+        step(model, opt, t)
+        step(fresh, fresh_opt, t)
+    same = all(torch.equal(a.full_tensor(), b.full_tensor())
+               for a, b in zip(model.parameters(), fresh.parameters()))
+    buffers = [(opt.state[a]["momentum_buffer"], fresh_opt.state[b]["momentum_buffer"])
+               for a, b in zip(model.parameters(), fresh.parameters())]
+    same_state = all(torch.equal(a.full_tensor(), b.full_tensor()) for a, b in buffers)
+    kinds = {type(a).__name__ for a, _ in buffers}
+    return same, same_state, kinds
+
+
+@pytest.mark.distributed
+def test_sharded_state_round_trips_through_distributed_checkpoint(gloo, tmp_path):
+    for same, same_state, kinds in gloo(2).run(_checkpoint_job, str(tmp_path / "ckpt")):
+        assert kinds == {"DTensor"}  # the momentum buffers are sharded like their params
+        assert same and same_state
