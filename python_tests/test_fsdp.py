@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lbkernels.distributed import average_parameters
 from lbkernels.optim import LARS, ExtrapAdam, ExtrapSGD, ShiftedMomentumSGD, WeightAverager
 
 STEPS = 5
@@ -92,7 +93,7 @@ def _run_case(rank, world, meshes, kind, dtype, name, mesh, patch_norms=False):
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.debug import CommDebugMode
 
-    from lbkernels.optim import _sharded
+    from lbkernels import _sharded
 
     ddp_model = nn.parallel.DistributedDataParallel(_model(kind, dtype))
     fsdp_model = _model(kind, dtype)
@@ -159,6 +160,10 @@ def _refusals(mesh) -> dict[str, str]:
             cls(model.parameters(), lr=0.1)
         except ValueError as e:
             out[cls.__name__] = str(e)
+    try:  # SWAP's phase 3 (average_parameters)
+        average_parameters(model.parameters())
+    except ValueError as e:
+        out["average_parameters"] = str(e)
     return out
 
 
@@ -207,6 +212,8 @@ def test_extrapolation_refuses_sharded_params(runs):
             message = res["refusals"][name]
             assert "DTensor" in message and "own extrapolated point" in message
             assert "DistributedDataParallel" in message and "\n" not in message
+        message = res["refusals"]["average_parameters"]
+        assert "DTensor" in message and "no per-worker copies" in message and "\n" not in message
 
 
 def _checkpoint_job(rank, world, directory):

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 import torch
 import torch.distributed as dist
 
-from .. import ops
+from .. import _sharded, ops
 from .._validate import tensor_list
 
 # Flat buffers kept per process, keyed on the params' addresses and layouts. One entry
@@ -57,6 +57,12 @@ def _check_params(params: list) -> None:
             raise TypeError(f"params[{i}] must be a dense floating-point tensor, got {p.dtype} {p.layout}")
         if p.device != params[0].device:
             raise ValueError(f"params[{i}] is on {p.device} but params[0] is on {params[0].device}")
+        if _sharded.is_sharded(p):
+            # SWAP's phase 3 after independent phase-2 workers: under FSDP there are none.
+            raise ValueError(f"params[{i}] is a DTensor (sharded, e.g. by FSDP2's fully_shard): "
+                             "the ranks already hold one model between them, so there are no "
+                             "per-worker copies to average; average independent models (DDP or "
+                             "one process each)")
 
 
 @torch.no_grad()

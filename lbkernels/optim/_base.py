@@ -18,7 +18,7 @@ from torch.optim import Optimizer
 
 from .. import ops
 from .._validate import FLOAT_DTYPES, check_bool, check_grads, check_number, metadata, same_metadata
-from . import _sharded
+from .. import _sharded
 
 # The hyper-parameters the ops take as one-element tensors (compiled / captured steps).
 TENSOR_HYPERPARAMETERS = ("lr", "extrap_lr")

@@ -13,7 +13,7 @@ import torch
 from .. import ops
 from .._validate import check_int, tensor_list
 from ..reference.average import METHODS, average_dtype
-from . import _sharded
+from .. import _sharded
 
 
 class _Applied:
