@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
           f"{len(layer_shapes())} FSDP units + root; lr {HP['lr']}, momentum {HP['momentum']}, "
           f"weight decay {HP['weight_decay']} (LARS: lars_param_groups, trust coefficient 0.001)")
     print("| processes | variant | median ms (slowest rank) | x SGD foreach | collectives/step | "
-          "KiB sent/step/rank |")
+          "bytes sent/step/rank |")
     print("| ---: | --- | ---: | ---: | ---: | ---: |")
     verdicts = []
     for world in args.worlds:
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> None:
                 sys.exit(f"{r['variant']}: {r['calls']} collectives counted, CommDebugMode saw {r['commdebug']}")
             ratio = f"{r['ms'] / base:.2f}" if base else "-"
             print(f"| {world} | {r['variant']} | {r['ms']:.2f} | {ratio} | {r['calls']} | "
-                  f"{r['bytes'] / 1024:.1f} |")
+                  f"{r['bytes']} |")
         for name, why in out["skipped"].items():
             print(f"| {world} | {name} | skipped: {why} | | | |")
         verdicts.append(verdict(world, out["rows"]))
