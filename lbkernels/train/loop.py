@@ -55,7 +55,8 @@ class Trainer:
     """One run of the training command, in one process of it.
 
     Attributes a method's hooks may use: ``args``, ``runtime``, ``dataset``, ``model``
-    (the network), ``net`` (what the steps call: ``model`` or its DDP wrapper),
+    (the network, sharded in place under --parallel fsdp), ``net`` (what the steps call:
+    ``model`` or its DDP wrapper),
     ``plan``, ``batches`` and :meth:`evaluate`.
     """
 
@@ -283,7 +284,9 @@ class Trainer:
     def save(self) -> None:
         """Checkpoint the run: the first process writes it. While the method says the
         processes hold different states (:meth:`Plan.shared_state`), every other
-        process also writes its own, ``checkpoint.rank<R>.pt``, which it resumes from."""
+        process also writes its own, ``checkpoint.rank<R>.pt``, which it resumes from.
+        A sharded run (--parallel fsdp) writes one shard file per process and then
+        ``checkpoint.pt`` (:func:`sharded.save`)."""
         shared = self.plan.shared_state()
         if not (self.runtime.is_main or not shared or self.runtime.sharded):
             return
