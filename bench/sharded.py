@@ -40,6 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .harness import header
 from .params import HP, TimmStyleLARS, make_params, resnet50_shapes
 
 # glibc reads the malloc threshold when a process starts: set here, before the spawn, as
@@ -227,12 +228,6 @@ def run_world(world: int, args: argparse.Namespace) -> dict:
         mp.start_processes(_rank, args=(world, os.path.join(tmp, "store"), args, results), nprocs=world,
                            join=True, start_method="spawn")
     return results.get()
-
-
-def header() -> str:
-    from .harness import header as machine
-
-    return machine()
 
 
 def main(argv: list[str] | None = None) -> None:
