@@ -14,6 +14,11 @@ broadcasts its parameters. Against DDP + the same optimizer on every rank:
   computes ``x - gamma g^owner`` and broadcasts it, so every rank holds one point made of
   the owners' extrapolations, and the next gradients are taken there. What holds is that
   rule, written below with plain torch ops (:func:`shared_point_rule`).
+
+ZeRO's consolidated ``state_dict()`` keeps the per-param state only, and its
+``load_state_dict`` writes that state into the local optimizer without calling the local
+optimizer's own: a new ZeRO loaded from it resumes LARS and the ``K = 1`` extrapolations
+exactly, but ShiftedMomentumSGD's round-robin position (a top-level entry) is lost.
 """
 
 from __future__ import annotations
