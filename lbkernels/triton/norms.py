@@ -135,8 +135,9 @@ def _lars_coefs(table, n_chunks, n_tensors, partial, coefs, lr: tl.float64, lr_p
         index = tl.load(rows + 4 * n_tensors + t)
         given_w, v_w = _given(norm_sq, n_params, 0, index, excluded == 0)
         given_g, v_g = _given(norm_sq, n_params, 1, index, excluded == 0)
-        n_w = tl.where(given_w, sqrt(v_w.to(ACC)), n_w)
-        g_given = sqrt(v_g.to(ACC))
+        # (0 where not given: the square root of -1 would be discarded anyway.)
+        n_w = tl.where(given_w, sqrt(tl.where(given_w, v_w, 0.0).to(ACC)), n_w)
+        g_given = sqrt(tl.where(given_g, v_g, 0.0).to(ACC))
         if HAS_SCALE:
             g_given = div(g_given, tl.load(scale_ptr).to(ACC))
         n_g = tl.where(given_g, g_given, n_g)
