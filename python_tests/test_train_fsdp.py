@@ -133,6 +133,26 @@ def test_sigkill_and_resume_of_a_sharded_run_matches_the_uninterrupted_run(tmp_p
         "checkpoint.pt", *(f"checkpoint.shard{r}.{out['shards']['generation']}.pt" for r in range(2))]
 
 
+@pytest.mark.distributed
+def test_a_damaged_shard_stops_every_process_before_anything_is_written(tmp_path, swa_run):
+    run = tmp_path / "run"
+    run.mkdir()
+    for f in swa_run[0].iterdir():
+        (run / f.name).write_bytes(f.read_bytes())
+    shard = run / f"checkpoint.shard1.{load_run(run)['shards']['generation']}.pt"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 1
+    shard.write_bytes(bytes(data))
+    before = {f.name: f.read_bytes() for f in run.iterdir()}
+    proc = torchrun("--resume", str(run), "--epochs", "4", check=False)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("lbk-train: error:")]
+    assert lines == [f"lbk-train: error: process 1: {shard}: damaged checkpoint: its content no longer "
+                     "matches the checksum written with it (bytes changed on disk or in transit); "
+                     "the file is kept as it is"], proc.stderr
+    assert {f.name: f.read_bytes() for f in run.iterdir()} == before
+
+
 def _one_line(err: str) -> str:
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in err, err

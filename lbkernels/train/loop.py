@@ -108,8 +108,7 @@ class Trainer:
         if resume is not None:
             if sharded.SHARDS_KEY in resume:
                 self.generation = resume[sharded.SHARDS_KEY]["generation"]
-                resume = sharded.load(Path(args.resume or args.out_dir), resume, runtime.rank,
-                                      self.model, self.plan)
+                resume = self._own_shards(resume)
             elif resume.get("per_process") and not runtime.is_main:
                 resume = self._own_checkpoint(resume)
             self._restore(resume)
@@ -339,6 +338,19 @@ class Trainer:
                 f"{self.checkpoint_path} at step {main['progress']['steps']}: the run stopped "
                 f"while its processes were writing; it cannot be resumed exactly")
         return own
+
+    def _own_shards(self, main: dict[str, Any]) -> dict[str, Any]:
+        """This process's shard file joined to ``main``; a missing or damaged one stops every
+        process before anything is written, with the first such process's error."""
+        problem, state = None, main
+        try:
+            state = sharded.load(Path(self.args.resume or self.args.out_dir), main,
+                                 self.runtime.rank, self.model, self.plan)
+        except OwnCheckpointError as e:
+            problem = f"process {self.runtime.rank}: {e}"
+        if (problem := self.runtime.first_error(problem)) is not None:
+            raise checkpoint.CheckpointError(problem)
+        return state
 
     def _restore(self, state: dict[str, Any]) -> None:
         if state.get("format") != CHECKPOINT_FORMAT:
