@@ -21,7 +21,7 @@ import torch
 from helpers import LARS_TOL as TOL
 from helpers import backend_params, grads_for, make_state, randn
 from helpers import lars_shapes as shapes_for
-from lbkernels import ops
+from lbkernels import _library, ops
 
 BACKENDS = [pytest.param("reference", "cpu", id="reference-cpu"), *backend_params()]
 COMPILED = backend_params()
@@ -205,18 +205,32 @@ def test_bad_norm_sq_is_refused_before_any_write(impl, device, op):
     assert_states(state, before, exact=True)
 
 
+@pytest.mark.parametrize("impl", ["reference", "native"])
 @pytest.mark.parametrize("op", list(CONFIGS))
-def test_norm_sq_on_another_device_is_refused(op):
-    """The C++ and Python checks compare norm_sq's device with the params' (on a CPU-only
-    machine the reference's check; the CUDA rows above cover the compiled ones)."""
+def test_norm_sq_on_another_device_is_refused(op, impl):
+    """norm_sq on another device than the params: a "meta" tensor beside CPU params here
+    (the CUDA rows above cover a CPU norm_sq beside CUDA params). The dispatcher would
+    send a call holding a meta tensor to the fake kernel: the CPU kernel is reached by
+    redispatching to its key."""
     from lbkernels.reference import extrap, lars
 
-    params = [torch.ones(3)]
+    if impl == "native" and not _library.has_native_kernel("lars_sgd_", "cpu"):
+        pytest.skip("compiled kernels not loaded")
+    params, ones = [torch.ones(3)], [torch.ones(3)]
     bad = torch.full((2, 1), -1.0, device="meta")
-    with pytest.raises(ValueError, match="norm_sq is on meta but params\\[0\\] is on cpu"):
+    cpu = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+    with pytest.raises(ValueError, match=r"norm_sq is on meta but params\[0\] is on cpu"):
         if op == "lars":
-            lars.lars_sgd_(params, [torch.ones(3)], [], [], [False], lr=0.1, norm_sq=bad)
+            args = (params, ones, [], [], [False])
+            if impl == "reference":
+                lars.lars_sgd_(*args, lr=0.1, norm_sq=bad)
+            else:
+                torch.ops.lbkernels.lars_sgd_.default.redispatch(cpu, *args, lr=0.1, norm_sq=bad)
         else:
-            extrap.extrap_sgd_(params, [torch.ones(3)], [], [torch.ones(3)], [], [False], lr=0.1,
-                               lars=True, norm_sq=bad)
+            args = (params, ones, [], ones, [], [False])
+            if impl == "reference":
+                extrap.extrap_sgd_(*args, lr=0.1, lars=True, norm_sq=bad)
+            else:
+                torch.ops.lbkernels.extrap_sgd_.default.redispatch(cpu, *args, lr=0.1, lars=True,
+                                                                   norm_sq=bad)
     assert torch.equal(params[0], torch.ones(3))
