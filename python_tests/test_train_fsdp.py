@@ -174,7 +174,6 @@ def _one_line(err: str) -> str:
                                      "growing-batch, swa are): its phase 2 trains independent models"),
     (2, FSDP + ["--method", "growing-batch", "--max-micro-batch", "8"],
      "--max-micro-batch: not with --parallel fsdp: "),
-    (2, FSDP + ["--method", "growing-batch", "--ghost-batch", "8"], "--ghost-batch: not with --parallel fsdp: "),
 ])
 def test_what_fsdp_cannot_serve_is_refused_before_starting(tmp_path, monkeypatch, capsys, world, argv, message):
     monkeypatch.setenv("WORLD_SIZE", str(world))

@@ -70,9 +70,11 @@ class Trainer:
 
         _seed_everything(args.seed)
         self.dataset = DATASETS[args.data](args).to(self.device)
+        model = build_model(args.model, self.dataset.input_shape, self.dataset.num_classes,
+                            args.width).to(self.device)
+        METHODS[args.method].prepare_model(args, model)
         # Sharded before the method builds its optimizer on the parameters (--parallel fsdp).
-        self.model = runtime.shard(build_model(args.model, self.dataset.input_shape,
-                                               self.dataset.num_classes, args.width).to(self.device))
+        self.model = runtime.shard(model)
         n = self.dataset.train_size
 
         def steps_per_epoch(batch_size: int) -> int:

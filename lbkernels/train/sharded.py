@@ -58,8 +58,6 @@ _REFUSED_OPTIONS = {
     "max_micro_batch": "a process runs as many micro-batches as its share of the batch needs, "
                        "which differs between processes whose shares differ, while every FSDP "
                        "forward and backward is a collective all of them must join",
-    "ghost_batch": "it replaces the BatchNorm modules after the model is built, and FSDP's "
-                   "shards stay attached to the replaced ones",
 }
 SHARDS_KEY = "shards"
 

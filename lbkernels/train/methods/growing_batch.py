@@ -133,12 +133,15 @@ def _schedule(ctx: Context) -> BatchSizeSchedule:
     return schedule
 
 
-def build_growing_batch(ctx: Context) -> Plan:
-    args = ctx.args
+def _prepare_model(args: argparse.Namespace, model: torch.nn.Module) -> None:
     if args.ghost_batch:
         # In place: the trainer's model is this object, and the parameters are the same
         # tensors (checkpoints of either kind load into the other).
-        convert_to_ghost_bn(ctx.model, args.ghost_batch)
+        convert_to_ghost_bn(model, args.ghost_batch)
+
+
+def build_growing_batch(ctx: Context) -> Plan:
+    args = ctx.args
     schedule = _schedule(ctx)
     optimizer = (lars_optimizer if args.batch_lars else sgd_optimizer)(ctx, schedule.lr)
     return GrowingBatchPlan(optimizer, schedule, warmup_epochs=args.warmup_epochs,
@@ -156,4 +159,5 @@ register(Method(
     # the batch capped at 360 (a quarter of the training set).
     recipe={"batch_size": 24, "base_batch_size": 24, "lr": 0.05, "epochs": 30, "warmup_epochs": 1.0,
             "decay": "step", "decay_epochs": (10, 20), "decay_gamma": 0.2, "max_batch": 360},
+    prepare_model=_prepare_model,
 ))

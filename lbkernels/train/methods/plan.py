@@ -154,6 +154,9 @@ class Method:
     build: Callable[[Context], Plan]
     add_arguments: Callable[[argparse._ArgumentGroup], None] = lambda group: None
     recipe: Mapping[str, Any] = field(default_factory=dict)
+    # Changes the model's modules (in place) before it is sharded or wrapped and before
+    # ``build``: FSDP's shards stay attached to the modules they were made on.
+    prepare_model: Callable[[argparse.Namespace, nn.Module], None] = lambda args, model: None
 
 
 METHODS: dict[str, Method] = {}
