@@ -188,8 +188,17 @@ class ExtrapOptimizer(FusedOptimizer):
         if not isinstance(ddp_model, torch.nn.parallel.DistributedDataParallel):
             raise TypeError(f"ddp_model must be a DistributedDataParallel, got {type(ddp_model).__name__}")
         mine = {p for g in self.param_groups for p in g["params"]}
-        if not any(p in mine for p in ddp_model.parameters()):
+        missing = sum(p not in mine for p in ddp_model.parameters() if p.requires_grad)
+        if missing == len([p for p in ddp_model.parameters() if p.requires_grad]):
             raise ValueError("ddp_model has none of this optimizer's parameters")
+        if missing:
+            # ZeroRedundancyOptimizer's local optimizer holds only the params its rank owns
+            # and broadcasts them: every rank would get the owner's x - gamma * g^owner.
+            raise ValueError(f"ddp_model has {missing} trainable parameters this optimizer does not "
+                             "hold (e.g. the local optimizer of ZeroRedundancyOptimizer, whose owners "
+                             "broadcast their own extrapolated point to every rank): extrapolation "
+                             "needs each worker's own point; attach an optimizer of all the model's "
+                             "parameters, or pass world_size=1 to extrapolate with the averaged gradient")
         self.process_group = ddp_model.process_group
         ddp_model.register_comm_hook(self, extrap_allreduce_hook)
 
