@@ -197,8 +197,10 @@ def lamb_(
                 u = m.div(v.sqrt().add(eps))
             if decoupled_weight_decay and wd != 0.0:
                 u = u.add(w32, alpha=wd)
-        r = trust_ratio(torch.linalg.vector_norm(w32), torch.linalg.vector_norm(u), max_trust,
-                        clip, exclude[i])
+        # Norms in row-major order whatever the layout: a transposed param (and so its u)
+        # summed in memory order gave ||u|| 1 ulp off its contiguous twin's.
+        r = trust_ratio(torch.linalg.vector_norm(w32.contiguous()),
+                        torch.linalg.vector_norm(u.contiguous()), max_trust, clip, exclude[i])
         if apex:
             w_new = w32 - (_const(lr, ct, dev) * r if lr_tensor is None else lr_i * r) * u
         elif lr_tensor is None:
