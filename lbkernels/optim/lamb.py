@@ -159,7 +159,11 @@ class LAMB(FusedOptimizer):
                 for p in group["params"]:
                     if p.grad is not None:
                         by_device.setdefault(p.grad.device, []).append(p.grad)
-            per_device = [ops.multi_tensor_l2norm(gs, impl=impl) for gs in by_device.values()]
+            # multi_tensor_l2norm returns fp32: for an fp64 model that rounding (~6e-8
+            # relative) would be the step's largest error, so fp64 grads keep fp64 norms.
+            per_device = [torch.stack(torch._foreach_norm(gs))
+                          if all(g.dtype == torch.float64 for g in gs)
+                          else ops.multi_tensor_l2norm(gs, impl=impl) for gs in by_device.values()]
             norms = self._grad_norms = {"per_device": per_device}
         if device not in norms:
             parts = norms["per_device"]
