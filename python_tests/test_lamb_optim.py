@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,9 @@ from torch.profiler import ProfilerActivity, profile
 from helpers import optim_backend_params, through_checkpoint
 from lbkernels import _library
 from lbkernels.optim import LAMB, WeightAverager, lamb_param_groups
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.params import TimmStyleLAMB  # noqa: E402
 
 BACKENDS = optim_backend_params()
 # fp64 params: the optimizer computes in fp64 and so does the loop; what is left is the
@@ -437,3 +442,17 @@ def test_deepcopy_and_pickle_keep_no_stale_norm():
     opt.step()
     twin.step()
     assert all(torch.equal(p, q) for p, q in zip(ps, twin_ps))
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 1.0])
+def test_the_bench_timm_style_loop_is_lamb(max_grad_norm):
+    """bench's anchor computes the rule it is timed against."""
+    a, b = make_params(torch.float32), make_params(torch.float32)
+    with torch.no_grad():
+        for p, q in zip(a, b):  # no zero norm: the loop has no exclusion to mirror
+            p.add_(0.5)
+            q.add_(0.5)
+    opt = LAMB(a, lr=0.05, weight_decay=0.01, max_grad_norm=max_grad_norm, impl="reference")
+    loop = TimmStyleLAMB(b, lr=0.05, weight_decay=0.01, max_grad_norm=max_grad_norm)
+    run_both(opt, b, loop.step, steps=4)
+    assert all(torch.equal(p, q) for p, q in zip(a, b))
