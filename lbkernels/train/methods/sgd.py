@@ -1,5 +1,5 @@
-"""``sgd`` and ``lars``: momentum SGD and LARS with the linear scaling rule, warm-up and
-decay; their optimizers serve the other methods too."""
+"""``sgd``, ``lars`` and ``lamb``: momentum SGD, LARS and LAMB with the linear scaling
+rule, warm-up and decay; their optimizers serve the other methods too."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import argparse
 
 import torch
 
-from lbkernels.optim import LARS, lars_param_groups
+from lbkernels.optim import LAMB, LARS, lamb_param_groups, lars_param_groups
 
 from ..argtypes import positive_float
 from .plan import Context, Method, Plan, decay_groups, lr_schedule, peak_lr, register
@@ -72,4 +72,38 @@ register(Method(
     # seeds 1-4): lr 5 at batch 256, so 10 at 512, over 5 warm-up epochs, then (1 - t)^2.
     recipe={"batch_size": 512, "base_batch_size": 256, "lr": 5.0, "epochs": 40,
             "warmup_epochs": 5.0, "decay": "poly", "poly_power": 2.0},
+))
+
+
+# -- lamb ------------------------------------------------------------------------------------------
+def _lamb_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--lamb-clip", action="store_true", default=False,
+                       help="clip the layer-wise ratio ||w|| / ||u|| at 1 (LAMBC)")
+    group.add_argument("--lamb-max-grad-norm", type=positive_float, default=None, metavar="NORM",
+                       help="first clip the gradients to this global norm (timm and apex use 1.0)")
+
+
+def lamb_optimizer(ctx: Context, lr: float) -> LAMB:
+    """LAMB of the run's options at ``lr``: --momentum is beta1, --weight-decay the decay
+    inside the update (biases and normalisation weights: none, ratio 1), --lamb-clip,
+    --lamb-max-grad-norm."""
+    args = ctx.args
+    return LAMB(lamb_param_groups(ctx.model, args.weight_decay), lr=lr, betas=(args.momentum, 0.999),
+                clip=args.lamb_clip, max_grad_norm=args.lamb_max_grad_norm)
+
+
+# Chosen on digits, seed 0 (docs/results.md, "LAMB on digits"): see there.
+LAMB_RECIPE = {"batch_size": 512, "base_batch_size": 256, "lr": 0.01, "epochs": 40,
+               "warmup_epochs": 5.0, "decay": "poly", "poly_power": 2.0, "weight_decay": 0.01}
+
+
+def build_lamb(ctx: Context) -> Plan:
+    optimizer = lamb_optimizer(ctx, peak_lr(ctx.args))
+    return Plan(optimizer, lr_schedule(ctx, optimizer), ctx.args.batch_size)
+
+
+register(Method(
+    "lamb", "LAMB, layer-wise adaptive moments (You et al. 2020), fused kernels of lbkernels.optim",
+    build_lamb, _lamb_arguments,
+    recipe=LAMB_RECIPE,
 ))
