@@ -13,8 +13,6 @@
 //    elements, and the norms never leave these loops.
 #include <torch/library.h>
 
-#include <cstdlib>
-
 #include <lbkernels/lars_args.h>
 
 #include "multi_tensor.h"
@@ -24,14 +22,6 @@ namespace lbkernels::cpu {
 const char* capability_name() { return kernels().name; }
 
 namespace {
-
-int64_t block_bytes() {
-  static const int64_t bytes = [] {
-    const char* env = std::getenv("LBK_CPU_BLOCK_BYTES");
-    return env != nullptr ? std::max<int64_t>(1, std::atoll(env)) : int64_t(8) << 20;
-  }();
-  return bytes;
-}
 
 at::Tensor multi_tensor_l2norm_cpu(at::TensorList xs) {
   check_list(xs, "xs", c10::DeviceType::CPU);
