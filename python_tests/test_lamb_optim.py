@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from helpers import optim_backend_params, through_checkpoint
+from helpers import compiled_backend_params, optim_backend_params, through_checkpoint
 from lbkernels import _library
 from lbkernels.optim import LAMB, WeightAverager, lamb_param_groups
 
@@ -312,6 +312,29 @@ def test_scaled_gradients_clip_by_the_unscaled_norm(impl, device):
         ob.step()
     for p, q in zip(a, b):
         assert torch.equal(p, q)
+
+
+@pytest.mark.slow  # dynamo traces the step: ~10 s on two cores
+@pytest.mark.parametrize("impl,device", compiled_backend_params())
+def test_compiled_step_with_global_clipping_matches_eager(impl, device):
+    """The global norm (computed at the step's first op, dropped after it) in one graph
+    (fullgraph=True), with a tensor lr; helpers.OPTIMIZERS' LAMB row compiles the rest."""
+    runs = []
+    for compiled in (False, True):
+        ps = make_params(torch.float32, device)
+        opt = LAMB([{"params": ps[:2]}, {"params": ps[2:], "weight_decay": 0.0}], max_grad_norm=1.0,
+                   lr=torch.tensor(0.05, device=device), impl=impl)
+        step = torch.compile(opt.step, fullgraph=True, backend="aot_eager") if compiled else opt.step
+        try:
+            for t in range(3):
+                set_grads(ps, t, 3.0)
+                step()
+        finally:
+            torch._dynamo.reset()
+        runs.append(ps)
+    for p, q in zip(*runs):
+        # The existing LARS parity tolerance (fp32): the compiled step calls the same kernels.
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
 
 
 def test_global_norm_spans_every_group():
