@@ -18,7 +18,7 @@ reads w, m, v back (10 element accesses: w, g, m, v in, m, v out; w, m, v in, w 
 16-bit ones would round, so pass 1 stores nothing and pass 3 computes the moments
 again from w, g and the old m, v (11 accesses of half the bytes). With
 ``max_grad_norm`` and no ``grad_norm``, the gradients' global norm is one more read
-of g (``norms._sum_squares`` per group, the partials added on the device). The AMP
+of g (``norms.total_sum_squares``). The AMP
 ``found_inf`` flag is read by every program: when set, nothing is written.
 """
 
@@ -247,29 +247,6 @@ def _lamb_update(table, n_chunks, n_tensors, coefs, lr: tl.float64, lr_ptr, clip
                 tl.store(a_ptr + s + offs, average_update(a, w_stored.to(AVG), r_avg), mask=mask)
 
 
-def global_sum_squares(grads, staging: mt.Staging) -> torch.Tensor:
-    """The sum of squares of every element of ``grads`` (as given: scaled), an fp64
-    device scalar: per dtype group ``norms._sum_squares`` per chunk, the partials added
-    on the device."""
-    device = grads[0].device
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for dtype, index in mt.group_by_dtype(grads).items():
-        views = [staging.lead(grads[i], written=False) for i in index]
-        numels = [x.numel() for x in views]
-        tab = norms.table([(x.data_ptr(), 0, 0) for x in views], numels,
-                          grads[index[0]].element_size(), [0] * len(index),
-                          [False] * len(index), index, device)
-        if tab.n_chunks:
-            acc_torch, acc = acc_types(dtype)
-            partial = torch.empty(tab.n_chunks, dtype=acc_torch, device=device)
-            norms._sum_squares[(tab.n_chunks,)](
-                tab.data, tab.n_chunks, tab.n_tensors, partial, partial, partial,
-                ELEM=ELEM[dtype], ACC=acc, BLOCK=mt.block(max(numels)), WITH_G=False,
-                HAS_SCALE=False, HAS_SKIP=False, num_warps=mt.NUM_WARPS)
-            total += partial.sum(dtype=torch.float64)
-    return total
-
-
 def lamb_(params, grads, exp_avgs, exp_avg_sqs, steps, exclude, **kw) -> None:
     """One LAMB step in place; the contract (and keyword arguments) of
     ``lbkernels.reference.lamb.lamb_``."""
@@ -292,7 +269,7 @@ def lamb_(params, grads, exp_avgs, exp_avg_sqs, steps, exclude, **kw) -> None:
         if grad_norm is None:  # the norm of the scaled grads, in the reference's dtype
             dtype = (torch.float64 if all(g.dtype == torch.float64 for g in grads)
                      else torch.float32)
-            grad_norm = global_sum_squares(grads, staging).sqrt().to(dtype)
+            grad_norm = norms.total_sum_squares(grads, staging).sqrt().to(dtype)
         clip = clip_divisor(grads, kw["max_grad_norm"], grad_norm, grad_scale)
     flags = dict(HAS_SCALE=grad_scale is not None, HAS_CLIP=clip is not None,
                  WD_L2=not decoupled and (apex or wd != 0.0),
