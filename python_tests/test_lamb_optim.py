@@ -220,45 +220,45 @@ def run_both(opt, params_b, step_b, steps=6):
     return a
 
 
-@pytest.mark.parametrize("trust_clip", [False, True])
-@pytest.mark.parametrize("always_adapt", [False, True])
-@pytest.mark.parametrize("grad_averaging", [True, False])
-def test_timm_lamb_bit_for_bit(trust_clip, always_adapt, grad_averaging):
+TRANSCRIBED_HP = dict(lr=0.05, betas=(0.9, 0.999), eps=1e-6)
+
+
+def assert_transcription_matches(step, **options):
+    """6 steps of LAMB (reference kernel, ``options``) and of ``step(groups, state)`` on
+    twin params, the second group without decay, leave weights and moments bitwise equal."""
     a, b = make_params(torch.float32), make_params(torch.float32)
-    hp = dict(lr=0.05, betas=(0.9, 0.999), eps=1e-6)
     opt = LAMB([{"params": a[:2], "weight_decay": 0.01}, {"params": a[2:], "weight_decay": 0.0}],
-               max_grad_norm=1.0, always_adapt=always_adapt, clip=trust_clip,
-               grad_averaging=grad_averaging, impl="reference", **hp)
+               max_grad_norm=1.0, impl="reference", **TRANSCRIBED_HP, **options)
     state: dict = {}
     groups = [(b[:2], 0.01), (b[2:], 0.0)]
-    run_both(opt, b, lambda: timm_lamb_step(groups, state, 1.0, trust_clip=trust_clip,
-                                            always_adapt=always_adapt,
-                                            grad_averaging=grad_averaging, **hp))
+    run_both(opt, b, lambda: step(groups, state))
     for p, q in zip(a, b):
         assert torch.equal(p, q)
         assert torch.equal(opt.state[p]["exp_avg"], state[q][0])
         assert torch.equal(opt.state[p]["exp_avg_sq"], state[q][1])
+
+
+@pytest.mark.parametrize("trust_clip", [False, True])
+@pytest.mark.parametrize("always_adapt", [False, True])
+@pytest.mark.parametrize("grad_averaging", [True, False])
+def test_timm_lamb_bit_for_bit(trust_clip, always_adapt, grad_averaging):
+    assert_transcription_matches(
+        lambda groups, state: timm_lamb_step(groups, state, 1.0, trust_clip=trust_clip,
+                                             always_adapt=always_adapt,
+                                             grad_averaging=grad_averaging, **TRANSCRIBED_HP),
+        always_adapt=always_adapt, clip=trust_clip, grad_averaging=grad_averaging)
 
 
 @pytest.mark.parametrize("adam_w_mode", [True, False])
 @pytest.mark.parametrize("use_nvlamb", [False, True])
 @pytest.mark.parametrize("grad_averaging", [True, False])
 def test_apex_fused_lamb_bit_for_bit(adam_w_mode, use_nvlamb, grad_averaging):
-    a, b = make_params(torch.float32), make_params(torch.float32)
-    hp = dict(lr=0.05, betas=(0.9, 0.999), eps=1e-6)
-    opt = LAMB([{"params": a[:2], "weight_decay": 0.01}, {"params": a[2:], "weight_decay": 0.0}],
-               style="apex", max_grad_norm=1.0, always_adapt=use_nvlamb,
-               decoupled_weight_decay=adam_w_mode, grad_averaging=grad_averaging,
-               impl="reference", **hp)
-    state: dict = {}
-    groups = [(b[:2], 0.01), (b[2:], 0.0)]
-    run_both(opt, b, lambda: apex_lamb_step(groups, state, 1.0, adam_w_mode=adam_w_mode,
-                                            grad_averaging=grad_averaging,
-                                            use_nvlamb=use_nvlamb, **hp))
-    for p, q in zip(a, b):
-        assert torch.equal(p, q)
-        assert torch.equal(opt.state[p]["exp_avg"], state[q][0])
-        assert torch.equal(opt.state[p]["exp_avg_sq"], state[q][1])
+    assert_transcription_matches(
+        lambda groups, state: apex_lamb_step(groups, state, 1.0, adam_w_mode=adam_w_mode,
+                                             grad_averaging=grad_averaging,
+                                             use_nvlamb=use_nvlamb, **TRANSCRIBED_HP),
+        style="apex", always_adapt=use_nvlamb, decoupled_weight_decay=adam_w_mode,
+        grad_averaging=grad_averaging)
 
 
 # -- AdamW: the same state, and the same rule with every tensor excluded -------------------
