@@ -14,7 +14,8 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from helpers import compiled_backend_params, optim_backend_params, through_checkpoint
+from helpers import (assert_same_run, compiled_backend_params, load_run, optim_backend_params,
+                     through_checkpoint)
 from lbkernels import _library
 from lbkernels.optim import LAMB, WeightAverager, lamb_param_groups
 
@@ -479,3 +480,21 @@ def test_the_bench_timm_style_loop_is_lamb(max_grad_norm):
     loop = TimmStyleLAMB(b, lr=0.05, weight_decay=0.01, max_grad_norm=max_grad_norm)
     run_both(opt, b, loop.step, steps=4)
     assert all(torch.equal(p, q) for p, q in zip(a, b))
+
+
+@pytest.mark.slow  # three short training runs (29 s on two busy cores)
+def test_a_lamb_training_run_resumes_bit_for_bit(tmp_path):
+    from lbkernels.train.__main__ import main
+
+    # A constant rate (no warm-up, step decay without milestones): the schedule of a
+    # 1-epoch run is then that of the 2-epoch one, which the resume extends.
+    flags = ["--method", "lamb", "--model", "mlp", "--width", "0.25", "--batch-size", "256",
+             "--quiet", "--lamb-clip", "--lamb-max-grad-norm", "1.0", "--warmup-epochs", "0",
+             "--decay", "step"]
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    assert main(flags + ["--epochs", "2", "--out-dir", str(whole)]) == 0
+    assert main(flags + ["--epochs", "1", "--out-dir", str(resumed)]) == 0
+    assert main(["--resume", str(resumed), "--epochs", "2"]) == 0
+    assert_same_run(load_run(whole), load_run(resumed))
+    state = load_run(whole)["method"]["optimizer"]
+    assert state["param_groups"][0]["max_grad_norm"] == 1.0 and state["param_groups"][0]["clip"]
