@@ -98,16 +98,10 @@ void lamb_cpu(const LambArgs& a) {
     std::vector<double> partial, sum_w2(n), sum_u2(n);
     int64_t k = 0;
     while (k < n) {
-      chunks.clear();
-      norm_chunks.clear();
-      int64_t bytes = 0, k_end = k;
-      for (; k_end < n && (bytes == 0 || bytes < block_bytes()); ++k_end) {
-        const int64_t numel = ptrs[k_end].numel;
-        if (numel <= kChunk) continue;
-        append_chunks(chunks, k_end, numel);
-        if (!coefs[k_end].excluded) append_chunks(norm_chunks, k_end, numel);
-        bytes += 4 * numel * elem;
-      }
+      // Pass 1 reads w, g, m, v: the block's bytes.
+      const int64_t k_end = next_block(ptrs, k, 4 * elem,
+                                       [&](int64_t j) { return coefs[j].excluded; }, chunks,
+                                       norm_chunks);
       if (!norm_chunks.empty()) {
         partial.resize(2 * norm_chunks.size());
         parallel_chunks(static_cast<int64_t>(norm_chunks.size()), [&](int64_t c0, int64_t c1) {

@@ -109,6 +109,28 @@ inline int64_t block_bytes() {
   return bytes;
 }
 
+// The next block of large tensors (more than one chunk) from position k of `ptrs` (any
+// type with a `numel`): their chunks, and in `norm_chunks` those of the tensors that
+// need norms (`excluded(j)` false), until the block spans block_bytes() at
+// `bytes_per_element`. Returns the end of the block.
+template <typename Ptrs, typename Excluded>
+int64_t next_block(const std::vector<Ptrs>& ptrs, int64_t k, int64_t bytes_per_element,
+                   const Excluded& excluded, std::vector<Chunk>& chunks,
+                   std::vector<Chunk>& norm_chunks) {
+  chunks.clear();
+  norm_chunks.clear();
+  const int64_t n = static_cast<int64_t>(ptrs.size());
+  int64_t bytes = 0;
+  for (; k < n && (bytes == 0 || bytes < block_bytes()); ++k) {
+    const int64_t numel = ptrs[k].numel;
+    if (numel <= kChunk) continue;
+    append_chunks(chunks, k, numel);
+    if (!excluded(k)) append_chunks(norm_chunks, k, numel);
+    bytes += bytes_per_element * numel;
+  }
+  return k;
+}
+
 // Runs f(c0, c1) over [0, n) chunks on the intra-op thread pool.
 template <typename F>
 inline void parallel_chunks(int64_t n, const F& f) {
