@@ -274,8 +274,10 @@ def lamb_(params, grads, exp_avgs, exp_avg_sqs, steps, exclude, **kw) -> None:
     flags = dict(HAS_SCALE=grad_scale is not None, HAS_CLIP=clip is not None,
                  WD_L2=not decoupled and (apex or wd != 0.0),
                  WD_U=decoupled and (apex or wd != 0.0), GRAD_AVG=bool(kw["grad_averaging"]),
-                 LERP=not apex and bool(kw["grad_averaging"]), LERP_LOW=1.0 - beta1 < 0.5,
                  APEX=apex)
+    # torch.lerp's formula by its weight (one compiled variant when there is no lerp).
+    flags.update(LERP=not apex and flags["GRAD_AVG"],
+                 LERP_LOW=not apex and flags["GRAD_AVG"] and 1.0 - beta1 < 0.5)
     for dtype, index in mt.group_by_dtype(params).items():
         addresses, leads = [], []
         for i in index:
