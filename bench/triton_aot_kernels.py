@@ -324,13 +324,15 @@ def variants() -> list[Variant]:
         "HAS_SKIP": flags, **blocks}, _adam_update)
     lamb_chunk = {"HAS_SCALE": flags, "HAS_CLIP": flags, "decay": tuple(LAMB_DECAY),
                   "moment": tuple(LAMB_MOMENT), "HAS_SKIP": flags, **blocks}
-    out += per_dtype(lamb, "_lamb_moments", {**lamb_chunk, "BIAS": flags}, _lamb_moments)
+    out += per_dtype(lamb, "_lamb_moments", {**lamb_chunk, "BIAS": flags}, _lamb_moments,
+                     num_warps=lamb.NUM_WARPS)
     out += per_dtype(lamb, "_lamb_coefs", {"HAS_MAX_TRUST": flags, "CLIP": flags, "BIAS": flags,
                                            "APEX": flags, "HAS_SKIP": flags}, _lamb_coefs,
                      dtypes=[next(d for d in ELEM if acc_types(d)[1] == a)
                              for a in (tl.float32, tl.float64)])
     out += per_dtype(lamb, "_lamb_update", {**lamb_chunk, "HAS_LR_TENSOR": flags,
-                                            "averaging": tuple(AVERAGING)}, _lamb_update)
+                                            "averaging": tuple(AVERAGING)}, _lamb_update,
+                     num_warps=lamb.NUM_WARPS)
     out += per_dtype(average, "_average", {"method": ("ema", "swa"), "HAS_SKIP": flags,
                                            **blocks}, _average)
     out += per_dtype(average, "_worker_mean", blocks, _worker_mean)

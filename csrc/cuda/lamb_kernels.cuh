@@ -191,9 +191,7 @@ struct LambUpdate {
     A r_avg = A(0);
     if constexpr (kAverage) {
       avg = static_cast<A*>(meta.addresses[DEPTH - 1][slot]) + begin;
-      // IEEE division (the reference's 1 / (n + 1) in the averages' dtype).
-      r_avg = average.swa ? A(1) / (static_cast<A>(*average.count) + A(1))
-                          : static_cast<A>(average.one_minus_decay);
+      r_avg = average.rate<A>();
     }
     auto element = [&](T& wk, const T& gk, T& mk, T& vk, A& ak) {
       const A wv = load_acc(&wk);

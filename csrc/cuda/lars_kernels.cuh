@@ -74,9 +74,7 @@ struct LarsUpdate {
     A r_avg = A(0);
     if constexpr (kAverage) {
       avg = static_cast<A*>(meta.addresses[DEPTH - 1][slot]) + begin;
-      // IEEE division (the reference's 1 / (n + 1) in the averages' dtype).
-      r_avg = average.swa ? A(1) / (static_cast<A>(*average.count) + A(1))
-                          : static_cast<A>(average.one_minus_decay);
+      r_avg = average.rate<A>();
     }
     auto update = [&](T* wp, const T* gp, T* bp, A* ap) {
       A wv = load_acc(wp);

@@ -37,6 +37,10 @@ from .math import proceed, scalar, soft_bf16, sqrt, to_elem
 
 # Per-tensor rows start after the 4 lists and the count, slot and begin rows.
 TENSOR_ROWS: tl.constexpr = tl.constexpr(7)
+# Warps of the two chunk passes: 8 (4 elements per thread at BLOCK 1024), as with 4 (8
+# per thread) ptxas spilled 8-24 B in 14 of their variants (sm_90, Triton 3.6: the AOT
+# check); per-tensor passes keep multi_tensor.NUM_WARPS.
+NUM_WARPS = 8
 
 
 @triton.jit
@@ -315,7 +319,7 @@ def lamb_(params, grads, exp_avgs, exp_avg_sqs, steps, exclude, **kw) -> None:
                 tab.data, tab.n_chunks, tab.n_tensors, partial, pointer["clip"], pointer["scale"],
                 pointer["skip"], *consts, ELEM=ELEM[dtype], ACC=acc, BLOCK=block,
                 BIAS=bool(kw["bias_correction"]), STORE=store, HAS_SKIP=has_skip, **flags,
-                num_warps=mt.NUM_WARPS)
+                num_warps=NUM_WARPS)
         # A program per tensor, empty ones included: every counter counts the step.
         max_trust = kw["max_trust"]
         _lamb_coefs[(tab.n_tensors,)](
@@ -331,7 +335,7 @@ def lamb_(params, grads, exp_avgs, exp_avg_sqs, steps, exclude, **kw) -> None:
                 pointer["count"], 1.0 - float(kw["average_decay"]), ELEM=ELEM[dtype], ACC=acc,
                 BLOCK=block, STORED=store, HAS_LR_TENSOR=lr_tensor is not None,
                 HAS_SKIP=has_skip, SOFT_BF16=soft_bf16(dtype), HAS_AVG=bool(averages),
-                AVG=acc, SWA=kw["average_method"] == "swa", **flags, num_warps=mt.NUM_WARPS)
+                AVG=acc, SWA=kw["average_method"] == "swa", **flags, num_warps=NUM_WARPS)
     staging.write_back()
     if averages and average_count is not None:
         # After every launch of the call (stream order): each program read the old count.
