@@ -122,7 +122,8 @@ void write(const Range<T>& x, const LambCoefs<Opmath<T>>& cs, const LambFlags& f
       }
       w = lamb_write(w, lamb_direction(m, v, w, cv, f), lrv, rv, f.apex);
       w.store(x.w + i);
-      if (x.avg != nullptr) lbkernels::average_update(V::loadu(x.avg + i), w, avg_rv).store(x.avg + i);
+      if (x.avg != nullptr)
+        lbkernels::average_update(V::loadu(x.avg + i), w, avg_rv).store(x.avg + i);
     }
   }
   for (; i < x.n; ++i) {
