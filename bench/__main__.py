@@ -5,7 +5,9 @@ after round, in one process, so that drifts of this shared machine hit all of th
 alike (``bench.harness``); the table reports medians, the ratio to
 ``torch.optim.SGD(fused=True)`` and effective bandwidth counted at 20 bytes per fp32
 parameter (read w, g, buf; write w, buf: the minimum of a momentum step), 28 for
-ExtrapSGD (which also reads the local gradient and writes the anchor).
+ExtrapSGD (which also reads the local gradient and writes the anchor) and for AdamW and
+LAMB (read w, g, m, v; write w, m, v). The BERT-base set times only the AdamW and LAMB
+rows (``bench.params.SET_VARIANTS``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import lbkernels
 from lbkernels import _library
 
 from .harness import measure, parser, start, table
-from .params import PARAM_SETS, variants
+from .params import PARAM_SETS, SET_VARIANTS, variants
 
 
 def skipped(device: str) -> list[str]:
@@ -37,7 +39,8 @@ def main(argv=None) -> None:
         print("note:", note)
     rows = []
     for s in args.sets:
-        rows += measure(s, args.device, args.reps, variants(args.device), only=args.variants)
+        rows += measure(s, args.device, args.reps, variants(args.device),
+                        only=args.variants or SET_VARIANTS.get(s))
     print(table(rows))
 
 

@@ -5,7 +5,8 @@ Every variant steps its own copy of the same parameter set in turn, round after 
 in one process, so that drifts of this shared machine hit all of them alike; the rows
 give medians, the ratio to the anchor ``torch.optim.SGD(fused=True)`` and effective
 bandwidth counted at 20 bytes per fp32 parameter (read w, g, buf; write w, buf: the
-minimum of a momentum step) unless the variant says otherwise (``BYTES_PER_PARAM``).
+minimum of a momentum step) unless the variant says otherwise (``BYTES_PER_PARAM``: 28
+for ExtrapSGD, AdamW and LAMB).
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ def cpu_capability() -> str:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| set | variant | median ms | x SGD fused | GB/s @20B/param (ExtrapSGD 28) | page faults/step |",
+    lines = ["| set | variant | median ms | x SGD fused | GB/s @20B/param (ExtrapSGD, AdamW, LAMB 28) | page faults/step |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]
     for r in rows:
         lines.append(f"| {r['set']} ({r['tensors']} tensors, {r['params'] / 1e6:.1f}M) | {r['variant']} | "

@@ -1,5 +1,6 @@
 """Parameter sets and the step variants the benchmarks time: lbkernels' optimizers, the
-anchors a user would otherwise pick, and SWA kept beside the LARS step
+anchors a user would otherwise pick (for LAMB: a timm-style loop and
+``torch.optim.AdamW(fused=True)``), and SWA kept beside the LARS step
 (``python -m bench.bench_averaging`` compares those)."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from lbkernels import _library
-from lbkernels.optim import LARS, ExtrapSGD, WeightAverager
+from lbkernels.optim import LAMB, LARS, ExtrapSGD, WeightAverager
 
 
 def resnet50_shapes() -> list[tuple[int, ...]]:
@@ -29,11 +30,29 @@ def resnet50_shapes() -> list[tuple[int, ...]]:
     return shapes + [(1000, 2048), (1000,)]
 
 
+def bert_base_shapes() -> list[tuple[int, ...]]:
+    """The 199 parameter shapes of BERT-base (uncased) with its pooler, 109,482,240
+    parameters: hidden 768, 12 layers, FFN 3072, vocabulary 30522, 512 positions, 2 token
+    types (Devlin et al. 2019, section 3: L=12, H=768, A=12, "110M"; the config.json of
+    bert-base-uncased on the Hugging Face hub). Linear weights are (out, in) as in torch.nn.Linear."""
+    h, ffn = 768, 3072
+    shapes: list[tuple[int, ...]] = [(30522, h), (512, h), (2, h), (h,), (h,)]  # embeddings, LayerNorm
+    for _ in range(12):
+        shapes += [(h, h), (h,)] * 3  # query, key, value
+        shapes += [(h, h), (h,), (h,), (h,)]  # attention output dense, LayerNorm
+        shapes += [(ffn, h), (ffn,), (h, ffn), (h,), (h,), (h,)]  # FFN in, out, LayerNorm
+    return shapes + [(h, h), (h,)]  # pooler
+
+
 PARAM_SETS: dict[str, Callable[[], list[tuple[int, ...]]]] = {
     "resnet50": resnet50_shapes,
     "2000x1000": lambda: [(1000,)] * 2000,
     "1x25M": lambda: [(25_000_000,)],
+    "bert-base": bert_base_shapes,
 }
+# Sets that time only some variants (names containing one of these, and the anchor):
+# BERT-base is 4.4x ResNet-50, and the LARS rows add nothing there.
+SET_VARIANTS = {"bert-base": ("AdamW", "LAMB")}
 
 
 def make_params(shapes, dtype=torch.float32, device="cpu", seed=0):
@@ -95,6 +114,52 @@ class ForeachLARS:
             torch._foreach_mul_(self.bufs, self.m)
             torch._foreach_add_(self.bufs, d)
         torch._foreach_add_(self.params, self.bufs, alpha=-self.lr)
+
+
+class TimmStyleLAMB:
+    """The per-tensor loop of timm's ``Lamb`` (``foreach=False``, timm's defaults but
+    ``max_grad_norm``): moments, denominator, update, two norms and the write, each its
+    own kernel, with update-sized temporaries per tensor."""
+
+    BYTES_PER_PARAM = 28
+
+    def __init__(self, params, lr, weight_decay, betas=(0.9, 0.999), eps=1e-6, max_grad_norm=None):
+        self.params, self.lr, self.wd, self.betas, self.eps = list(params), lr, weight_decay, betas, eps
+        self.max_grad_norm = max_grad_norm
+        self.state = [(torch.zeros_like(p), torch.zeros_like(p)) for p in self.params]
+        self.t = 0
+
+    @torch.no_grad()
+    def step(self):
+        b1, b2 = self.betas
+        self.t += 1
+        bc1, bc2 = 1 - b1**self.t, 1 - b2**self.t
+        clip = None
+        if self.max_grad_norm is not None:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in self.params]))
+            clip = (norm / self.max_grad_norm).clamp_(min=1.0)
+        for p, (exp_avg, exp_avg_sq) in zip(self.params, self.state):
+            grad = p.grad if clip is None else p.grad / clip
+            exp_avg.lerp_(grad, 1 - b1)
+            exp_avg_sq.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+            update = (exp_avg / bc1).div_((exp_avg_sq.sqrt() / bc2**0.5).add_(self.eps))
+            update.add_(p, alpha=self.wd)
+            w_norm, u_norm = p.norm(2.0), update.norm(2.0)
+            update.mul_(torch.where(w_norm > 0, torch.where(u_norm > 0, w_norm / u_norm, 1.0), 1.0))
+            p.add_(update, alpha=-self.lr)
+
+
+class Bytes28:
+    """An Adam-like optimizer (AdamW, LAMB) counted at 28 bytes per parameter in the
+    bandwidth column: read w, g, m, v; write w, m, v (the minimum of an Adam step)."""
+
+    BYTES_PER_PARAM = 28
+
+    def __init__(self, opt):
+        self.opt = opt
+
+    def step(self):
+        self.opt.step()
 
 
 class ExtrapSGDWithLocalGrads:
@@ -177,6 +242,23 @@ def averaging_variants(device: str, hp: dict) -> dict:
 # The anchor of every ratio.
 ANCHOR = "SGD fused"
 HP = dict(lr=0.1, momentum=0.9, weight_decay=5e-5)
+# LAMB's (timm's defaults) for its rows, AdamW's the same lr and decay.
+LAMB_HP = dict(lr=1e-3, weight_decay=0.01)
+
+
+def lamb_variants(device: str) -> dict[str, Callable]:
+    """LAMB and its anchors: the timm-style loop, AdamW(fused=True), lbkernels' LAMB
+    without and with timm's global gradient clipping (max_grad_norm=1.0)."""
+    out = {
+        "AdamW fused": lambda ps: Bytes28(torch.optim.AdamW(ps, fused=True, **LAMB_HP)),
+        "LAMB timm-style loop": lambda ps: TimmStyleLAMB(ps, **LAMB_HP),
+        "LAMB timm-style loop, clip 1.0": lambda ps: TimmStyleLAMB(ps, max_grad_norm=1.0, **LAMB_HP),
+    }
+    if _library.has_native_kernel("lamb_", device):
+        for name, clip in (("", None), (", clip 1.0", 1.0)):
+            out[f"lbkernels LAMB native-{device}{name}"] = (
+                lambda ps, clip=clip: Bytes28(LAMB(ps, impl="native", max_grad_norm=clip, **LAMB_HP)))
+    return out
 
 
 def variants(device: str) -> dict[str, Callable]:
@@ -193,6 +275,7 @@ def variants(device: str) -> dict[str, Callable]:
     out.update(averaging_variants(device, HP))
     if _library.has_native_kernel("extrap_sgd_", device):
         out[f"lbkernels ExtrapSGD native-{device}"] = lambda ps: ExtrapSGDWithLocalGrads(ps, **HP)
+    out.update(lamb_variants(device))
     if device == "cuda":
         from lbkernels import triton as lbk_triton  # only with CUDA: triton is a GPU backend
 

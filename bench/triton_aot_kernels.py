@@ -27,9 +27,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import triton.language as tl
 
-from lbkernels.triton import average, extrap_adam, extrap_sgd, lars, noise, norms
+from lbkernels.triton import average, extrap_adam, extrap_sgd, lamb, lars, noise, norms
 from lbkernels.triton import multi_tensor as mt
 from lbkernels.triton.math import ELEM, acc_types
 
@@ -234,6 +235,52 @@ def _adam_update(dtype, c):
              "SOFT_BF16": False})
 
 
+# lamb_'s weight decay: (WD_L2, WD_U) from decoupled_weight_decay (and wd != 0 for timm).
+LAMB_DECAY = {"none": (False, False), "l2": (True, False), "decoupled": (False, True)}
+# (APEX, GRAD_AVG, LERP, LERP_LOW): timm's lerp (both formulas) or m * b1 + b3 * g.
+LAMB_MOMENT = {"timm-lerp-low": (False, True, True, True), "timm-lerp-high": (False, True, True, False),
+               "timm-sum": (False, False, False, False), "apex": (True, True, False, False),
+               "apex-sum": (True, False, False, False)}
+
+
+def _lamb_flags(dtype, c) -> dict:
+    l2, wd_u = LAMB_DECAY[c["decay"]]
+    apex, grad_avg, lerp, lerp_low = LAMB_MOMENT[c["moment"]]
+    return {**_elem(dtype), "BLOCK": c["BLOCK"], "HAS_SCALE": c["HAS_SCALE"],
+            "HAS_CLIP": c["HAS_CLIP"], "WD_L2": l2, "WD_U": wd_u, "GRAD_AVG": grad_avg,
+            "LERP": lerp, "LERP_LOW": lerp_low, "APEX": apex, "HAS_SKIP": c["HAS_SKIP"]}
+
+
+def _lamb_scalars(c) -> dict:
+    return {"clip_ptr": ptr(c["HAS_CLIP"]), "scale_ptr": ptr(c["HAS_SCALE"]),
+            "skip_ptr": ptr(c["HAS_SKIP"])}
+
+
+def _lamb_moments(dtype, c):
+    # STORE: the launcher stores the moments in pass 1 exactly for fp32/fp64.
+    return ({"table": TABLE, "n_chunks": "i32", "n_tensors": "i32", "partial": acc_ptr(dtype),
+             **_lamb_scalars(c)},
+            {**_lamb_flags(dtype, c), "BIAS": c["BIAS"],
+             "STORE": dtype in (torch.float32, torch.float64)})
+
+
+def _lamb_coefs(dtype, c):
+    return ({"table": TABLE, "n_chunks": "i32", "n_tensors": "i32", "partial": acc_ptr(dtype),
+             "coefs": acc_ptr(dtype), "skip_ptr": ptr(c["HAS_SKIP"])},
+            {"ACC": acc_types(dtype)[1], "RBLOCK": mt.RBLOCK, "HAS_MAX_TRUST": c["HAS_MAX_TRUST"],
+             "CLIP": c["CLIP"], "BIAS": c["BIAS"], "APEX": c["APEX"], "HAS_SKIP": c["HAS_SKIP"]})
+
+
+def _lamb_update(dtype, c):
+    has_avg, swa = AVERAGING[c["averaging"]]
+    return ({"table": TABLE, "n_chunks": "i32", "n_tensors": "i32", "coefs": acc_ptr(dtype),
+             "lr_ptr": ptr(c["HAS_LR_TENSOR"]), **_lamb_scalars(c), "avg_table": TABLE,
+             "count_ptr": COUNT},
+            {**_lamb_flags(dtype, c), "STORED": dtype in (torch.float32, torch.float64),
+             "HAS_LR_TENSOR": c["HAS_LR_TENSOR"], "SOFT_BF16": False, "HAS_AVG": has_avg,
+             "AVG": acc_types(dtype)[1], "SWA": swa})
+
+
 def _average(dtype, c):
     return ({"table": TABLE, "n_chunks": "i32", "count_ptr": COUNT,
              "skip_ptr": ptr(c["HAS_SKIP"])},
@@ -287,6 +334,17 @@ def variants() -> list[Variant]:
         "HAS_SCALE": flags, "HAS_LOCAL": flags, "weight_decay": ("none", "l2", "decoupled"),
         "LERP_LOW": flags, "HAS_LR_TENSOR": flags, "HAS_ELR_TENSOR": flags,
         "HAS_SKIP": flags, **blocks}, _adam_update)
+    lamb_chunk = {"HAS_SCALE": flags, "HAS_CLIP": flags, "decay": tuple(LAMB_DECAY),
+                  "moment": tuple(LAMB_MOMENT), "HAS_SKIP": flags, **blocks}
+    out += per_dtype(lamb, "_lamb_moments", {**lamb_chunk, "BIAS": flags}, _lamb_moments,
+                     num_warps=lamb.NUM_WARPS)
+    out += per_dtype(lamb, "_lamb_coefs", {"HAS_MAX_TRUST": flags, "CLIP": flags, "BIAS": flags,
+                                           "APEX": flags, "HAS_SKIP": flags}, _lamb_coefs,
+                     dtypes=[next(d for d in ELEM if acc_types(d)[1] == a)
+                             for a in (tl.float32, tl.float64)])
+    out += per_dtype(lamb, "_lamb_update", {**lamb_chunk, "HAS_LR_TENSOR": flags,
+                                            "averaging": tuple(AVERAGING)}, _lamb_update,
+                     num_warps=lamb.NUM_WARPS)
     out += per_dtype(average, "_average", {"method": ("ema", "swa"), "HAS_SKIP": flags,
                                            **blocks}, _average)
     out += per_dtype(average, "_worker_mean", blocks, _worker_mean)

@@ -15,6 +15,7 @@ import torch
 
 from .reference import average as _ref_average
 from .reference import extrap as _ref_extrap
+from .reference import lamb as _ref_lamb
 from .reference import lars as _ref_lars
 
 NAMESPACE = "lbkernels"
@@ -56,6 +57,17 @@ SCHEMAS = {
         "bool decoupled_weight_decay=False, Tensor? grad_scale=None, "
         "Tensor? found_inf=None) -> ()"
     ),
+    "lamb_": (
+        "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+        "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, bool[] exclude, *, float lr, "
+        "Tensor? lr_tensor=None, float beta1=0.9, float beta2=0.999, float eps=1e-6, "
+        "float weight_decay=0.01, bool bias_correction=True, bool grad_averaging=True, "
+        "bool decoupled_weight_decay=True, float? max_trust=None, bool clip=False, "
+        "float? max_grad_norm=None, Tensor? grad_norm=None, str style=\"timm\", "
+        "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor(e!)[]? averages=None, "
+        "Tensor(f!)? average_count=None, str average_method=\"swa\", "
+        "float average_decay=0.999) -> ()"
+    ),
 }
 
 REFERENCE = {
@@ -65,6 +77,7 @@ REFERENCE = {
     "worker_mean_": _ref_average.worker_mean_,
     "extrap_sgd_": _ref_extrap.extrap_sgd_,
     "extrap_adam_": _ref_extrap.extrap_adam_,
+    "lamb_": _ref_lamb.lamb_,
 }
 
 

@@ -210,3 +210,29 @@ def extrap_adam_(params: Tensors, anchors: Tensors, exp_avgs: Tensors, exp_avg_s
         lr=lr_value, lr_tensor=lr_tensor, extrap_lr=elr_value, extrap_lr_tensor=elr_tensor,
         **options,
     )
+
+
+def lamb_(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors,
+          steps: Tensors, exclude: Sequence[bool], *, lr: float | torch.Tensor,
+          impl: str = "auto", **options) -> None:
+    """One fused LAMB step in place (docs/algorithms.md section 7).
+
+    ``options``: the op's other keyword arguments, with the meaning that
+    ``lbkernels.reference.lamb.lamb_`` documents and the defaults of its schema
+    (``_library.SCHEMAS``): beta1, beta2, eps, weight_decay, bias_correction,
+    grad_averaging, decoupled_weight_decay, max_trust, clip, max_grad_norm, grad_norm,
+    style, grad_scale, found_inf, averages, average_count, average_method, average_decay.
+
+    ``exp_avgs`` and ``exp_avg_sqs`` start at zero; ``steps`` are 0-dim fp32 counters on
+    the params' device, incremented first. ``lr`` may be a one-element tensor on the
+    params' device. ``grad_norm`` (a one-element tensor: the L2 norm of the scaled
+    gradients of the whole optimizer) spares the op its own norm over ``grads`` when
+    ``max_grad_norm`` clips. ``exclude[i]`` sets the trust ratio of tensor ``i`` to 1.
+    Averaging folded into the write pass, as in ``lars_sgd_``.
+    """
+    _check_options("lamb_", options)
+    lr_value, lr_tensor = _scalar_arg(lr)
+    resolve("lamb_", impl, params)(
+        _as_list(params), _as_list(grads), _as_list(exp_avgs), _as_list(exp_avg_sqs),
+        _as_list(steps), _as_list(exclude), lr=lr_value, lr_tensor=lr_tensor, **options,
+    )

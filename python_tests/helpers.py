@@ -22,7 +22,7 @@ import torch
 
 import lbkernels
 from lbkernels import _library, ops
-from lbkernels.optim import LARS, ExtrapAdam, ExtrapSGD, ShiftedMomentumSGD
+from lbkernels.optim import LAMB, LARS, ExtrapAdam, ExtrapSGD, ShiftedMomentumSGD
 
 
 # --- backends -----------------------------------------------------------------------------
@@ -185,6 +185,17 @@ OPTIMIZERS = [
         ("anchor", "step", "exp_avg", "exp_avg_sq"),
         {"lr": 0.005, "betas": (0.8, 0.99), "weight_decay": 1e-2, "decoupled_weight_decay": True},
         copy_state_keys=("anchor",),
+    ),
+    Entry(
+        # No max_grad_norm: its norm spans every group, so two groups would not equal two
+        # optimizers (test_lamb_optim.py checks the clipping).
+        "LAMB",
+        lambda params, impl="auto", **kw: LAMB(
+            params, **{"lr": 0.01, "weight_decay": 1e-2, "clip": True, "max_trust": 5.0,
+                       "impl": impl, **kw}),
+        ("step", "exp_avg", "exp_avg_sq"),
+        {"lr": 0.005, "betas": (0.8, 0.99), "weight_decay": 0.0, "style": "apex",
+         "decoupled_weight_decay": False, "lamb_exclude": True},
     ),
 ]
 

@@ -117,6 +117,24 @@ def _extrap_adam(dev):
              dict(lr=0.1, weight_decay=1e-2, decoupled_weight_decay=True, **_extrap_scalars(dev)))]
 
 
+def _lamb(dev):
+    ps, grads = _randn(SHAPES, 14, dev), _randn(SHAPES, 15, dev)
+    moments = [[torch.zeros_like(p) for p in ps] for _ in range(2)]
+    steps = [torch.zeros((), device=dev) for _ in ps]
+    exclude = [False, True, False]
+    scalar = dict(lr_tensor=torch.tensor(0.05, device=dev), grad_scale=torch.tensor(2.0, device=dev),
+                  found_inf=torch.tensor(0.0, device=dev))
+    return [
+        ((ps, grads, *moments, steps, exclude),
+         dict(lr=0.1, averages=[], max_grad_norm=1.0, clip=True, max_trust=5.0, **scalar)),
+        # apex's order, L2 decay, the global norm given; weight averaging folded in.
+        ((ps, grads, *moments, steps, exclude),
+         dict(lr=0.1, style="apex", decoupled_weight_decay=False, max_grad_norm=1.0,
+              grad_norm=torch.tensor([3.0], device=dev), averages=[torch.zeros_like(p) for p in ps],
+              average_count=torch.zeros((), dtype=torch.int64, device=dev))),
+    ]
+
+
 SAMPLES = {
     "multi_tensor_l2norm": _l2norm,
     "lars_sgd_": _lars,
@@ -124,6 +142,7 @@ SAMPLES = {
     "worker_mean_": _worker_mean,
     "extrap_sgd_": _extrap_sgd,
     "extrap_adam_": _extrap_adam,
+    "lamb_": _lamb,
 }
 
 

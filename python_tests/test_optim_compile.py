@@ -11,7 +11,8 @@ from lbkernels.optim import WeightAverager
 
 # One row per optimizer class of helpers.OPTIMIZERS, and the noise variant of ExtrapSGD.
 ENTRIES = [e for e in OPTIMIZERS if e.name in (
-    "LARS", "ShiftedMomentumSGD-lars", "ExtrapSGD-nesterov", "ExtrapSGD-filter-noise", "ExtrapAdam")]
+    "LARS", "ShiftedMomentumSGD-lars", "ExtrapSGD-nesterov", "ExtrapSGD-filter-noise", "ExtrapAdam",
+    "LAMB")]
 
 # helpers.HOST_COUNTERS: a compiled step dropped the counter's increment (measured: 0
 # after 3 compiled steps, 3 after 3 eager ones), so it runs eagerly, a graph break:

@@ -165,3 +165,44 @@ def test_lars_steps_a_param_past_2_31_elements(impl, device):
         got = p.detach()[s]
         assert (got != before).float().mean() > 0.5, f"elements {s} were not stepped"
         torch.testing.assert_close(got, ws, msg=lambda m: f"elements {s}: {m}")
+
+
+def _first_lamb_direction_norm64(w, g, wd, eps, chunk=2**28):
+    """||u|| of a first LAMB step in fp64, a chunk at a time: the moments start at zero, so
+    with bias correction m_hat = g and v_hat = g^2, and u = g / (|g| + eps) + wd * w."""
+    total = 0.0
+    for i in range(0, w.numel(), chunk):
+        gs, ws = g[i:i + chunk].double(), w[i:i + chunk].double()
+        total = total + (gs / (gs.abs() + eps) + wd * ws).square().sum()
+    return total.sqrt()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl,device", NATIVE_CUDA)
+def test_lamb_steps_a_param_past_2_31_elements(impl, device):
+    n = 2**31 + 1
+    # fp16 param, grad and two moments (4 GiB each), 2 GiB fp64 chunks (x4 in the norms), 1 spare
+    need = 4 * n * 2 + 9 * 2**30
+    free, _ = torch.cuda.mem_get_info()
+    if free < need:
+        pytest.skip(f"needs {need / 2**30:.1f} GiB of free GPU memory, {free / 2**30:.1f} GiB free")
+    gen = torch.Generator(device).manual_seed(0)
+    p = torch.randn(n, generator=gen, device=device, dtype=torch.float16)
+    g = torch.randn(n, generator=gen, device=device, dtype=torch.float16)
+    m, v, step = torch.zeros_like(p), torch.zeros_like(p), torch.zeros((), device=device)
+    # The start, the middle, and the last 4097 elements, across index 2**31 (past int32).
+    slices = [slice(0, 4096), slice(2**30 - 2048, 2**30 + 2048), slice(2**31 - 4096, n)]
+    w = [p[s].clone() for s in slices]
+    lr, wd, eps = 0.01, 0.01, 1e-6  # |u| ~ 1: updates of ~0.01, many fp16 ulps of w
+    ratio = (_norm64(p) / _first_lamb_direction_norm64(p, g, wd, eps)).item()
+    ops.lamb_([p], [g], [m], [v], [step], [False], lr=lr, weight_decay=wd, eps=eps, impl=impl)
+    assert step.item() == 1
+    for s, ws in zip(slices, w):
+        before = ws.clone()
+        ms, vs = torch.zeros_like(ws), torch.zeros_like(ws)
+        # The reference on the slice, its ratio given through lr (an excluded tensor has r = 1).
+        ops.lamb_([ws], [g[s]], [ms], [vs], [torch.zeros((), device=device)], [True],
+                  lr=lr * ratio, weight_decay=wd, eps=eps, impl="reference")
+        assert (p[s] != before).float().mean() > 0.5, f"elements {s} were not stepped"
+        for got, expected in ((p[s], ws), (m[s], ms), (v[s], vs)):
+            torch.testing.assert_close(got, expected, msg=lambda msg: f"elements {s}: {msg}")

@@ -63,6 +63,19 @@ def extrap_adam(impl):
     return params, anchors, m, v
 
 
+def lamb(impl):
+    params = randn(SHAPES, 0, torch.float32, "cpu")
+    m, v = [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params]
+    steps = [torch.zeros(()) for _ in params]
+    averages = [torch.zeros_like(p) for p in params]
+    count = torch.zeros((), dtype=torch.int64)
+    for t in range(3):
+        ops.lamb_(params, grads_for(t, SHAPES, torch.float32, "cpu"), m, v, steps,
+                  [i % 3 == 0 for i in range(len(params))], lr=0.01, max_grad_norm=1.0,
+                  averages=averages, average_count=count, impl=impl)
+    return params, m, v, averages
+
+
 def norms_and_mean(impl):
     xs = randn(SHAPES, 3, torch.float32, "cpu")
     norms = ops.multi_tensor_l2norm(xs, impl=impl)
@@ -71,7 +84,7 @@ def norms_and_mean(impl):
     return [norms], xs
 
 
-@pytest.mark.parametrize("run", [lars, extrap_sgd, extrap_adam, norms_and_mean])
+@pytest.mark.parametrize("run", [lars, extrap_sgd, extrap_adam, lamb, norms_and_mean])
 def test_three_threads_match_one_and_the_reference(run):
     three = on_threads(3, run, "native")
     one = on_threads(1, run, "native")
@@ -79,6 +92,13 @@ def test_three_threads_match_one_and_the_reference(run):
     for a, b, e in zip(three, one, ref):
         assert_lists_close(a, b, **TOL)
         assert_lists_close(a, e, **TOL)
+
+
+def test_lamb_is_bitwise_the_same_on_three_threads_as_on_one():
+    # The norms are summed per 64K chunk and the chunks added in order, whatever thread
+    # summed each: the split over threads changes no bit.
+    for a, b in zip(on_threads(3, lamb, "native"), on_threads(1, lamb, "native")):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 def test_noise_is_the_same_on_three_threads_as_on_one():

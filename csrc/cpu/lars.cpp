@@ -15,8 +15,6 @@
 //    tensor with both norms given is read once, by its update).
 #include <torch/library.h>
 
-#include <cstdlib>
-
 #include <lbkernels/lars_args.h>
 
 #include "multi_tensor.h"
@@ -26,14 +24,6 @@ namespace lbkernels::cpu {
 const char* capability_name() { return kernels().name; }
 
 namespace {
-
-int64_t block_bytes() {
-  static const int64_t bytes = [] {
-    const char* env = std::getenv("LBK_CPU_BLOCK_BYTES");
-    return env != nullptr ? std::max<int64_t>(1, std::atoll(env)) : int64_t(8) << 20;
-  }();
-  return bytes;
-}
 
 at::Tensor multi_tensor_l2norm_cpu(at::TensorList xs) {
   check_list(xs, "xs", c10::DeviceType::CPU);
@@ -117,16 +107,10 @@ void lars_sgd_cpu(const LarsSgdArgs& a) {
     std::vector<double> partial, sum_w2(n), sum_g2(n);
     int64_t k = 0;
     while (k < n) {
-      chunks.clear();
-      norm_chunks.clear();
-      int64_t bytes = 0, k_end = k;
-      for (; k_end < n && (bytes == 0 || bytes < block_bytes()); ++k_end) {
-        const int64_t numel = flat.ptrs[k_end].numel;
-        if (numel <= kChunk) continue;
-        append_chunks(chunks, k_end, numel);
-        if (coefs[k_end].needs_norms()) append_chunks(norm_chunks, k_end, numel);
-        bytes += 2 * numel * elem;
-      }
+      // A tensor whose norms are both given (norm_sq) or not needed gets no norm chunks.
+      const int64_t k_end = next_block(flat.ptrs, k, 2 * elem,
+                                       [&](int64_t j) { return !coefs[j].needs_norms(); }, chunks,
+                                       norm_chunks);
       if (!norm_chunks.empty()) {
         partial.assign(2 * norm_chunks.size(), 0.0);
         parallel_chunks(static_cast<int64_t>(norm_chunks.size()), [&](int64_t c0, int64_t c1) {

@@ -8,6 +8,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <cstdlib>
 #include <optional>
 #include <string>
 #include <utility>
@@ -27,11 +29,12 @@ struct KernelTable {
   decltype(&DEFAULT::worker_mean) worker_mean;
   decltype(&DEFAULT::extrap_sgd) extrap_sgd;
   decltype(&DEFAULT::extrap_adam) extrap_adam;
+  decltype(&DEFAULT::lamb) lamb;
 };
 
 #define LBK_KERNEL_TABLE(NS) KernelTable{#NS, &NS::sum_squares, &NS::sgd_update, &NS::lars_whole, \
                                         &NS::average_update, &NS::worker_mean, \
-                                        &NS::extrap_sgd, &NS::extrap_adam}
+                                        &NS::extrap_sgd, &NS::extrap_adam, &NS::lamb}
 
 // The loops built for the best capability this CPU has, as ATen itself decides it
 // (so ATEN_CPU_CAPABILITY=default|avx2|avx512 selects ours too).
@@ -112,6 +115,39 @@ inline void read_given_norms(const std::optional<at::Tensor>& norm_sq, int64_t i
 // Appends the chunks of tensor `t` (position in the flat lists) with `numel` elements.
 inline void append_chunks(std::vector<Chunk>& chunks, int64_t t, int64_t numel) {
   for (int64_t b = 0; b < numel; b += kChunk) chunks.push_back({t, b, std::min(numel, b + kChunk)});
+}
+
+// The bytes of tensor data one block of large tensors spans (LBK_CPU_BLOCK_BYTES, default
+// 8 MiB): the ops that visit a tensor twice (norms, then the update) finish a block while
+// it is still in the last-level cache.
+inline int64_t block_bytes() {
+  static const int64_t bytes = [] {
+    const char* env = std::getenv("LBK_CPU_BLOCK_BYTES");
+    return env != nullptr ? std::max<int64_t>(1, std::atoll(env)) : int64_t(8) << 20;
+  }();
+  return bytes;
+}
+
+// The next block of large tensors (more than one chunk) from position k of `ptrs` (any
+// type with a `numel`): their chunks, and in `norm_chunks` those of the tensors that
+// need norms (`excluded(j)` false), until the block spans block_bytes() at
+// `bytes_per_element`. Returns the end of the block.
+template <typename Ptrs, typename Excluded>
+int64_t next_block(const std::vector<Ptrs>& ptrs, int64_t k, int64_t bytes_per_element,
+                   const Excluded& excluded, std::vector<Chunk>& chunks,
+                   std::vector<Chunk>& norm_chunks) {
+  chunks.clear();
+  norm_chunks.clear();
+  const int64_t n = static_cast<int64_t>(ptrs.size());
+  int64_t bytes = 0;
+  for (; k < n && (bytes == 0 || bytes < block_bytes()); ++k) {
+    const int64_t numel = ptrs[k].numel;
+    if (numel <= kChunk) continue;
+    append_chunks(chunks, k, numel);
+    if (!excluded(k)) append_chunks(norm_chunks, k, numel);
+    bytes += bytes_per_element * numel;
+  }
+  return k;
 }
 
 // Runs f(c0, c1) over [0, n) chunks on the intra-op thread pool.

@@ -16,6 +16,22 @@
 
 namespace lbkernels::cuda {
 
+// Weight averaging folded into an optimizer's write pass (lars_sgd_, lamb_: the last
+// list holds the averages, opmath_t<T>): avg = average_update(avg, w as stored, r) with
+// r = 1 / (n + 1) (SWA, n read on the device before the call's count update) or
+// 1 - decay (EMA).
+struct FoldedAverage {
+  const int64_t* count;  // read when swa
+  double one_minus_decay;
+  bool swa;
+
+  // r in the averages' type A; an IEEE division (the reference's 1 / (n + 1) in A).
+  template <typename A>
+  __device__ __forceinline__ A rate() const {
+    return swa ? A(1) / (static_cast<A>(*count) + A(1)) : static_cast<A>(one_minus_decay);
+  }
+};
+
 // addresses[0]: the average (opmath_t<T>: fp32, or fp64 for fp64 params);
 // addresses[1]: the param (T).
 template <typename T>

@@ -15,6 +15,7 @@
 
 #include <lbkernels/math.h>
 
+#include "average_kernels.cuh"  // FoldedAverage
 #include "common.cuh"
 
 namespace lbkernels::cuda {
@@ -31,15 +32,6 @@ struct Norms {
     const A s = tensor_sum(partial, meta.first_chunk[slot], num_chunks(meta.numel[slot]));
     if (threadIdx.x == 0) out[meta.index[slot]] = static_cast<float>(sqrt_rn(s));
   }
-};
-
-// Weight averaging folded into pass 3 (DEPTH 4: list 3 holds the averages, opmath_t<T>):
-// avg = average_update(avg, w as stored, r) with r = 1 / (n + 1) (SWA, n read on the
-// device before the call's count update) or 1 - decay (EMA).
-struct FoldedAverage {
-  const int64_t* count;  // read when swa
-  double one_minus_decay;
-  bool swa;
 };
 
 // Pass 3 of lars_sgd_: lists w, g, buf (null without momentum), and with DEPTH 4 the
@@ -82,9 +74,7 @@ struct LarsUpdate {
     A r_avg = A(0);
     if constexpr (kAverage) {
       avg = static_cast<A*>(meta.addresses[DEPTH - 1][slot]) + begin;
-      // IEEE division (the reference's 1 / (n + 1) in the averages' dtype).
-      r_avg = average.swa ? A(1) / (static_cast<A>(*average.count) + A(1))
-                          : static_cast<A>(average.one_minus_decay);
+      r_avg = average.rate<A>();
     }
     auto update = [&](T* wp, const T* gp, T* bp, A* ap) {
       A wv = load_acc(wp);

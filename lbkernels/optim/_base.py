@@ -33,6 +33,16 @@ def check_numbers(group: dict, *names: str, positive: tuple[str, ...] = (), valu
                      tensor=name in TENSOR_HYPERPARAMETERS, read_tensor=values)
 
 
+def check_betas(group: dict) -> None:
+    """``group["betas"]`` is a pair of numbers in [0, 1) (Adam's moment decays)."""
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair of floats, got {betas!r}")
+    for i, b in enumerate(betas):
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 <= b < 1.0:
+            raise ValueError(f"Invalid betas[{i}]: {b!r} (must be in [0, 1))")
+
+
 def check_bools(group: dict, *names: str) -> None:
     for name in names:
         check_bool(name, group[name])

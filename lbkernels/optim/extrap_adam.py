@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from .. import ops
-from ._base import Bucket, check_bools, check_numbers, copy_state, group_args, zeros_state
+from ._base import Bucket, check_betas, check_bools, check_numbers, copy_state, group_args, zeros_state
 from .extrap import ExtrapOptimizer
 
 
@@ -62,12 +62,7 @@ class ExtrapAdam(ExtrapOptimizer):
         self._check_extrap(group, values)
         check_numbers(group, "eps")
         check_bools(group, "decoupled_weight_decay")
-        betas = group["betas"]
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"betas must be a pair of floats, got {betas!r}")
-        for i, b in enumerate(betas):
-            if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 <= b < 1.0:
-                raise ValueError(f"Invalid betas[{i}]: {b!r} (must be in [0, 1))")
+        check_betas(group)
 
     def _state_kinds(self) -> dict[str, str]:
         return {"anchor": "param", "step": "count", "exp_avg": "param", "exp_avg_sq": "param"}

@@ -69,19 +69,20 @@ class WeightAverager:
     :meth:`restore` can also be called separately.
 
     **Folded into the optimizer step** (``fused_with=optimizer``, a
-    :class:`~lbkernels.optim.LARS` or :class:`~lbkernels.optim.ShiftedMomentumSGD`):
-    every ``optimizer.step()`` averages the weights it has just written, in the same
-    fused pass (``lbkernels.ops.lars_sgd_`` with ``averages``), so SWA/EMA costs no
-    extra read of the weights. The same update as above, applied after each step; a
-    step skipped by ``GradScaler`` (``found_inf``) averages nothing. Then:
+    :class:`~lbkernels.optim.LARS`, :class:`~lbkernels.optim.ShiftedMomentumSGD` or
+    :class:`~lbkernels.optim.LAMB`): every ``optimizer.step()`` averages the weights it has
+    just written, in the same fused pass (``lbkernels.ops.lars_sgd_`` or ``lamb_`` with
+    ``averages``), so SWA/EMA costs no extra read of the weights. The same update as
+    above, applied after each step; a step skipped by ``GradScaler`` (``found_inf``)
+    averages nothing. Then:
 
     * :meth:`update` raises (calling it would average the same weights twice);
     * the averaged parameters must be exactly the optimizer's, all on one device, and
       every parameter of a param group needs a gradient at every step (the step visits
       only those; a partial group raises rather than silently skip an average);
     * the count is kept per param group (one int64 per group, on the device: each group
-      is its own ``lars_sgd_`` call, and all of a call's averages share one ``r``); it
-      is in :meth:`state_dict` and survives a checkpoint;
+      is its own ``lars_sgd_`` / ``lamb_`` call, and all of a call's averages share one
+      ``r``); it is in :meth:`state_dict` and survives a checkpoint;
     * the averaging starts with the next step: create the averager when averaging
       should start (e.g. at the SWA epoch), after the optimizer.
     """
@@ -126,13 +127,15 @@ class WeightAverager:
     # ------------------------------------------------------------ folded averaging
 
     def _fuse(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -> None:
+        from .lamb import LAMB
         from .lars import LARS
         from .shifted_momentum import ShiftedMomentumSGD
 
-        if not isinstance(optimizer, (LARS, ShiftedMomentumSGD)):
-            raise TypeError("fused_with must be a lbkernels.optim.LARS or ShiftedMomentumSGD "
-                            f"(whose step is lars_sgd_), got {type(optimizer).__name__}; use "
-                            "fused_with=None and call update() after each step instead")
+        if not isinstance(optimizer, (LARS, ShiftedMomentumSGD, LAMB)):
+            raise TypeError("fused_with must be a lbkernels.optim.LARS, ShiftedMomentumSGD or "
+                            "LAMB (whose step is lars_sgd_ or lamb_), got "
+                            f"{type(optimizer).__name__}; use fused_with=None and call update() "
+                            "after each step instead")
         if getattr(optimizer, "_fused_averager", None) is not None:
             raise ValueError("fused_with: this optimizer already updates another WeightAverager")
         position = {id(p): i for i, p in enumerate(params)}
@@ -180,7 +183,8 @@ class WeightAverager:
                                    "update() for models with unused parameters")
 
     def _step_arguments(self, group: dict, bucket: Any) -> dict[str, Any]:
-        """The averaging arguments of ``lars_sgd_`` for one bucket of the fused optimizer."""
+        """The averaging arguments of ``lars_sgd_`` / ``lamb_`` for one bucket of the
+        fused optimizer."""
         # _check_step has refused, before the step, every case where this lookup fails.
         averages, count = self._fused_groups[id(group["params"])]
         assert bucket.index is None

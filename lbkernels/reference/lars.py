@@ -101,7 +101,12 @@ def check_lars_sgd_args(params, grads, momentum_buffers, steps, exclude, *, mome
     if momentum_style not in ("torch", "paper"):
         raise ValueError(f"momentum_style must be 'torch' or 'paper', got {momentum_style!r}")
     check_scalars(lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf)
-    # The averaging folded into the step.
+    check_folded_average_args(params, averages, average_count, average_method, found_inf)
+
+
+def check_folded_average_args(params, averages, average_count, average_method, found_inf) -> None:
+    """The weight averaging folded into a step (``lars_sgd_``, ``lamb_``), after the
+    step's own checks."""
     if averages:
         _average.check_average_args(averages, params, average_count, average_method, found_inf,
                                     count_name="average_count", method_name="average_method")

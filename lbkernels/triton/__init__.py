@@ -38,6 +38,7 @@ OPS = {
     "worker_mean_": "average",
     "extrap_sgd_": "extrap_sgd",
     "extrap_adam_": "extrap_adam",
+    "lamb_": "lamb",
 }
 
 PREFIX = "triton_"

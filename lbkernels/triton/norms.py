@@ -1,6 +1,7 @@
 """Triton per-tensor norms and LARS trust ratios (docs/algorithms.md sections 1 and 6): the
-``multi_tensor_l2norm`` op, and the coefficient passes that ``lars_sgd_`` and
-``extrap_sgd_`` (with ``lars=True``) run before their updates.
+``multi_tensor_l2norm`` op, the coefficient passes that ``lars_sgd_`` and
+``extrap_sgd_`` (with ``lars=True``) run before their updates, and the sum of squares
+of all gradients behind ``lamb_``'s global clipping (section 7).
 
 Two launches per dtype group over a chunk table of lists (w, g, buf) whose per-tensor
 rows are (first chunk, end chunk, step address, excluded, output index); nothing is
@@ -160,6 +161,24 @@ def _lars_coefs(table, n_chunks, n_tensors, partial, coefs, lr: tl.float64, lr_p
 # ------------------------------------------------------------------------ launchers
 
 
+def _chunk_sums(xs: list[torch.Tensor], index: list[int], staging: mt.Staging,
+                device: torch.device) -> tuple[mt.Table, torch.Tensor]:
+    """The table of ``xs[i]`` (``i`` in ``index``, one dtype) and the sum of squares of
+    each of its chunks (at least one entry; fp32, fp64 for fp64 tensors)."""
+    views = [staging.lead(xs[i], written=False) for i in index]
+    numels = [x.numel() for x in views]
+    tab = table([(x.data_ptr(), 0, 0) for x in views], numels, xs[index[0]].element_size(),
+                [0] * len(index), [False] * len(index), index, device)
+    acc_torch, acc = acc_types(xs[index[0]].dtype)
+    partial = torch.empty(max(1, tab.n_chunks), dtype=acc_torch, device=device)
+    if tab.n_chunks:
+        _sum_squares[(tab.n_chunks,)](
+            tab.data, tab.n_chunks, tab.n_tensors, partial, partial, partial, partial, 0,
+            ELEM=ELEM[xs[index[0]].dtype], ACC=acc, BLOCK=mt.block(max(numels)), WITH_G=False,
+            HAS_SCALE=False, HAS_SKIP=False, HAS_NORM_SQ=False, num_warps=mt.NUM_WARPS)
+    return tab, partial
+
+
 def multi_tensor_l2norm(xs: list[torch.Tensor]) -> torch.Tensor:
     """Per-tensor L2 norms (fp32 result; fp64 accumulation for fp64 tensors)."""
     check_l2norm_args(xs)
@@ -170,20 +189,20 @@ def multi_tensor_l2norm(xs: list[torch.Tensor]) -> torch.Tensor:
     out = torch.empty(len(xs), dtype=torch.float32, device=device)
     staging = mt.Staging()
     for dtype, index in mt.group_by_dtype(xs).items():
-        views = [staging.lead(xs[i], written=False) for i in index]
-        numels = [x.numel() for x in views]
-        tab = table([(x.data_ptr(), 0, 0) for x in views], numels, xs[index[0]].element_size(),
-                    [0] * len(index), [False] * len(index), index, device)
-        acc_torch, acc = acc_types(dtype)
-        partial = torch.empty(max(1, tab.n_chunks), dtype=acc_torch, device=device)
-        if tab.n_chunks:
-            _sum_squares[(tab.n_chunks,)](
-                tab.data, tab.n_chunks, tab.n_tensors, partial, partial, partial, partial, 0,
-                ELEM=ELEM[dtype], ACC=acc, BLOCK=mt.block(max(numels)), WITH_G=False,
-                HAS_SCALE=False, HAS_SKIP=False, HAS_NORM_SQ=False, num_warps=mt.NUM_WARPS)
+        tab, partial = _chunk_sums(xs, index, staging, device)
         _norms[(tab.n_tensors,)](tab.data, tab.n_chunks, tab.n_tensors, partial, out,
-                                 ACC=acc, RBLOCK=mt.RBLOCK, num_warps=mt.NUM_WARPS)
+                                 ACC=acc_types(dtype)[1], RBLOCK=mt.RBLOCK, num_warps=mt.NUM_WARPS)
     return out
+
+
+def total_sum_squares(xs: list[torch.Tensor], staging: mt.Staging) -> torch.Tensor:
+    """The sum of squares of every element of ``xs`` (lamb_'s global gradient norm), an
+    fp64 device scalar: the chunks' sums added on the device, nothing read on the host."""
+    total = torch.zeros((), dtype=torch.float64, device=xs[0].device)
+    for index in mt.group_by_dtype(xs).values():
+        tab, partial = _chunk_sums(xs, index, staging, xs[0].device)
+        total += partial[:tab.n_chunks].sum(dtype=torch.float64)
+    return total
 
 
 def lars_coefs(tab: mt.Table, dtype: torch.dtype, block: int, *, lr, lr_tensor, weight_decay,

@@ -8,6 +8,7 @@
 #include "../common.cuh"
 #include "../extrap_adam_kernels.cuh"
 #include "../extrap_kernels.cuh"
+#include "../lamb_kernels.cuh"
 #include "../lars_kernels.cuh"
 
 namespace lbkernels::cuda {
@@ -22,7 +23,7 @@ namespace lbkernels::cuda {
 
 // Per element type: the norms and LARS passes (common.cuh, lars_kernels.cuh), average_
 // and worker_mean_, extrap_sgd_ (update, filter sums, filter factors, filter write) and
-// extrap_adam_.
+// extrap_adam_, and lamb_ (moments, ratio, update without and with the averaging).
 #define LBK_INSTANTIATE(T)                                                                    \
   LBK_KERNEL(1, SumSquares<T, 1>)                                                             \
   LBK_KERNEL(2, SumSquares<T, 2>)                                                             \
@@ -36,7 +37,11 @@ namespace lbkernels::cuda {
   LBK_KERNEL(1, FilterSums<T>)                                                                \
   LBK_KERNEL(1, FilterFactors<T>)                                                             \
   LBK_KERNEL(2, FilterWrite<T>)                                                               \
-  LBK_KERNEL(6, ExtrapAdamUpdate<T>)
+  LBK_KERNEL(6, ExtrapAdamUpdate<T>)                                                          \
+  LBK_KERNEL(5, LambMoments<T>)                                                               \
+  LBK_KERNEL(1, LambRatio<T>)                                                                 \
+  LBK_KERNEL(4, LambUpdate<T>)                                                                \
+  LBK_KERNEL(5, LambUpdate<T, 5>)
 
 LBK_INSTANTIATE(float)
 LBK_INSTANTIATE(double)
@@ -47,6 +52,15 @@ LBK_INSTANTIATE(__nv_bfloat16)
 LBK_KERNEL(1, AdamBiasPass)
 
 template __global__ void average_count_kernel<int64_t>(int64_t*, DeviceScalar);
+
+// The global gradient norm of lamb_: per group sums in the arithmetic type, the
+// clipping divisor in fp32 or fp64.
+template __global__ void lamb_group_sum<float>(const float*, int64_t, double*);
+template __global__ void lamb_group_sum<double>(const double*, int64_t, double*);
+template __global__ void lamb_clip_kernel<float>(const double*, int, DeviceScalar, DeviceScalar,
+                                                 double, double*);
+template __global__ void lamb_clip_kernel<double>(const double*, int, DeviceScalar, DeviceScalar,
+                                                  double, double*);
 
 #undef LBK_INSTANTIATE
 #undef LBK_KERNEL

@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include <lbkernels/extrap_math.h>
+#include <lbkernels/lamb_math.h>
 #include <lbkernels/math.h>
 
 namespace lbkernels::cpu {
@@ -175,6 +176,60 @@ LBK_DECLARE_EXTRAP_CPU_KERNELS(DEFAULT)
 #if defined(LBK_CPU_X86)
 LBK_DECLARE_EXTRAP_CPU_KERNELS(AVX2)
 LBK_DECLARE_EXTRAP_CPU_KERNELS(AVX512)
+#endif
+
+// --- lamb_ (docs/algorithms.md section 7) --------------------------------------------------
+
+// Raw view of one tensor of a LAMB step; every pointer addresses `numel` elements laid out
+// identically in memory.
+struct LambPtrs {
+  void* w;
+  const void* g;
+  void* m;
+  void* v;
+  void* avg;  // the folded average (fp32, or fp64 for fp64 params); null without
+  int64_t numel;
+};
+
+// Per-tensor state of one LAMB step: the step count the bias corrections use, the trust
+// ratio (1 until the norms are known, and for excluded tensors).
+struct LambTensorCoefs {
+  double t = 1;
+  double r = 1;
+  bool excluded = false;
+};
+
+struct LambParams {
+  LambOptions o;
+  double grad_scale = 1, clip = 1;  // the divisors of the gradient (when o.has_scale, o.has_clip)
+  AverageParams average{0, 0};      // the folded averaging's weight (when LambPtrs.avg)
+};
+
+// The trust ratio of one tensor from its sums of squares of w and u. Called by the host
+// for multi-chunk tensors and by the kernels for whole ones, so both compute the same.
+inline void lamb_set_ratio(double sum_w2, double sum_u2, const LambParams& p, LambTensorCoefs& c) {
+  c.r = lamb_ratio<double>(std::sqrt(sum_w2), std::sqrt(sum_u2), p.o.has_max_trust,
+                           p.o.max_trust, p.o.clip, c.excluded);
+}
+
+// What one call of the lamb loop does to its chunks.
+enum class LambPass : int32_t {
+  kNorms,  // pass 1: out[2*c] = sum(w^2), out[2*c+1] = sum(u^2) of chunk c; fp32/fp64 store m, v
+  kWrite,  // pass 2: write w (and m, v, avg) with the tensor's ratio, chunks in reverse order
+  kWhole,  // both on whole-tensor chunks, the ratio computed between them (cache-hot)
+};
+
+#define LBK_DECLARE_LAMB_CPU_KERNELS(NS)                                                   \
+  namespace NS {                                                                           \
+  void lamb(c10::ScalarType dtype, const LambPtrs* tensors, const Chunk* chunks, int64_t c0, \
+            int64_t c1, LambTensorCoefs* coefs, const LambParams& p, LambPass pass,        \
+            double* out);                                                                  \
+  }
+
+LBK_DECLARE_LAMB_CPU_KERNELS(DEFAULT)
+#if defined(LBK_CPU_X86)
+LBK_DECLARE_LAMB_CPU_KERNELS(AVX2)
+LBK_DECLARE_LAMB_CPU_KERNELS(AVX512)
 #endif
 
 }  // namespace lbkernels::cpu

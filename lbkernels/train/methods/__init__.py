@@ -22,7 +22,7 @@ a method reads its own from ``ctx.args``.
 from .plan import METHODS, Context, Method, Plan, peak_lr, register
 
 # Each registers its methods on import.
-from . import sgd  # noqa: F401  (sgd, lars)
+from . import sgd  # noqa: F401  (sgd, lars, lamb)
 from . import delayed  # noqa: F401  (delayed, async-sim)
 from . import growing_batch  # noqa: F401
 from . import swap  # noqa: F401  (swap, swa)

@@ -1,0 +1,136 @@
+// CPU kernel of lamb_ (docs/algorithms.md section 7); the arguments are checked by
+// lbkernels/lamb_args.h before lamb_cpu runs.
+//
+// Where the time goes: AdamW moves 28 bytes per fp32 parameter (reads g, w, m, v, writes
+// w, m, v). LAMB needs ||u|| of a whole tensor before it writes any of its w, so a plain
+// two-pass kernel moves 40 (pass 1: 16 read + 8 for m, v; pass 2: 12 read + 4). The
+// second pass is made to read from cache instead (lamb_kernel.cpp has the passes):
+//  * tensors of at most one chunk (64K elements, 1 MiB of fp32 w, g, m, v) are done whole
+//    by one thread: pass 1, ratio, pass 2 in one visit, the second from L2;
+//  * larger tensors go in blocks of about LBK_CPU_BLOCK_BYTES (8 MiB) of w, g, m, v: one
+//    parallel sweep of pass 1 (partial sums per chunk), a serial reduction per tensor,
+//    one parallel sweep of pass 2 while the block is in the last-level cache. Pass 2
+//    walks each thread's chunks backwards, so a tensor larger than the cache (BERT's
+//    23M-element embedding) still finds the part pass 1 touched last in cache;
+//  * the scalars (lr, grad_scale, grad_norm, found_inf, the step counters) are CPU
+//    tensors read on the host, which costs no device synchronisation here; nothing
+//    proportional to the model is allocated (the chunk table is 24 bytes per 64K elements).
+#include <torch/library.h>
+
+#include <cmath>
+
+#include <lbkernels/lamb_args.h>
+
+#include "multi_tensor.h"
+
+namespace lbkernels::cpu {
+namespace {
+
+// The value of an optional one-element tensor, read on the host (a CPU tensor: no sync).
+double value_or(const std::optional<at::Tensor>& t, double fallback) {
+  return t.has_value() ? t->item<double>() : fallback;
+}
+
+// The sum of squares of every element of `xs` (the global gradient norm's square), in
+// double across 64K-element chunks.
+double sum_of_squares(at::TensorList xs) {
+  double total = 0.0;
+  const auto& K = kernels();
+  for (const auto& [dtype, index] : group_by_dtype(xs)) {
+    Staging staging;
+    std::vector<TensorPtrs> ptrs;
+    std::vector<Chunk> chunks;
+    for (int64_t k = 0; k < static_cast<int64_t>(index.size()); ++k) {
+      const at::Tensor x = staging.lead(xs[index[k]], false);
+      ptrs.push_back({x.data_ptr(), nullptr, nullptr, x.numel()});
+      append_chunks(chunks, k, x.numel());
+    }
+    std::vector<double> partial(2 * chunks.size());
+    parallel_chunks(static_cast<int64_t>(chunks.size()), [&](int64_t c0, int64_t c1) {
+      K.sum_squares(dtype, ptrs.data(), chunks.data(), c0, c1, partial.data());
+    });
+    for (size_t c = 0; c < chunks.size(); ++c) total += partial[2 * c];
+  }
+  return total;
+}
+
+void lamb_cpu(const LambArgs& a) {
+  if (value_or(a.found_inf, 0.0) != 0.0) return;
+  LambParams p;
+  p.o = lamb_options(a, value_or(a.lr_tensor, a.lr));
+  p.grad_scale = value_or(a.grad_scale, 1.0);
+  if (p.o.has_clip) {
+    // N: the norm of the unscaled gradients (grad_norm is that of the scaled ones).
+    const double n = a.grad_norm.has_value() ? a.grad_norm->item<double>()
+                                             : std::sqrt(sum_of_squares(a.grads));
+    p.clip = lamb_clip_divisor(n / p.grad_scale, *a.max_grad_norm);
+  }
+  const bool averaging = !a.averages.empty();
+  if (averaging) p.average = average_params(a.average_method, a.average_count, a.average_decay);
+  const auto& K = kernels();
+
+  for (const auto& [dtype, index] : group_by_dtype(a.params)) {
+    Staging staging;
+    const int64_t n = static_cast<int64_t>(index.size());
+    std::vector<LambPtrs> ptrs(n);
+    std::vector<LambTensorCoefs> coefs(n);
+    std::vector<Chunk> whole, chunks, norm_chunks;
+    for (int64_t k = 0; k < n; ++k) {
+      const int64_t i = index[k];
+      const at::Tensor w = staging.lead(a.params[i], true);
+      ptrs[k] = {w.data_ptr(), staging.follow(a.grads[i], w, false).const_data_ptr(),
+                 staging.follow(a.exp_avgs[i], w, true).data_ptr(),
+                 staging.follow(a.exp_avg_sqs[i], w, true).data_ptr(),
+                 averaging ? staging.follow_as(a.averages[i], w, true).data_ptr() : nullptr,
+                 w.numel()};
+      // The counter is incremented in fp32 and read as a double, as the reference does.
+      coefs[k].t = static_cast<double>(*a.steps[i].const_data_ptr<float>() + 1.f);
+      coefs[k].excluded = a.exclude.get(i);
+      if (ptrs[k].numel <= kChunk) whole.push_back({k, 0, ptrs[k].numel});
+    }
+    // Small tensors: one region, each tensor visited once by one thread.
+    parallel_chunks(static_cast<int64_t>(whole.size()), [&](int64_t c0, int64_t c1) {
+      K.lamb(dtype, ptrs.data(), whole.data(), c0, c1, coefs.data(), p, LambPass::kWhole,
+             nullptr);
+    });
+    // Large tensors: blocks that fit the last-level cache, two sweeps each.
+    const int64_t elem = c10::elementSize(dtype);
+    std::vector<double> partial, sum_w2(n), sum_u2(n);
+    int64_t k = 0;
+    while (k < n) {
+      // Pass 1 reads w, g, m, v: the block's bytes.
+      const int64_t k_end = next_block(ptrs, k, 4 * elem,
+                                       [&](int64_t j) { return coefs[j].excluded; }, chunks,
+                                       norm_chunks);
+      if (!norm_chunks.empty()) {
+        partial.resize(2 * norm_chunks.size());
+        parallel_chunks(static_cast<int64_t>(norm_chunks.size()), [&](int64_t c0, int64_t c1) {
+          K.lamb(dtype, ptrs.data(), norm_chunks.data(), c0, c1, coefs.data(), p,
+                 LambPass::kNorms, partial.data());
+        });
+        for (size_t c = 0; c < norm_chunks.size(); ++c) {
+          sum_w2[norm_chunks[c].tensor] += partial[2 * c];
+          sum_u2[norm_chunks[c].tensor] += partial[2 * c + 1];
+        }
+      }
+      for (int64_t j = k; j < k_end; ++j)
+        if (ptrs[j].numel > kChunk) lamb_set_ratio(sum_w2[j], sum_u2[j], p, coefs[j]);
+      parallel_chunks(static_cast<int64_t>(chunks.size()), [&](int64_t c0, int64_t c1) {
+        K.lamb(dtype, ptrs.data(), chunks.data(), c0, c1, coefs.data(), p, LambPass::kWrite,
+               nullptr);
+      });
+      k = k_end;
+    }
+    staging.write_back();
+  }
+  for (const at::Tensor& s : a.steps) *s.mutable_data_ptr<float>() += 1.f;
+  if (averaging && a.average_count.has_value()) *a.average_count->mutable_data_ptr<int64_t>() += 1;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lbkernels, CPU, m) {
+  m.impl("lamb_", &lamb_op<lamb_cpu, c10::DeviceType::CPU>);
+}
+
+}  // namespace lbkernels::cpu

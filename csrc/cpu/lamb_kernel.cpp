@@ -1,0 +1,179 @@
+// Vectorised CPU loops of lamb_ (docs/algorithms.md section 7). Built once per CPU
+// capability like lars_kernel.cpp; the per-element math is lbkernels/lamb_math.h (shared
+// with the CUDA kernels).
+//
+// LAMB needs ||u|| before it may write w, so every element is visited twice:
+//  * pass 1 (kNorms) reads g, w, m, v, computes the new moments and u, and sums w^2 and
+//    u^2. fp32/fp64 tensors store the new m, v here (exact in their own type), so pass 2
+//    only recomputes u from them; fp16/bf16 tensors store nothing, because the reference
+//    takes u from the unrounded moments: pass 2 recomputes the moments from g as well,
+//    on the same inputs, so both passes see the same u bit for bit;
+//  * pass 2 (kWrite) writes w = w - lr * r * u (and the moments of 16-bit tensors, the
+//    folded average), walking its chunks in reverse so that it starts on the data pass 1
+//    touched last, still in cache (lamb.cpp explains the blocking).
+// An excluded tensor (r = 1) needs no norms: pass 2 alone does everything in one visit.
+#include <cmath>
+#include <type_traits>
+
+#include <lbkernels/lamb_math.h>
+
+#include "kernel_dispatch.h"
+
+namespace lbkernels::cpu::CPU_CAPABILITY {
+namespace {
+
+template <typename T>
+constexpr bool kFull = std::is_same_v<T, float> || std::is_same_v<T, double>;
+// Arithmetic type: the tensor type for fp32/fp64, fp32 for fp16/bf16.
+template <typename T>
+using Opmath = std::conditional_t<kFull<T>, T, float>;
+
+template <typename V, typename C>
+LambCoefs<V> broadcast(const LambCoefs<C>& c) {
+  return {V(c.scale), V(c.clip), V(c.wd),  V(c.b1),  V(c.b3), V(c.b3c),
+          V(c.b2),    V(c.w2),   V(c.bc1), V(c.bc2), V(c.eps)};
+}
+
+template <typename C>
+C average_weight(const AverageParams& a) {
+  if constexpr (std::is_same_v<C, double>) {
+    return a.r64;
+  } else {
+    return a.r32;
+  }
+}
+
+// The typed pointers of elements [b, e) of one tensor.
+template <typename T>
+struct Range {
+  T* w;
+  const T* g;
+  T* m;
+  T* v;
+  Opmath<T>* avg;  // null without averaging
+  int64_t n;
+  Range(const LambPtrs& p, int64_t b, int64_t e)
+      : w(static_cast<T*>(p.w) + b), g(static_cast<const T*>(p.g) + b),
+        m(static_cast<T*>(p.m) + b), v(static_cast<T*>(p.v) + b),
+        avg(p.avg != nullptr ? static_cast<Opmath<T>*>(p.avg) + b : nullptr), n(e - b) {}
+};
+
+// Pass 1 over one range: adds sum(w^2) and sum(u^2) to sums[0], sums[1] (vector lanes in
+// the working precision within the range, at most one 64K chunk; added in double).
+template <typename T>
+void norms(const Range<T>& x, const LambCoefs<Opmath<T>>& cs, const LambFlags& f,
+           double* sums) {
+  using C = Opmath<T>;
+  int64_t i = 0;
+  if constexpr (kFull<T>) {
+    using V = Vectorized<T>;
+    const LambCoefs<V> cv = broadcast<V>(cs);
+    V aw(T(0)), au(T(0));
+    for (; i + V::size() <= x.n; i += V::size()) {
+      const V w = V::loadu(x.w + i);
+      V m = V::loadu(x.m + i), v = V::loadu(x.v + i);
+      lamb_moments(m, v, V::loadu(x.g + i), w, cv, f);
+      const V u = lamb_direction(m, v, w, cv, f);
+      m.store(x.m + i);
+      v.store(x.v + i);
+      aw = at::vec::fmadd(w, w, aw);
+      au = at::vec::fmadd(u, u, au);
+    }
+    T lw[V::size()], lu[V::size()];
+    aw.store(lw);
+    au.store(lu);
+    for (int64_t k = 0; k < V::size(); ++k) {
+      sums[0] += static_cast<double>(lw[k]);
+      sums[1] += static_cast<double>(lu[k]);
+    }
+  }
+  for (; i < x.n; ++i) {
+    const C w = C(x.w[i]);
+    C m = C(x.m[i]), v = C(x.v[i]);
+    lamb_moments(m, v, C(x.g[i]), w, cs, f);
+    const C u = lamb_direction(m, v, w, cs, f);
+    if constexpr (kFull<T>) {
+      x.m[i] = m;
+      x.v[i] = v;
+    }
+    sums[0] += static_cast<double>(w) * static_cast<double>(w);
+    sums[1] += static_cast<double>(u) * static_cast<double>(u);
+  }
+}
+
+// Pass 2 over one range: w = w - lr * r * u, and the folded average of the stored w.
+// `fresh`: the moments are still the old ones (16-bit tensors, excluded tensors), so they
+// are updated and stored here.
+template <typename T>
+void write(const Range<T>& x, const LambCoefs<Opmath<T>>& cs, const LambFlags& f, Opmath<T> lr,
+           Opmath<T> r, Opmath<T> avg_r, bool fresh) {
+  using C = Opmath<T>;
+  int64_t i = 0;
+  if constexpr (kFull<T>) {
+    using V = Vectorized<T>;
+    const LambCoefs<V> cv = broadcast<V>(cs);
+    const V lrv(lr), rv(r), avg_rv(avg_r);
+    for (; i + V::size() <= x.n; i += V::size()) {
+      V w = V::loadu(x.w + i), m = V::loadu(x.m + i), v = V::loadu(x.v + i);
+      if (fresh) {
+        lamb_moments(m, v, V::loadu(x.g + i), w, cv, f);
+        m.store(x.m + i);
+        v.store(x.v + i);
+      }
+      w = lamb_write(w, lamb_direction(m, v, w, cv, f), lrv, rv, f.apex);
+      w.store(x.w + i);
+      if (x.avg != nullptr)
+        lbkernels::average_update(V::loadu(x.avg + i), w, avg_rv).store(x.avg + i);
+    }
+  }
+  for (; i < x.n; ++i) {
+    C w = C(x.w[i]), m = C(x.m[i]), v = C(x.v[i]);
+    if (fresh) {
+      lamb_moments(m, v, C(x.g[i]), w, cs, f);
+      x.m[i] = T(m);
+      x.v[i] = T(v);
+    }
+    x.w[i] = T(lamb_write(w, lamb_direction(m, v, w, cs, f), lr, r, f.apex));
+    // The stored (rounded) weight is averaged, as average_ would read it.
+    if (x.avg != nullptr) x.avg[i] = lbkernels::average_update(x.avg[i], C(x.w[i]), avg_r);
+  }
+}
+
+template <typename T>
+void lamb_impl(const LambPtrs* t, const Chunk* chunks, int64_t c0, int64_t c1,
+               LambTensorCoefs* coefs, const LambParams& p, LambPass pass, double* out) {
+  using C = Opmath<T>;
+  const C lr = C(p.o.lr);
+  const C avg_r = average_weight<C>(p.average);
+  for (int64_t j = c0; j < c1; ++j) {
+    // Pass 2 walks its chunks backwards (the data pass 1 touched last first).
+    const int64_t c = pass == LambPass::kWrite ? c0 + c1 - 1 - j : j;
+    const Chunk& ch = chunks[c];
+    LambTensorCoefs& tc = coefs[ch.tensor];
+    const Range<T> x(t[ch.tensor], ch.begin, ch.end);
+    const LambCoefs<C> cs = lamb_coefs<C>(p.o, tc.t, C(p.grad_scale), C(p.clip));
+    const LambFlags f = lamb_flags(p.o, cs);
+    if (pass == LambPass::kNorms) {
+      out[2 * c] = out[2 * c + 1] = 0.0;
+      norms<T>(x, cs, f, out + 2 * c);
+      continue;
+    }
+    if (pass == LambPass::kWhole && !tc.excluded) {
+      double sums[2] = {0.0, 0.0};
+      norms<T>(x, cs, f, sums);
+      lamb_set_ratio(sums[0], sums[1], p, tc);
+    }
+    write<T>(x, cs, f, lr, C(tc.r), avg_r, !kFull<T> || tc.excluded);
+  }
+}
+
+}  // namespace
+
+void lamb(c10::ScalarType dtype, const LambPtrs* tensors, const Chunk* chunks, int64_t c0,
+          int64_t c1, LambTensorCoefs* coefs, const LambParams& p, LambPass pass, double* out) {
+  by_dtype(dtype, [&](auto t) {
+    lamb_impl<decltype(t)>(tensors, chunks, c0, c1, coefs, p, pass, out);
+  });
+}
+
+}  // namespace lbkernels::cpu::CPU_CAPABILITY

@@ -1,0 +1,222 @@
+"""Reference LAMB step (docs/algorithms.md section 7).
+
+Written for clarity, not speed: one tensor at a time, fp32 arithmetic for fp16/bf16
+tensors (fp64 for fp64), and, per ``style``, the operation order of timm's ``Lamb``
+(``"timm"``) or of apex's ``FusedLAMB`` CUDA kernel (``"apex"``), so that the flags
+that select either reproduce its formulas bit for bit (python_tests/test_lamb.py).
+Where the two orders differ:
+
+============================  ==================================  =================================
+step                          ``style="timm"``                    ``style="apex"``
+============================  ==================================  =================================
+first moment (grad_averaging) ``lerp(m, g, 1 - b1)``              ``m * b1 + b3 * g``
+first moment (otherwise)      ``m * b1 + g`` (add, alpha=b3=1)     ``m * b1 + b3 * g``
+scalars b1, b2, eps, wd, lr   the Python floats, rounded per op   rounded to the arithmetic dtype
+                                                                  first (apex's ``float``
+                                                                  arguments), ``b3 = 1 - b1`` in it
+bias corrections              ``1 - b^t`` in fp64                 ``1 - b^t`` in fp64 with ``b`` so
+                                                                  rounded, then rounded
+denominator                   ``sqrt(v) / sqrt(bc2) + eps``       ``sqrt(v / bc2) + eps``
+update ``u``                  ``(m / bc1) / denom (+ wd * w)``     ``(m / bc1) / denom + wd * w``
+                                                                  (``wd * w`` even when wd == 0)
+write                         ``w - lr * (r * u)``                ``w - (lr * r) * u``
+============================  ==================================  =================================
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._validate import check_tensor_lists
+from . import average as _average
+from ._checks import Tensors, check_nonnegative, check_scalars, check_steps
+from .lars import check_folded_average_args, opmath_dtype
+
+STYLES = ("timm", "apex")
+
+
+def check_lamb_args(params, grads, exp_avgs, exp_avg_sqs, steps, exclude, *, lr, lr_tensor,
+                    beta1, beta2, eps, weight_decay, max_trust, max_grad_norm, grad_norm, style,
+                    grad_scale, found_inf, averages, average_count, average_method,
+                    **_) -> None:
+    """Every check of ``lamb_``, before any write (the other keyword arguments of the op
+    need none); the Triton launcher runs it too."""
+    check_tensor_lists(params, same_shape={"grads": grads, "exp_avgs": exp_avgs,
+                                           "exp_avg_sqs": exp_avg_sqs},
+                       flags={"exclude": exclude})
+    if len(steps) != len(params):
+        raise ValueError(f"steps has {len(steps)} entries but params has {len(params)}")
+    check_steps(params, steps)
+    check_nonnegative(lr=lr, eps=eps, weight_decay=weight_decay)
+    for name, b in (("beta1", beta1), ("beta2", beta2)):
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {b}")
+    for name, v in (("max_trust", max_trust), ("max_grad_norm", max_grad_norm)):
+        if v is not None and not v > 0.0:  # also rejects NaN
+            raise ValueError(f"{name} must be > 0 or None, got {v}")
+    if grad_norm is not None and max_grad_norm is None:
+        raise ValueError("grad_norm is given but max_grad_norm is None: nothing to clip")
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+    check_scalars(lr_tensor=lr_tensor, grad_norm=grad_norm, grad_scale=grad_scale,
+                  found_inf=found_inf)
+    check_folded_average_args(params, averages, average_count, average_method, found_inf)
+
+
+def global_grad_norm(grads: Tensors) -> torch.Tensor:
+    """The L2 norm of all of ``grads`` as a 0-d tensor: per-tensor norms in each tensor's
+    arithmetic dtype, then the norm of those norms (fp64 when every grad is fp64, else
+    fp32), as timm's ``Lamb`` computes it."""
+    dtype = torch.float64 if all(g.dtype == torch.float64 for g in grads) else torch.float32
+    norms = [torch.linalg.vector_norm(g, dtype=opmath_dtype(g.dtype)).to(dtype) for g in grads]
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
+def clip_divisor(grads: Tensors, max_grad_norm: float | None, grad_norm: torch.Tensor | None,
+                 grad_scale: torch.Tensor | None) -> torch.Tensor | None:
+    """``c`` of the global clipping (``g = g / c``), a 0-d tensor, or None without
+    ``max_grad_norm``: ``N / max_grad_norm`` when ``N > max_grad_norm``, else 1, with ``N``
+    the norm of the unscaled gradients: ``grad_norm`` (the norm of the scaled ones, given
+    by the optimizer) or the norm over ``grads``, divided by ``grad_scale``. No host sync."""
+    if max_grad_norm is None or not grads:
+        return None
+    n = global_grad_norm(grads) if grad_norm is None else grad_norm.to(grads[0].device).reshape(())
+    n = n.to(torch.float64 if n.dtype == torch.float64 else torch.float32)
+    if grad_scale is not None:
+        n = n / grad_scale.to(n.device, n.dtype).reshape(())
+    return torch.where(n > max_grad_norm, n / max_grad_norm, torch.ones_like(n))
+
+
+def trust_ratio(n_w: torch.Tensor, n_u: torch.Tensor, max_trust: float | None, clip: bool,
+                excluded: bool) -> torch.Tensor:
+    """``r = phi(||w||) / ||u||`` (1 if either norm is 0 or the tensor is excluded),
+    ``phi(z) = min(z, max_trust)``; ``min(r, 1)`` with ``clip`` (LAMBC). timm's order:
+    ratio, zero-norm rule, clipping."""
+    if excluded:
+        return torch.ones_like(n_w)
+    phi = n_w if max_trust is None else torch.clamp(n_w, max=max_trust)
+    r = torch.where(n_w > 0, torch.where(n_u > 0, phi / n_u, 1.0), 1.0)
+    return torch.clamp(r, max=1.0) if clip else r
+
+
+def _const(x: float, ct: torch.dtype, device) -> torch.Tensor:
+    """A scalar rounded to the arithmetic dtype first, as apex's ``float`` arguments."""
+    return torch.tensor(x, dtype=ct, device=device)
+
+
+def lamb_(
+    params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tensors, steps: Tensors,
+    exclude: list[bool], *, lr: float, lr_tensor: torch.Tensor | None = None,
+    beta1: float = 0.9, beta2: float = 0.999, eps: float = 1e-6, weight_decay: float = 0.01,
+    bias_correction: bool = True, grad_averaging: bool = True,
+    decoupled_weight_decay: bool = True, max_trust: float | None = None, clip: bool = False,
+    max_grad_norm: float | None = None, grad_norm: torch.Tensor | None = None,
+    style: str = "timm", grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None, averages: Tensors | None = None,
+    average_count: torch.Tensor | None = None, average_method: str = "swa",
+    average_decay: float = 0.999,
+) -> None:
+    """One LAMB step over lists of tensors, in place.
+
+    Per tensor ``i`` (``t = steps[i] + 1``, stored first; ``wd = weight_decay``)::
+
+        g = grads[i] / grad_scale                         (when grad_scale)
+        g = g / c,  c = max(N / max_grad_norm, 1)         (when max_grad_norm; N the global
+                                                           norm of the unscaled gradients)
+        g = g + wd * w                                    (L2: not decoupled_weight_decay)
+        m = b1 * m + b3 * g,  b3 = 1 - b1 if grad_averaging else 1
+        v = b2 * v + (1 - b2) * g * g
+        m_hat = m / (1 - b1^t),  v_hat = v / (1 - b2^t)   (m, v without bias_correction)
+        u = m_hat / (sqrt(v_hat) + eps) + wd * w          (+ wd * w: decoupled_weight_decay)
+        r = phi(||w||) / ||u||,  phi(z) = min(z, max_trust) (z without max_trust)
+        r = 1 if ||w|| == 0 or ||u|| == 0 or exclude[i];  r = min(r, 1) if clip (LAMBC)
+        w = w - lr * (r * u)                              style="timm"
+        w = w - (lr * r) * u                              style="apex"
+
+    The module docstring lists every difference of order between the two styles. Bias
+    corrections are computed in fp64 from the step counter; nothing is read on the host.
+    With ``found_inf != 0`` nothing changes (weights, moments, steps, averages, count).
+
+    Weight averaging folded into the step (docs/algorithms.md section 4), as ``lars_sgd_``:
+    with ``averages`` non-empty each new ``w`` is averaged in exactly as
+    ``average_(averages, params, average_count, method=average_method,
+    decay=average_decay)`` would, and ``average_count`` is incremented once per call.
+    """
+    check_lamb_args(params, grads, exp_avgs, exp_avg_sqs, steps, exclude, lr=lr,
+                    lr_tensor=lr_tensor, beta1=beta1, beta2=beta2, eps=eps,
+                    weight_decay=weight_decay, max_trust=max_trust, max_grad_norm=max_grad_norm,
+                    grad_norm=grad_norm, style=style, grad_scale=grad_scale, found_inf=found_inf,
+                    averages=averages, average_count=average_count, average_method=average_method)
+    apex = style == "apex"
+    wd = weight_decay
+    c = clip_divisor(grads, max_grad_norm, grad_norm, grad_scale)
+    skip = None
+    if found_inf is not None and params:
+        skip = found_inf.to(params[0].device).reshape(()) != 0
+
+    for i, (w, g) in enumerate(zip(params, grads)):
+        ct, dev = opmath_dtype(w.dtype), w.device
+        w32, g32 = w.to(ct), g.to(ct)
+        if grad_scale is not None:
+            g32 = g32 / grad_scale.to(dev, ct).reshape(())
+        if c is not None:
+            g32 = g32 / c.to(dev, ct)
+        lr_i = lr if lr_tensor is None else lr_tensor.to(dev, ct).reshape(())
+        t = steps[i].to(torch.float64).reshape(()) + 1
+        m0, v0 = exp_avgs[i].to(ct), exp_avg_sqs[i].to(ct)
+        if apex:
+            b1, b2 = _const(beta1, ct, dev), _const(beta2, ct, dev)
+            b3 = 1 - b1 if grad_averaging else _const(1.0, ct, dev)
+            wd_c = _const(wd, ct, dev)
+            if not decoupled_weight_decay:
+                g32 = g32 + wd_c * w32
+            m = m0 * b1 + b3 * g32
+            v = v0 * b2 + (1 - b2) * g32 * g32
+            if bias_correction:
+                bc1 = (1 - b1.to(torch.float64) ** t).to(ct)
+                bc2 = (1 - b2.to(torch.float64) ** t).to(ct)
+                m_hat, v_hat = m / bc1, v / bc2
+            else:
+                m_hat, v_hat = m, v
+            u = m_hat / (v_hat.sqrt() + _const(eps, ct, dev))
+            if decoupled_weight_decay:
+                u = u + wd_c * w32
+        else:
+            if not decoupled_weight_decay and wd != 0.0:
+                g32 = g32.add(w32, alpha=wd)
+            if grad_averaging:
+                m = m0.lerp(g32, 1 - beta1)
+            else:
+                m = m0.mul(beta1).add(g32, alpha=1.0)
+            v = v0.mul(beta2).addcmul(g32, g32, value=1 - beta2)
+            if bias_correction:
+                bc1 = (1 - beta1 ** t).to(ct)
+                bc2_sqrt = (1 - beta2 ** t).sqrt().to(ct)
+                u = (m / bc1).div((v.sqrt() / bc2_sqrt).add(eps))
+            else:
+                u = m.div(v.sqrt().add(eps))
+            if decoupled_weight_decay and wd != 0.0:
+                u = u.add(w32, alpha=wd)
+        # Norms in row-major order whatever the layout: a transposed param (and so its u)
+        # summed in memory order gave ||u|| 1 ulp off its contiguous twin's.
+        r = trust_ratio(torch.linalg.vector_norm(w32.contiguous()),
+                        torch.linalg.vector_norm(u.contiguous()), max_trust, clip, exclude[i])
+        if apex:
+            w_new = w32 - (_const(lr, ct, dev) * r if lr_tensor is None else lr_i * r) * u
+        elif lr_tensor is None:
+            w_new = w32.add(u * r, alpha=-lr)
+        else:
+            w_new = w32 - lr_i * (u * r)
+        new_t = t.to(torch.float32)
+        if skip is not None:
+            w_new = torch.where(skip, w32, w_new)
+            m = torch.where(skip, m0, m)
+            v = torch.where(skip, v0, v)
+            new_t = torch.where(skip, steps[i].reshape(()), new_t)
+        w.copy_(w_new)
+        exp_avgs[i].copy_(m)
+        exp_avg_sqs[i].copy_(v)
+        steps[i].copy_(new_t.reshape(steps[i].shape))
+    if averages:
+        _average.average_(averages, params, average_count, method=average_method,
+                          decay=average_decay, found_inf=found_inf)
