@@ -102,6 +102,7 @@ def check_lars_sgd_args(params, grads, momentum_buffers, steps, exclude, *, mome
         raise ValueError(f"momentum_style must be 'torch' or 'paper', got {momentum_style!r}")
     check_scalars(lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf)
     check_folded_average_args(params, averages, average_count, average_method, found_inf)
+    check_norm_sq(params, norm_sq)
 
 
 def check_folded_average_args(params, averages, average_count, average_method, found_inf) -> None:
@@ -115,7 +116,6 @@ def check_folded_average_args(params, averages, average_count, average_method, f
             raise ValueError(f"average_method must be one of {_average.METHODS}, got {average_method!r}")
         if average_count is not None:
             raise ValueError("average_count is given but averages is empty: nothing to average")
-    check_norm_sq(params, norm_sq)
 
 
 def lars_sgd_(
