@@ -66,7 +66,7 @@ SCHEMAS = {
         "float? max_grad_norm=None, Tensor? grad_norm=None, str style=\"timm\", "
         "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor(e!)[]? averages=None, "
         "Tensor(f!)? average_count=None, str average_method=\"swa\", "
-        "float average_decay=0.999) -> ()"
+        "float average_decay=0.999, Tensor(g!)? norm_sq=None, str stage=\"full\") -> ()"
     ),
 }
 

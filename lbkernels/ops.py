@@ -221,7 +221,8 @@ def lamb_(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tenso
     ``lbkernels.reference.lamb.lamb_`` documents and the defaults of its schema
     (``_library.SCHEMAS``): beta1, beta2, eps, weight_decay, bias_correction,
     grad_averaging, decoupled_weight_decay, max_trust, clip, max_grad_norm, grad_norm,
-    style, grad_scale, found_inf, averages, average_count, average_method, average_decay.
+    style, grad_scale, found_inf, averages, average_count, average_method, average_decay,
+    norm_sq, stage.
 
     ``exp_avgs`` and ``exp_avg_sqs`` start at zero; ``steps`` are 0-dim fp32 counters on
     the params' device, incremented first. ``lr`` may be a one-element tensor on the
@@ -229,6 +230,18 @@ def lamb_(params: Tensors, grads: Tensors, exp_avgs: Tensors, exp_avg_sqs: Tenso
     gradients of the whole optimizer) spares the op its own norm over ``grads`` when
     ``max_grad_norm`` clips. ``exclude[i]`` sets the trust ratio of tensor ``i`` to 1.
     Averaging folded into the write pass, as in ``lars_sgd_``.
+
+    ``stage`` splits the step where a sharded tensor's norms must be summed over its
+    shards (docs/algorithms.md section 7): ``"moments"`` updates ``m``, ``v`` and
+    ``steps`` and writes the local sums of squares ``norm_sq[0, i] = ||w_i||^2``,
+    ``norm_sq[1, i] = ||u_i||^2`` (a contiguous float32/float64 tensor of shape
+    ``(2, len(params))`` on the params' device; 0 for excluded tensors); the caller sums
+    them over the shards (one all-reduce); ``"update"`` then takes the norms as
+    ``sqrt(norm_sq)``, recomputes ``u`` from the stored moments and writes ``w`` (and the
+    folded average). Both stages get the same arguments; ``"full"`` (the default, no
+    ``norm_sq``) does both at once. Moments then update with an unreduced ``norm_sq``
+    equals the full step bit for bit on fp32/fp64 tensors when ``norm_sq`` is float64
+    (float32 too on the reference, CUDA and Triton, whose norms are float32 sums).
     """
     _check_options("lamb_", options)
     lr_value, lr_tensor = _scalar_arg(lr)

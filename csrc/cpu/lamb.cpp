@@ -19,6 +19,15 @@
 //    whole step; skipping it (a test, not a kernel) left 1.0x from cache, 1.35x on ResNet-50.
 //    Neither multiplying by 1 / bc1, 1 / bc2 in pass 2 nor an approximate root (rsqrt14 and
 //    a Newton step) in pass 1, which streams from memory, changed the time measurably;
+//  * the stages (stage="moments" | "update", for sharded tensors whose sums of squares are
+//    all-reduced between them) run one pass each over every chunk, unblocked: the
+//    collective between them leaves nothing in cache. Their sums are the full step's (the
+//    same 64K chunks summed in the same order, in double) and the update stage takes the
+//    ratio in double from norm_sq as the full step does from its sums: moments + update
+//    is the full step bit for bit with a float64 norm_sq; a float32 one rounds the sums
+//    (2^-24 relative on each norm, so on r). The update stage reads w, m, v and writes w
+//    for every dtype (16-bit moments are stored rounded by the moments stage: the full
+//    step keeps them unrounded between its passes);
 //  * the scalars (lr, grad_scale, grad_norm, found_inf, the step counters) are CPU
 //    tensors read on the host, which costs no device synchronisation here; nothing
 //    proportional to the model is allocated (the chunk table is 24 bytes per 64K elements).
@@ -61,8 +70,107 @@ double sum_of_squares(at::TensorList xs) {
   return total;
 }
 
+// Entry (row, i) of the op's norm_sq (a CPU tensor of shape (2, n), float32 or float64).
+double read_norm_sq(const at::Tensor& norm_sq, int64_t row, int64_t i) {
+  const int64_t k = row * norm_sq.size(1) + i;
+  return norm_sq.scalar_type() == c10::kDouble
+             ? norm_sq.const_data_ptr<double>()[k]
+             : static_cast<double>(norm_sq.const_data_ptr<float>()[k]);
+}
+
+void write_norm_sq(const at::Tensor& norm_sq, int64_t row, int64_t i, double value) {
+  const int64_t k = row * norm_sq.size(1) + i;
+  if (norm_sq.scalar_type() == c10::kDouble) {
+    norm_sq.mutable_data_ptr<double>()[k] = value;
+  } else {
+    norm_sq.mutable_data_ptr<float>()[k] = static_cast<float>(value);
+  }
+}
+
+// One stage over the tensors of one dtype group (`index`: their positions in the op's
+// lists): every chunk in one parallel sweep.
+void lamb_stage(const LambArgs& a, const LambParams& p, c10::ScalarType dtype,
+                const std::vector<int64_t>& index, const std::vector<LambPtrs>& ptrs,
+                std::vector<LambTensorCoefs>& coefs) {
+  const auto& K = kernels();
+  const at::Tensor& norm_sq = *a.norm_sq;
+  const int64_t n = static_cast<int64_t>(index.size());
+  std::vector<Chunk> chunks;
+  for (int64_t k = 0; k < n; ++k) append_chunks(chunks, k, ptrs[k].numel);
+  const auto n_chunks = static_cast<int64_t>(chunks.size());
+  if (a.stage() == LambStage::kUpdate) {
+    for (int64_t k = 0; k < n; ++k)
+      lamb_set_ratio(read_norm_sq(norm_sq, 0, index[k]), read_norm_sq(norm_sq, 1, index[k]), p,
+                     coefs[k]);
+    parallel_chunks(n_chunks, [&](int64_t c0, int64_t c1) {
+      K.lamb(dtype, ptrs.data(), chunks.data(), c0, c1, coefs.data(), p, LambPass::kUpdate,
+             nullptr);
+    });
+    return;
+  }
+  std::vector<double> partial(2 * chunks.size()), sums(2 * n, 0.0);
+  parallel_chunks(n_chunks, [&](int64_t c0, int64_t c1) {
+    K.lamb(dtype, ptrs.data(), chunks.data(), c0, c1, coefs.data(), p, LambPass::kMoments,
+           partial.data());
+  });
+  // In chunk order, as the full step adds them.
+  for (size_t c = 0; c < chunks.size(); ++c) {
+    sums[2 * chunks[c].tensor] += partial[2 * c];
+    sums[2 * chunks[c].tensor + 1] += partial[2 * c + 1];
+  }
+  for (int64_t k = 0; k < n; ++k) {
+    const bool excluded = coefs[k].excluded;  // its moments are updated, its norms are 0
+    write_norm_sq(norm_sq, 0, index[k], excluded ? 0.0 : sums[2 * k]);
+    write_norm_sq(norm_sq, 1, index[k], excluded ? 0.0 : sums[2 * k + 1]);
+  }
+}
+
+// The full step over one dtype group: small tensors whole, large ones in blocks.
+void lamb_full(const LambParams& p, c10::ScalarType dtype, const std::vector<LambPtrs>& ptrs,
+               std::vector<LambTensorCoefs>& coefs) {
+  const auto& K = kernels();
+  const auto n = static_cast<int64_t>(ptrs.size());
+  std::vector<Chunk> whole, chunks, norm_chunks;
+  for (int64_t k = 0; k < n; ++k)
+    if (ptrs[k].numel <= kChunk) whole.push_back({k, 0, ptrs[k].numel});
+  // Small tensors: one region, each tensor visited once by one thread.
+  parallel_chunks(static_cast<int64_t>(whole.size()), [&](int64_t c0, int64_t c1) {
+    K.lamb(dtype, ptrs.data(), whole.data(), c0, c1, coefs.data(), p, LambPass::kWhole,
+           nullptr);
+  });
+  // Large tensors: blocks that fit the last-level cache, two sweeps each.
+  const int64_t elem = c10::elementSize(dtype);
+  std::vector<double> partial, sum_w2(n), sum_u2(n);
+  int64_t k = 0;
+  while (k < n) {
+    // Pass 1 reads w, g, m, v: the block's bytes.
+    const int64_t k_end = next_block(ptrs, k, 4 * elem,
+                                     [&](int64_t j) { return coefs[j].excluded; }, chunks,
+                                     norm_chunks);
+    if (!norm_chunks.empty()) {
+      partial.resize(2 * norm_chunks.size());
+      parallel_chunks(static_cast<int64_t>(norm_chunks.size()), [&](int64_t c0, int64_t c1) {
+        K.lamb(dtype, ptrs.data(), norm_chunks.data(), c0, c1, coefs.data(), p,
+               LambPass::kNorms, partial.data());
+      });
+      for (size_t c = 0; c < norm_chunks.size(); ++c) {
+        sum_w2[norm_chunks[c].tensor] += partial[2 * c];
+        sum_u2[norm_chunks[c].tensor] += partial[2 * c + 1];
+      }
+    }
+    for (int64_t j = k; j < k_end; ++j)
+      if (ptrs[j].numel > kChunk) lamb_set_ratio(sum_w2[j], sum_u2[j], p, coefs[j]);
+    parallel_chunks(static_cast<int64_t>(chunks.size()), [&](int64_t c0, int64_t c1) {
+      K.lamb(dtype, ptrs.data(), chunks.data(), c0, c1, coefs.data(), p, LambPass::kWrite,
+             nullptr);
+    });
+    k = k_end;
+  }
+}
+
 void lamb_cpu(const LambArgs& a) {
   if (value_or(a.found_inf, 0.0) != 0.0) return;
+  const LambStage stage = a.stage();
   LambParams p;
   p.o = lamb_options(a, value_or(a.lr_tensor, a.lr));
   p.grad_scale = value_or(a.grad_scale, 1.0);
@@ -72,65 +180,40 @@ void lamb_cpu(const LambArgs& a) {
                                              : std::sqrt(sum_of_squares(a.grads));
     p.clip = lamb_clip_divisor(n / p.grad_scale, *a.max_grad_norm);
   }
-  const bool averaging = !a.averages.empty();
+  // The moments stage writes no weight: nothing to average.
+  const bool averaging = !a.averages.empty() && stage != LambStage::kMoments;
   if (averaging) p.average = average_params(a.average_method, a.average_count, a.average_decay);
-  const auto& K = kernels();
+  // The update stage does not read g (null), nor count the step: the moments stage did.
+  const bool reads_g = stage != LambStage::kUpdate;
+  const float step_offset = reads_g ? 1.f : 0.f;
 
   for (const auto& [dtype, index] : group_by_dtype(a.params)) {
     Staging staging;
     const int64_t n = static_cast<int64_t>(index.size());
     std::vector<LambPtrs> ptrs(n);
     std::vector<LambTensorCoefs> coefs(n);
-    std::vector<Chunk> whole, chunks, norm_chunks;
     for (int64_t k = 0; k < n; ++k) {
       const int64_t i = index[k];
       const at::Tensor w = staging.lead(a.params[i], true);
-      ptrs[k] = {w.data_ptr(), staging.follow(a.grads[i], w, false).const_data_ptr(),
+      ptrs[k] = {w.data_ptr(),
+                 reads_g ? staging.follow(a.grads[i], w, false).const_data_ptr() : nullptr,
                  staging.follow(a.exp_avgs[i], w, true).data_ptr(),
                  staging.follow(a.exp_avg_sqs[i], w, true).data_ptr(),
                  averaging ? staging.follow_as(a.averages[i], w, true).data_ptr() : nullptr,
                  w.numel()};
       // The counter is incremented in fp32 and read as a double, as the reference does.
-      coefs[k].t = static_cast<double>(*a.steps[i].const_data_ptr<float>() + 1.f);
+      coefs[k].t = static_cast<double>(*a.steps[i].const_data_ptr<float>() + step_offset);
       coefs[k].excluded = a.exclude.get(i);
-      if (ptrs[k].numel <= kChunk) whole.push_back({k, 0, ptrs[k].numel});
     }
-    // Small tensors: one region, each tensor visited once by one thread.
-    parallel_chunks(static_cast<int64_t>(whole.size()), [&](int64_t c0, int64_t c1) {
-      K.lamb(dtype, ptrs.data(), whole.data(), c0, c1, coefs.data(), p, LambPass::kWhole,
-             nullptr);
-    });
-    // Large tensors: blocks that fit the last-level cache, two sweeps each.
-    const int64_t elem = c10::elementSize(dtype);
-    std::vector<double> partial, sum_w2(n), sum_u2(n);
-    int64_t k = 0;
-    while (k < n) {
-      // Pass 1 reads w, g, m, v: the block's bytes.
-      const int64_t k_end = next_block(ptrs, k, 4 * elem,
-                                       [&](int64_t j) { return coefs[j].excluded; }, chunks,
-                                       norm_chunks);
-      if (!norm_chunks.empty()) {
-        partial.resize(2 * norm_chunks.size());
-        parallel_chunks(static_cast<int64_t>(norm_chunks.size()), [&](int64_t c0, int64_t c1) {
-          K.lamb(dtype, ptrs.data(), norm_chunks.data(), c0, c1, coefs.data(), p,
-                 LambPass::kNorms, partial.data());
-        });
-        for (size_t c = 0; c < norm_chunks.size(); ++c) {
-          sum_w2[norm_chunks[c].tensor] += partial[2 * c];
-          sum_u2[norm_chunks[c].tensor] += partial[2 * c + 1];
-        }
-      }
-      for (int64_t j = k; j < k_end; ++j)
-        if (ptrs[j].numel > kChunk) lamb_set_ratio(sum_w2[j], sum_u2[j], p, coefs[j]);
-      parallel_chunks(static_cast<int64_t>(chunks.size()), [&](int64_t c0, int64_t c1) {
-        K.lamb(dtype, ptrs.data(), chunks.data(), c0, c1, coefs.data(), p, LambPass::kWrite,
-               nullptr);
-      });
-      k = k_end;
+    if (stage == LambStage::kFull) {
+      lamb_full(p, dtype, ptrs, coefs);
+    } else {
+      lamb_stage(a, p, dtype, index, ptrs, coefs);
     }
     staging.write_back();
   }
-  for (const at::Tensor& s : a.steps) *s.mutable_data_ptr<float>() += 1.f;
+  if (reads_g)
+    for (const at::Tensor& s : a.steps) *s.mutable_data_ptr<float>() += 1.f;
   if (averaging && a.average_count.has_value()) *a.average_count->mutable_data_ptr<int64_t>() += 1;
 }
 

@@ -12,6 +12,9 @@
 //    folded average), walking its chunks in reverse so that it starts on the data pass 1
 //    touched last, still in cache (lamb.cpp explains the blocking).
 // An excluded tensor (r = 1) needs no norms: pass 2 alone does everything in one visit.
+// The stages of lamb_ run one pass each: kMoments is pass 1 storing the moments of every
+// dtype (a 16-bit tensor's norms still from the unrounded ones, as the full step), over
+// excluded tensors too; kUpdate is pass 2 from the stored moments of every dtype.
 #include <cmath>
 #include <type_traits>
 
@@ -53,16 +56,18 @@ struct Range {
   Opmath<T>* avg;  // null without averaging
   int64_t n;
   Range(const LambPtrs& p, int64_t b, int64_t e)
-      : w(static_cast<T*>(p.w) + b), g(static_cast<const T*>(p.g) + b),
+      : w(static_cast<T*>(p.w) + b),
+        g(p.g != nullptr ? static_cast<const T*>(p.g) + b : nullptr),  // null: kUpdate
         m(static_cast<T*>(p.m) + b), v(static_cast<T*>(p.v) + b),
         avg(p.avg != nullptr ? static_cast<Opmath<T>*>(p.avg) + b : nullptr), n(e - b) {}
 };
 
 // Pass 1 over one range: adds sum(w^2) and sum(u^2) to sums[0], sums[1] (vector lanes in
 // the working precision within the range, at most one 64K chunk; added in double).
+// `store16`: 16-bit moments are stored too (rounded), after u took the unrounded ones.
 template <typename T>
 void norms(const Range<T>& x, const LambCoefs<Opmath<T>>& cs, const LambFlags& f,
-           double* sums) {
+           double* sums, bool store16) {
   using C = Opmath<T>;
   int64_t i = 0;
   if constexpr (kFull<T>) {
@@ -92,9 +97,9 @@ void norms(const Range<T>& x, const LambCoefs<Opmath<T>>& cs, const LambFlags& f
     C m = C(x.m[i]), v = C(x.v[i]);
     lamb_moments(m, v, C(x.g[i]), w, cs, f);
     const C u = lamb_direction(m, v, w, cs, f);
-    if constexpr (kFull<T>) {
-      x.m[i] = m;
-      x.v[i] = v;
+    if (kFull<T> || store16) {
+      x.m[i] = T(m);
+      x.v[i] = T(v);
     }
     sums[0] += static_cast<double>(w) * static_cast<double>(w);
     sums[1] += static_cast<double>(u) * static_cast<double>(u);
@@ -153,17 +158,18 @@ void lamb_impl(const LambPtrs* t, const Chunk* chunks, int64_t c0, int64_t c1,
     const Range<T> x(t[ch.tensor], ch.begin, ch.end);
     const LambCoefs<C> cs = lamb_coefs<C>(p.o, tc.t, C(p.grad_scale), C(p.clip));
     const LambFlags f = lamb_flags(p.o, cs);
-    if (pass == LambPass::kNorms) {
+    if (pass == LambPass::kNorms || pass == LambPass::kMoments) {
       out[2 * c] = out[2 * c + 1] = 0.0;
-      norms<T>(x, cs, f, out + 2 * c);
+      norms<T>(x, cs, f, out + 2 * c, pass == LambPass::kMoments);
       continue;
     }
     if (pass == LambPass::kWhole && !tc.excluded) {
       double sums[2] = {0.0, 0.0};
-      norms<T>(x, cs, f, sums);
+      norms<T>(x, cs, f, sums, false);
       lamb_set_ratio(sums[0], sums[1], p, tc);
     }
-    write<T>(x, cs, f, lr, C(tc.r), avg_r, !kFull<T> || tc.excluded);
+    const bool fresh = pass != LambPass::kUpdate && (!kFull<T> || tc.excluded);
+    write<T>(x, cs, f, lr, C(tc.r), avg_r, fresh);
   }
 }
 

@@ -80,7 +80,9 @@ void lamb_cuda(const LambArgs& a) {
   const c10::cuda::CUDAGuard guard(params[0].device());
   const StepScalars sc(a.lr_tensor, std::nullopt, a.grad_scale, a.found_inf, params[0]);
   if (sc.skip()) return;
-  const bool averaging = !a.averages.empty();
+  const LambStage stage = a.stage();
+  // The moments stage writes no weight: nothing to average.
+  const bool averaging = !a.averages.empty() && stage != LambStage::kMoments;
   int64_t* count_ptr = averaging && a.average_count.has_value()
                            ? a.average_count->mutable_data_ptr<int64_t>() : nullptr;
   const FoldedAverage folded{count_ptr, 1.0 - a.average_decay, a.average_method == "swa"};
@@ -132,27 +134,36 @@ void lamb_cuda(const LambArgs& a) {
     clip_scalar = {clip, ScalarKind::kDouble};
   }
   const LambScalars s{options, sc.scale, clip_scalar, sc.found_inf.device};
+  LambNormSq norm_sq;
+  if (a.norm_sq.has_value())  // read or written on the device only, in stream order
+    norm_sq = {a.norm_sq->data_ptr(), a.norm_sq->scalar_type() == c10::kDouble,
+               a.norm_sq->size(1), stage == LambStage::kUpdate};
 
   for (LambGroup& gr : groups) {
-    // fp32/fp64 moments are stored exactly by pass 1; 16-bit ones by pass 3.
-    const bool store = gr.dtype == c10::kFloat || gr.dtype == c10::kDouble;
+    // fp32/fp64 moments are stored exactly by pass 1; 16-bit ones by pass 3, or by pass 1
+    // in the moments stage (the update stage then reads them back).
+    const bool store = gr.dtype == c10::kFloat || gr.dtype == c10::kDouble ||
+                       stage == LambStage::kMoments;
     dispatch_float(gr.dtype, [&](auto tag) {
       using T = decltype(tag);
       using A = opmath_t<T>;
       A* p = gr.partial.mutable_data_ptr<A>();
-      C10_CUDA_CHECK(multi_tensor_apply<5>(gr.moments, Blocks::kPerChunk, kChunkThreads, stream,
-                                           LambMoments<T>{p, gr.total, s, store}));
+      if (stage != LambStage::kUpdate)
+        C10_CUDA_CHECK(multi_tensor_apply<5>(gr.moments, Blocks::kPerChunk, kChunkThreads,
+                                             stream, LambMoments<T>{p, gr.total, s, store}));
       // A block per tensor, empty ones included: every counter counts the step.
       C10_CUDA_CHECK(multi_tensor_apply<1>(gr.counters, Blocks::kPerTensor, kTensorThreads,
-                                           stream, LambRatio<T>{p, gr.total, tensors, s}));
+                                           stream, LambRatio<T>{p, gr.total, tensors, s, norm_sq}));
+      if (stage == LambStage::kMoments) return;
+      const bool stored = store || stage == LambStage::kUpdate;
       if (averaging) {
         C10_CUDA_CHECK(multi_tensor_apply<5>(
             gr.averaged, Blocks::kPerChunk, kChunkThreads, stream,
-            LambUpdate<T, 5>{tensors, s, sc.lr.device, store, folded}));
+            LambUpdate<T, 5>{tensors, s, sc.lr.device, stored, folded}));
       } else {
         C10_CUDA_CHECK(multi_tensor_apply<4>(
             gr.updates, Blocks::kPerChunk, kChunkThreads, stream,
-            LambUpdate<T>{tensors, s, sc.lr.device, store, {}}));
+            LambUpdate<T>{tensors, s, sc.lr.device, stored, {}}));
       }
     });
   }

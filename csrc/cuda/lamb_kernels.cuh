@@ -18,6 +18,15 @@
 // per-element math is lbkernels/lamb_math.h, shared with the CPU kernel. The AMP
 // found_inf flag is read on the device by every block: when set, nothing is written.
 //
+// The stages (stage="moments" | "update") split the call at pass 2. "moments" runs pass 1
+// storing the moments of every dtype (16-bit ones rounded, after u took the unrounded
+// values for its norm, as the full step), then pass 2 writes the tensor's sums (in A, as
+// the full step adds them) into norm_sq and counts the step; "update" runs pass 2 on the
+// sums norm_sq gives (the counters already counted) and pass 3 from the stored moments
+// of every dtype: w, m, v in and w out. For 16-bit tensors the two stages move 12 + 8
+// bytes per element where the full step moves 8 + 14, and the update's u comes from the
+// rounded moments (the full step's from the unrounded ones: not bit for bit there).
+//
 // Depends on the CUDA runtime headers only (see multi_tensor_apply.cuh).
 #pragma once
 
@@ -133,6 +142,30 @@ struct LambMoments {
   }
 };
 
+// The op's norm_sq in a stage (null in the full step): row 0 the sums of squares of w,
+// row 1 those of u, by argument index; written by "moments", read by "update".
+struct LambNormSq {
+  void* ptr = nullptr;
+  bool fp64 = false;
+  int64_t n = 0;        // len(params): the row length
+  bool given = false;   // stage "update": the sums are read, not written
+
+  __device__ __forceinline__ double load(int row, int32_t index) const {
+    const int64_t k = row * n + index;
+    return fp64 ? static_cast<const double*>(ptr)[k]
+                : static_cast<double>(static_cast<const float*>(ptr)[k]);
+  }
+  template <typename A>
+  __device__ __forceinline__ void store(int row, int32_t index, A value) const {
+    const int64_t k = row * n + index;
+    if (fp64) {
+      static_cast<double*>(ptr)[k] = static_cast<double>(value);
+    } else {
+      static_cast<float*>(ptr)[k] = static_cast<float>(value);
+    }
+  }
+};
+
 // Pass 2: list 0 holds the tensor's step counter; the flag says "excluded".
 template <typename T>
 struct LambRatio {
@@ -141,21 +174,38 @@ struct LambRatio {
   int64_t total_chunks;
   LambTensor* tensors;
   LambScalars s;
+  LambNormSq norm_sq;
 
   __device__ __forceinline__ void operator()(const TensorListMeta<1>& meta, int slot,
                                              int64_t) const {
     if (s.found_inf.nonzero()) return;  // a skipped step counts nothing
     const bool excluded = meta.flag[slot] != 0;
+    const int32_t index = meta.index[slot];
+    float* step = static_cast<float*>(meta.addresses[0][slot]);
+    LambTensor& out = tensors[index];
+    if (norm_sq.given) {  // stage "update": the moments stage counted the step
+      if (threadIdx.x != 0) return;
+      // The sums rounded to A, as the full step holds them (exact from its own stores).
+      out.r = lamb_ratio<A>(sqrt_rn(static_cast<A>(norm_sq.load(0, index))),
+                            sqrt_rn(static_cast<A>(norm_sq.load(1, index))),
+                            s.o.has_max_trust, static_cast<A>(s.o.max_trust), s.o.clip,
+                            excluded);
+      out.t = static_cast<double>(*step);
+      return;
+    }
     const int64_t first = meta.first_chunk[slot];
     const int64_t count = excluded ? 0 : num_chunks(meta.numel[slot]);
-    const A sum_w = tensor_sum(partial, first, count);
+    const A sum_w = tensor_sum(partial, first, count);  // 0 for an excluded tensor
     const A sum_u = tensor_sum(partial + total_chunks, first, count);
     if (threadIdx.x != 0) return;
-    LambTensor& out = tensors[meta.index[slot]];
-    out.r = lamb_ratio<A>(sqrt_rn(sum_w), sqrt_rn(sum_u), s.o.has_max_trust,
-                          static_cast<A>(s.o.max_trust), s.o.clip, excluded);
-    float* step = static_cast<float*>(meta.addresses[0][slot]);
-    out.t = static_cast<double>(*step) + 1.0;
+    if (norm_sq.ptr != nullptr) {  // stage "moments"
+      norm_sq.store(0, index, sum_w);
+      norm_sq.store(1, index, sum_u);
+    } else {
+      out.r = lamb_ratio<A>(sqrt_rn(sum_w), sqrt_rn(sum_u), s.o.has_max_trust,
+                            static_cast<A>(s.o.max_trust), s.o.clip, excluded);
+      out.t = static_cast<double>(*step) + 1.0;
+    }
     *step += 1.f;  // after pass 1 read it (stream order); pass 3 reads out.t
   }
 };

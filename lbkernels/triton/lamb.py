@@ -20,6 +20,15 @@ again from w, g and the old m, v (11 accesses of half the bytes). With
 ``max_grad_norm`` and no ``grad_norm``, the gradients' global norm is one more read
 of g (``norms.total_sum_squares``). The AMP
 ``found_inf`` flag is read by every program: when set, nothing is written.
+
+The stages (``stage="moments" | "update"``, docs/algorithms.md section 7) split the
+call at pass 2: "moments" runs pass 1 storing the moments of every dtype (16-bit ones
+rounded, after u took the unrounded values for its norm), then pass 2 writes each
+tensor's sums (in ACC, as the full step adds them) into ``norm_sq`` (column: the
+tensor's argument index, a per-tensor row) and counts the step; "update" runs pass 2
+on the sums ``norm_sq`` gives, with the counters already counted, and pass 3 from the
+stored moments of every dtype (w, m, v in, w out). For 16-bit tensors the update's u
+then comes from the rounded moments, the full step's from the unrounded ones.
 """
 
 from __future__ import annotations
@@ -37,6 +46,8 @@ from .math import proceed, scalar, soft_bf16, sqrt, to_elem
 
 # Per-tensor rows start after the 4 lists and the count, slot and begin rows.
 TENSOR_ROWS: tl.constexpr = tl.constexpr(7)
+# The STAGE of _lamb_coefs: the whole step, or one of the stages around the norms' sum.
+STAGES = {"full": 0, "moments": 1, "update": 2}
 # Warps of the two chunk passes: 8 (4 elements per thread at BLOCK 1024), as with 4 (8
 # per thread) ptxas spilled 8-24 B in 14 of their variants (sm_90, Triton 3.6: the AOT
 # check); per-tensor passes keep multi_tensor.NUM_WARPS.
@@ -84,12 +95,15 @@ def _direction(w, m, v, bc1, bc2, eps, wd, WD_U: tl.constexpr, APEX: tl.constexp
 
 @triton.jit
 def _bias(step_ptr, beta1: tl.float64, beta2: tl.float64, ACC: tl.constexpr,
-          BIAS: tl.constexpr, APEX: tl.constexpr):
-    """(bc1, bc2) of the step after the counter at ``step_ptr``, in fp64, rounded to ACC:
-    1 - beta1^t, and 1 - beta2^t (apex) or its square root (timm); 1, 1 without
-    bias correction."""
+          BIAS: tl.constexpr, APEX: tl.constexpr, COUNTED: tl.constexpr = False):
+    """(bc1, bc2) of the step after the counter at ``step_ptr`` (of the counter itself
+    when COUNTED: the update stage), in fp64, rounded to ACC: 1 - beta1^t, and
+    1 - beta2^t (apex) or its square root (timm); 1, 1 without bias correction."""
     if BIAS:
-        t = (tl.load(step_ptr) + 1.0).to(tl.int64)  # fp32 counters: exact up to 2^24
+        t = tl.load(step_ptr)
+        if not COUNTED:
+            t = t + 1.0
+        t = t.to(tl.int64)  # fp32 counters: exact up to 2^24
         bc1 = 1.0 - _pow_int(tl.full([], beta1, tl.float64), t)
         bc2 = 1.0 - _pow_int(tl.full([], beta2, tl.float64), t)
         if not APEX:
@@ -128,7 +142,7 @@ def _lamb_moments(table, n_chunks, n_tensors, partial, clip_ptr, scale_ptr, skip
                   HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr, WD_L2: tl.constexpr,
                   WD_U: tl.constexpr, GRAD_AVG: tl.constexpr, LERP: tl.constexpr,
                   LERP_LOW: tl.constexpr, BIAS: tl.constexpr, APEX: tl.constexpr,
-                  STORE: tl.constexpr, HAS_SKIP: tl.constexpr):
+                  STORE: tl.constexpr, HAS_SKIP: tl.constexpr, SOFT_BF16: tl.constexpr):
     c = tl.program_id(0)
     if proceed(skip_ptr, HAS_SKIP):
         n, t, _ = chunk_rows(table, 4, n_chunks, c)
@@ -155,9 +169,9 @@ def _lamb_moments(table, n_chunks, n_tensors, partial, clip_ptr, scale_ptr, skip
             m, v = _moments(w, load(g_ptr, s + offs, mask, ACC), load(m_ptr, s + offs, mask, ACC),
                             load(v_ptr, s + offs, mask, ACC), scale, clip, b1, b3, b2, c2, wd,
                             HAS_SCALE, HAS_CLIP, WD_L2, LERP, LERP_LOW)
-            if STORE:  # fp32/fp64: exact, pass 3 reads them back
-                tl.store(m_ptr + s + offs, m.to(ELEM), mask=mask)
-                tl.store(v_ptr + s + offs, v.to(ELEM), mask=mask)
+            if STORE:  # fp32/fp64 exactly; 16-bit rounded in the moments stage
+                tl.store(m_ptr + s + offs, to_elem(m, ELEM, SOFT_BF16), mask=mask)
+                tl.store(v_ptr + s + offs, to_elem(v, ELEM, SOFT_BF16), mask=mask)
             u = _direction(w, m, v, bc1, bc2, eps_v, wd, WD_U, APEX)
             acc_w += w * w
             acc_u += tl.where(mask, u * u, 0.0)
@@ -169,17 +183,29 @@ def _lamb_moments(table, n_chunks, n_tensors, partial, clip_ptr, scale_ptr, skip
 
 @triton.jit
 def _lamb_coefs(table, n_chunks, n_tensors, partial, coefs, max_trust: tl.float64, skip_ptr,
-                beta1: tl.float64, beta2: tl.float64, ACC: tl.constexpr, RBLOCK: tl.constexpr,
-                HAS_MAX_TRUST: tl.constexpr, CLIP: tl.constexpr, BIAS: tl.constexpr,
-                APEX: tl.constexpr, HAS_SKIP: tl.constexpr):
+                beta1: tl.float64, beta2: tl.float64, norm_sq, n_params, ACC: tl.constexpr,
+                RBLOCK: tl.constexpr, HAS_MAX_TRUST: tl.constexpr, CLIP: tl.constexpr,
+                BIAS: tl.constexpr, APEX: tl.constexpr, HAS_SKIP: tl.constexpr,
+                STAGE: tl.constexpr):
     # Rows of coefs: r, bc1, bc2 of tensor t at the step pass 1 used; then the step counts.
+    # STAGE (STAGES): 1 writes the sums into norm_sq, 2 takes them from it.
     t = tl.program_id(0)
     rows = table + TENSOR_ROWS * n_chunks
     first = tl.load(rows + t)
     included = tl.load(rows + 3 * n_tensors + t) == 0
     end = tl.where(included, tl.load(rows + n_tensors + t), first)
-    n_w = sqrt(norms._tensor_sum(partial, first, end, ACC, RBLOCK))
-    n_u = sqrt(norms._tensor_sum(partial + n_chunks, first, end, ACC, RBLOCK))
+    i = tl.load(rows + 4 * n_tensors + t)  # the tensor's column of norm_sq
+    if STAGE == 2:  # the sums given, rounded to ACC as the full step holds them
+        sum_w = tl.load(norm_sq + i).to(ACC)
+        sum_u = tl.load(norm_sq + n_params + i).to(ACC)
+    else:  # an excluded tensor's sums: 0 (no chunk)
+        sum_w = norms._tensor_sum(partial, first, end, ACC, RBLOCK)
+        sum_u = norms._tensor_sum(partial + n_chunks, first, end, ACC, RBLOCK)
+    if STAGE == 1:
+        tl.store(norm_sq + i, sum_w.to(norm_sq.dtype.element_ty))
+        tl.store(norm_sq + n_params + i, sum_u.to(norm_sq.dtype.element_ty))
+    n_w = sqrt(sum_w)
+    n_u = sqrt(sum_u)
     phi = n_w
     if HAS_MAX_TRUST:
         phi = tl.minimum(n_w, tl.full([], max_trust, ACC))
@@ -188,12 +214,13 @@ def _lamb_coefs(table, n_chunks, n_tensors, partial, coefs, max_trust: tl.float6
     if CLIP:
         r = tl.where(r < 1.0, r, 1.0)
     step_ptr = tl.load(rows + 2 * n_tensors + t).to(tl.pointer_type(tl.float32))
-    bc1, bc2 = _bias(step_ptr, beta1, beta2, ACC, BIAS, APEX)
+    bc1, bc2 = _bias(step_ptr, beta1, beta2, ACC, BIAS, APEX, STAGE == 2)
     tl.store(coefs + t, r)
     tl.store(coefs + n_tensors + t, bc1)
     tl.store(coefs + 2 * n_tensors + t, bc2)
-    if proceed(skip_ptr, HAS_SKIP):
-        tl.store(step_ptr, tl.load(step_ptr) + 1.0)
+    if STAGE != 2:  # the update stage's step was counted by the moments stage
+        if proceed(skip_ptr, HAS_SKIP):
+            tl.store(step_ptr, tl.load(step_ptr) + 1.0)
 
 
 @triton.jit
@@ -259,8 +286,11 @@ def lamb_(params, grads, exp_avgs, exp_avg_sqs, steps, exclude, **kw) -> None:
         return
     device = params[0].device
     mt.check_runnable(device)
-    averages = kw["averages"] or []
-    average_count = kw["average_count"]
+    stage = STAGES[kw["stage"]]
+    norm_sq = kw["norm_sq"]
+    # The moments stage writes no weight: nothing to average.
+    averages = (kw["averages"] or []) if stage != STAGES["moments"] else []
+    average_count = kw["average_count"] if averages else None
     apex = kw["style"] == "apex"
     wd = float(kw["weight_decay"])
     decoupled = bool(kw["decoupled_weight_decay"])
@@ -269,7 +299,7 @@ def lamb_(params, grads, exp_avgs, exp_avg_sqs, steps, exclude, **kw) -> None:
         device, kw["lr_tensor"], kw["grad_scale"], kw["found_inf"], kw["grad_norm"])
     staging = mt.Staging()
     clip = None
-    if kw["max_grad_norm"] is not None:
+    if kw["max_grad_norm"] is not None and stage != STAGES["update"]:  # update reads no g
         if grad_norm is None:  # the norm of the scaled grads, in the reference's dtype
             dtype = (torch.float64 if all(g.dtype == torch.float64 for g in grads)
                      else torch.float32)
@@ -293,7 +323,7 @@ def lamb_(params, grads, exp_avgs, exp_avg_sqs, steps, exclude, **kw) -> None:
         numels = [w.numel() for w in leads]
         first, end = mt.chunk_spans(numels)
         rows = [first, end, [steps[i].data_ptr() for i in index],
-                [int(bool(exclude[i])) for i in index]]
+                [int(bool(exclude[i])) for i in index], list(index)]
         tab = mt.chunk_table(addresses, numels, (params[index[0]].element_size(),) * 4, rows,
                              device)
         avg_rows = tab.data
@@ -312,28 +342,32 @@ def lamb_(params, grads, exp_avgs, exp_avg_sqs, steps, exclude, **kw) -> None:
             ("clip", clip), ("scale", grad_scale), ("skip", found_inf), ("lr", lr_tensor),
             ("count", average_count))}
         consts = (b1_bias, b2_bias, 1.0 - beta1, 1.0 - beta2, float(kw["eps"]), wd)
-        store = dtype in (torch.float32, torch.float64)
+        # Pass 1 stores the moments when exact (fp32/fp64), or always in the moments stage;
+        # pass 3 reads them back then, and always in the update stage.
+        store = dtype in (torch.float32, torch.float64) or stage == STAGES["moments"]
         has_skip = found_inf is not None
-        if tab.n_chunks:
+        if tab.n_chunks and stage != STAGES["update"]:
             _lamb_moments[(tab.n_chunks,)](
                 tab.data, tab.n_chunks, tab.n_tensors, partial, pointer["clip"], pointer["scale"],
                 pointer["skip"], *consts, ELEM=ELEM[dtype], ACC=acc, BLOCK=block,
-                BIAS=bool(kw["bias_correction"]), STORE=store, HAS_SKIP=has_skip, **flags,
-                num_warps=NUM_WARPS)
+                BIAS=bool(kw["bias_correction"]), STORE=store, HAS_SKIP=has_skip,
+                SOFT_BF16=soft_bf16(dtype), **flags, num_warps=NUM_WARPS)
         # A program per tensor, empty ones included: every counter counts the step.
         max_trust = kw["max_trust"]
         _lamb_coefs[(tab.n_tensors,)](
             tab.data, tab.n_chunks, tab.n_tensors, partial, coefs,
             0.0 if max_trust is None else float(max_trust), pointer["skip"], b1_bias, b2_bias,
-            ACC=acc, RBLOCK=mt.RBLOCK, HAS_MAX_TRUST=max_trust is not None,
-            CLIP=bool(kw["clip"]), BIAS=bool(kw["bias_correction"]), APEX=apex,
-            HAS_SKIP=has_skip, num_warps=mt.NUM_WARPS)
-        if tab.n_chunks:
+            mt.pointer(norm_sq, tab.data), len(params), ACC=acc, RBLOCK=mt.RBLOCK,
+            HAS_MAX_TRUST=max_trust is not None, CLIP=bool(kw["clip"]),
+            BIAS=bool(kw["bias_correction"]), APEX=apex, HAS_SKIP=has_skip, STAGE=stage,
+            num_warps=mt.NUM_WARPS)
+        if tab.n_chunks and stage != STAGES["moments"]:
             _lamb_update[(tab.n_chunks,)](
                 tab.data, tab.n_chunks, tab.n_tensors, coefs, float(kw["lr"]), pointer["lr"],
                 pointer["clip"], pointer["scale"], pointer["skip"], *consts, avg_rows,
                 pointer["count"], 1.0 - float(kw["average_decay"]), ELEM=ELEM[dtype], ACC=acc,
-                BLOCK=block, STORED=store, HAS_LR_TENSOR=lr_tensor is not None,
+                BLOCK=block, STORED=store or stage == STAGES["update"],
+                HAS_LR_TENSOR=lr_tensor is not None,
                 HAS_SKIP=has_skip, SOFT_BF16=soft_bf16(dtype), HAS_AVG=bool(averages),
                 AVG=acc, SWA=kw["average_method"] == "swa", **flags, num_warps=NUM_WARPS)
     staging.write_back()

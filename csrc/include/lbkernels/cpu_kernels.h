@@ -217,6 +217,8 @@ enum class LambPass : int32_t {
   kNorms,  // pass 1: out[2*c] = sum(w^2), out[2*c+1] = sum(u^2) of chunk c; fp32/fp64 store m, v
   kWrite,  // pass 2: write w (and m, v, avg) with the tensor's ratio, chunks in reverse order
   kWhole,  // both on whole-tensor chunks, the ratio computed between them (cache-hot)
+  kMoments,  // stage "moments": kNorms storing m, v of every dtype (rounded if 16-bit)
+  kUpdate,   // stage "update": kWrite from the stored m, v of every dtype, never recomputed
 };
 
 #define LBK_DECLARE_LAMB_CPU_KERNELS(NS)                                                   \

@@ -18,6 +18,10 @@
 
 namespace lbkernels {
 
+// What one call does (docs/algorithms.md section 7): the whole step, or one of its two
+// stages around the sum of the norms over the shards of sharded tensors.
+enum class LambStage { kFull, kMoments, kUpdate };
+
 struct LambArgs {
   at::TensorList params, grads, exp_avgs, exp_avg_sqs, steps;
   c10::List<bool> exclude;
@@ -35,17 +39,25 @@ struct LambArgs {
   std::optional<at::Tensor> average_count;
   c10::string_view average_method;
   double average_decay;
+  std::optional<at::Tensor> norm_sq;  // (2, n): written by kMoments, read by kUpdate
+  c10::string_view stage_name;
 
   bool apex() const { return style == "apex"; }
+  LambStage stage() const {
+    return stage_name == "moments" ? LambStage::kMoments
+           : stage_name == "update" ? LambStage::kUpdate : LambStage::kFull;
+  }
 };
 
 // The scalar options the kernels read; lr is the float argument (a host whose lr is a
-// tensor reads it itself), has_clip whether the gradients are clipped.
+// tensor reads it itself), has_clip whether the gradients are clipped. The update stage
+// does not read the gradients: neither scale nor clip.
 inline LambOptions lamb_options(const LambArgs& a, double lr) {
+  const bool reads_g = a.stage() != LambStage::kUpdate;
   return {a.beta1, a.beta2, a.eps, a.weight_decay, lr, a.max_trust.value_or(0.0),
           a.bias_correction, a.grad_averaging, a.decoupled_weight_decay,
-          a.max_trust.has_value(), a.clip, a.apex(), a.grad_scale.has_value(),
-          a.max_grad_norm.has_value() && !a.params.empty()};
+          a.max_trust.has_value(), a.clip, a.apex(), reads_g && a.grad_scale.has_value(),
+          reads_g && a.max_grad_norm.has_value() && !a.params.empty()};
 }
 
 inline void check_lamb_args(const LambArgs& a, c10::DeviceType device_type) {
@@ -76,6 +88,17 @@ inline void check_lamb_args(const LambArgs& a, c10::DeviceType device_type) {
   check_scalar_tensor(a.found_inf, "found_inf");
   check_folded_average(a.params, a.averages, a.average_count, a.average_method, a.found_inf,
                        device_type);
+  TORCH_CHECK_VALUE(a.stage_name == "full" || a.stage_name == "moments" ||
+                        a.stage_name == "update",
+                    "stage must be one of ('full', 'moments', 'update'), got '", a.stage_name,
+                    "'");
+  TORCH_CHECK_VALUE(a.stage_name != "full" || !a.norm_sq.has_value(),
+                    "norm_sq is given but stage is 'full': only the stages 'moments' (which "
+                    "writes it) and 'update' (which reads it) take it");
+  TORCH_CHECK_VALUE(a.stage_name == "full" || a.norm_sq.has_value(), "stage '", a.stage_name,
+                    "' needs norm_sq, a (2, len(params)) float32/float64 tensor of the sums of "
+                    "squares of w and u");
+  check_norm_sq(a.params, a.norm_sq);
 }
 
 // The registered kernel of one device type: gathers and checks the arguments, then runs
@@ -90,12 +113,13 @@ void lamb_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avg
              c10::string_view style, const std::optional<at::Tensor>& grad_scale,
              const std::optional<at::Tensor>& found_inf, std::optional<at::TensorList> averages,
              const std::optional<at::Tensor>& average_count, c10::string_view average_method,
-             double average_decay) {
+             double average_decay, const std::optional<at::Tensor>& norm_sq,
+             c10::string_view stage) {
   const LambArgs a{params, grads, exp_avgs, exp_avg_sqs, steps, exclude, lr, lr_tensor, beta1,
                    beta2, eps, weight_decay, bias_correction, grad_averaging,
                    decoupled_weight_decay, max_trust, clip, max_grad_norm, grad_norm, style,
                    grad_scale, found_inf, averages.value_or(at::TensorList()), average_count,
-                   average_method, average_decay};
+                   average_method, average_decay, norm_sq, stage};
   check_lamb_args(a, kDevice);
   Kernel(a);
 }
