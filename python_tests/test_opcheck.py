@@ -132,6 +132,16 @@ def _lamb(dev):
          dict(lr=0.1, style="apex", decoupled_weight_decay=False, max_grad_norm=1.0,
               grad_norm=torch.tensor([3.0], device=dev), averages=[torch.zeros_like(p) for p in ps],
               average_count=torch.zeros((), dtype=torch.int64, device=dev))),
+        # The two stages: "moments" writes norm_sq (float64) and the moments, "update"
+        # reads norm_sq (float32 here) and writes the weights and the folded average.
+        ((ps, grads, *moments, steps, exclude),
+         dict(lr=0.1, max_grad_norm=1.0, stage="moments", **scalar,
+              norm_sq=torch.zeros((2, 3), dtype=torch.float64, device=dev))),
+        ((ps, grads, *moments, steps, exclude),
+         dict(lr=0.1, style="apex", clip=True, stage="update",
+              norm_sq=torch.tensor([[4.0, 0.0, 2.0], [9.0, 0.0, 0.5]], device=dev),
+              averages=[torch.zeros_like(p) for p in ps],
+              average_count=torch.zeros((), dtype=torch.int64, device=dev))),
     ]
 
 
