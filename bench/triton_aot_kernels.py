@@ -256,27 +256,41 @@ def _lamb_scalars(c) -> dict:
             "skip_ptr": ptr(c["HAS_SKIP"])}
 
 
+# lamb_'s stage as _lamb_coefs sees it: (STAGE, norm_sq's type: unread in the full step).
+LAMB_STAGE = {"full": (lamb.STAGES["full"], TABLE),
+              "moments-fp32": (lamb.STAGES["moments"], "*fp32"),
+              "moments-fp64": (lamb.STAGES["moments"], "*fp64"),
+              "update-fp32": (lamb.STAGES["update"], "*fp32"),
+              "update-fp64": (lamb.STAGES["update"], "*fp64")}
+
+
 def _lamb_moments(dtype, c):
-    # STORE: the launcher stores the moments in pass 1 exactly for fp32/fp64.
+    # STORE: the launcher stores the moments in pass 1 exactly for fp32/fp64, and for
+    # every dtype in the moments stage (the full and moments stages launch this kernel).
     return ({"table": TABLE, "n_chunks": "i32", "n_tensors": "i32", "partial": acc_ptr(dtype),
              **_lamb_scalars(c)},
-            {**_lamb_flags(dtype, c), "BIAS": c["BIAS"],
-             "STORE": dtype in (torch.float32, torch.float64)})
+            {**_lamb_flags(dtype, c), "BIAS": c["BIAS"], "SOFT_BF16": False,
+             "STORE": dtype in (torch.float32, torch.float64) or c["stage"] == "moments"})
 
 
 def _lamb_coefs(dtype, c):
+    stage, norm_sq = LAMB_STAGE[c["stage"]]
     return ({"table": TABLE, "n_chunks": "i32", "n_tensors": "i32", "partial": acc_ptr(dtype),
-             "coefs": acc_ptr(dtype), "skip_ptr": ptr(c["HAS_SKIP"])},
+             "coefs": acc_ptr(dtype), "skip_ptr": ptr(c["HAS_SKIP"]), "norm_sq": norm_sq,
+             "n_params": "i32"},
             {"ACC": acc_types(dtype)[1], "RBLOCK": mt.RBLOCK, "HAS_MAX_TRUST": c["HAS_MAX_TRUST"],
-             "CLIP": c["CLIP"], "BIAS": c["BIAS"], "APEX": c["APEX"], "HAS_SKIP": c["HAS_SKIP"]})
+             "CLIP": c["CLIP"], "BIAS": c["BIAS"], "APEX": c["APEX"], "HAS_SKIP": c["HAS_SKIP"],
+             "STAGE": stage})
 
 
 def _lamb_update(dtype, c):
+    # STORED: the moments read back (fp32/fp64, and every dtype in the update stage).
     has_avg, swa = AVERAGING[c["averaging"]]
     return ({"table": TABLE, "n_chunks": "i32", "n_tensors": "i32", "coefs": acc_ptr(dtype),
              "lr_ptr": ptr(c["HAS_LR_TENSOR"]), **_lamb_scalars(c), "avg_table": TABLE,
              "count_ptr": COUNT},
-            {**_lamb_flags(dtype, c), "STORED": dtype in (torch.float32, torch.float64),
+            {**_lamb_flags(dtype, c),
+             "STORED": dtype in (torch.float32, torch.float64) or c["stage"] == "update",
              "HAS_LR_TENSOR": c["HAS_LR_TENSOR"], "SOFT_BF16": False, "HAS_AVG": has_avg,
              "AVG": acc_types(dtype)[1], "SWA": swa})
 
@@ -336,14 +350,17 @@ def variants() -> list[Variant]:
         "HAS_SKIP": flags, **blocks}, _adam_update)
     lamb_chunk = {"HAS_SCALE": flags, "HAS_CLIP": flags, "decay": tuple(LAMB_DECAY),
                   "moment": tuple(LAMB_MOMENT), "HAS_SKIP": flags, **blocks}
-    out += per_dtype(lamb, "_lamb_moments", {**lamb_chunk, "BIAS": flags}, _lamb_moments,
+    out += per_dtype(lamb, "_lamb_moments", {**lamb_chunk, "BIAS": flags,
+                                             "stage": ("full", "moments")}, _lamb_moments,
                      num_warps=lamb.NUM_WARPS)
     out += per_dtype(lamb, "_lamb_coefs", {"HAS_MAX_TRUST": flags, "CLIP": flags, "BIAS": flags,
-                                           "APEX": flags, "HAS_SKIP": flags}, _lamb_coefs,
+                                           "APEX": flags, "HAS_SKIP": flags,
+                                           "stage": tuple(LAMB_STAGE)}, _lamb_coefs,
                      dtypes=[next(d for d in ELEM if acc_types(d)[1] == a)
                              for a in (tl.float32, tl.float64)])
     out += per_dtype(lamb, "_lamb_update", {**lamb_chunk, "HAS_LR_TENSOR": flags,
-                                            "averaging": tuple(AVERAGING)}, _lamb_update,
+                                            "averaging": tuple(AVERAGING),
+                                            "stage": ("full", "update")}, _lamb_update,
                      num_warps=lamb.NUM_WARPS)
     out += per_dtype(average, "_average", {"method": ("ema", "swa"), "HAS_SKIP": flags,
                                            **blocks}, _average)
