@@ -238,9 +238,11 @@ def lamb_(
       used (the gradient is not read).
 
     ``moments`` then ``update`` with the same ``norm_sq`` is ``full`` bit for bit for
-    fp32/fp64 tensors (in binary floating point ``sqrt(x * x) == |x|``, and ``u`` is
-    computed from the same moments, stored exactly); a 16-bit tensor's update stage takes
-    ``u`` from its stored, rounded moments, where the full step uses the unrounded ones.
+    fp32/fp64 tensors whose arithmetic dtype ``norm_sq``'s holds (float64, or float32 for
+    fp32 tensors): in binary floating point ``sqrt(x * x) == |x|`` (barring underflow),
+    and ``u`` is computed from the same moments, stored exactly. A 16-bit tensor's update
+    stage takes ``u`` from its stored, rounded moments, where the full step uses the
+    unrounded ones.
     """
     check_lamb_args(params, grads, exp_avgs, exp_avg_sqs, steps, exclude, lr=lr,
                     lr_tensor=lr_tensor, beta1=beta1, beta2=beta2, eps=eps,
