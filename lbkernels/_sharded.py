@@ -121,3 +121,23 @@ def global_norm_sq(jobs: list[tuple[list[torch.Tensor], list[torch.Tensor], list
 def _norm_dtype(params: list[torch.Tensor]) -> torch.dtype:
     # One norm_sq per op call: fp64 when any of its params is fp64 (their arithmetic is).
     return torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+
+
+def sum_sharded_columns(jobs: list[tuple[list[torch.Tensor], torch.Tensor]]) -> None:
+    """For each job ``(params, sums)`` (``sums`` of shape ``(rows, len(params))``, local
+    sums of squares such as the ``norm_sq`` that ``lamb_``'s moments stage writes), adds up
+    over the shards, in place, the columns of the params that are sharded; the others
+    already hold the whole tensor's sums. One ``all_reduce`` per (process group, dtype)
+    for all jobs together; nothing is read on the host."""
+    entries: dict[tuple, dict[int, list[int]]] = {}
+    for j, (params, sums) in enumerate(jobs):
+        for i, p in enumerate(params):
+            group = shard_group(p)
+            if group is not None:
+                entries.setdefault((group, sums.dtype), {}).setdefault(j, []).append(i)
+    for (group, _), columns in entries.items():
+        parts = [jobs[j][1][:, index] for j, index in columns.items()]
+        flat = torch.cat(parts, dim=1)
+        dist.all_reduce(flat, group=group)
+        for (j, index), part in zip(columns.items(), flat.split([len(c) for c in columns.values()], dim=1)):
+            jobs[j][1][:, index] = part

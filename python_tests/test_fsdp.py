@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from lbkernels.distributed import average_parameters
-from lbkernels.optim import LARS, ExtrapAdam, ExtrapSGD, ShiftedMomentumSGD, WeightAverager
+from lbkernels.optim import LAMB, LARS, ExtrapAdam, ExtrapSGD, ShiftedMomentumSGD, WeightAverager
 
 STEPS = 5
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -35,6 +35,11 @@ CASES = [
     # The last layer left unsharded (plain tensors, averaged by hand): one op call mixes
     # norms given by the collective with norms the op computes itself.
     ("mlp", torch.float64, "lars", "mixed"),
+    # LAMB's ratio needs ||u||: its moments and its write are two calls around the norms'
+    # all-reduce; with global clipping the gradients' norm takes another all-reduce.
+    ("mlp", torch.float64, "lamb", "1d"),
+    ("cnn", torch.float32, "lamb+clip", "1d"),
+    ("mlp", torch.float64, "lamb", "mixed"),
 ]
 
 
@@ -59,6 +64,9 @@ def _optimizer(name: str, model: nn.Module):
     params = list(model.parameters())
     # Large trust coefficient: the ratios move the weights visibly, so that a ratio from a
     # shard's norms instead of the whole tensor's fails the comparison by far.
+    if name.startswith("lamb"):
+        clip = dict(max_grad_norm=0.05) if name == "lamb+clip" else {}
+        return LAMB(params, lr=0.05, weight_decay=1e-2, max_trust=10.0, **clip), None, False
     if name == "shifted":
         return ShiftedMomentumSGD(params, lr=0.2, momentum=0.9, delay=1, weight_decay=1e-3,
                                   lars=True, trust_coefficient=0.05), None, False
@@ -144,8 +152,9 @@ def _job(rank, world):
     meshes = {"1d": init_device_mesh("cpu", (world,)),
               "hsdp": init_device_mesh("cpu", (1, world), mesh_dim_names=("replicate", "shard"))}
     out = {case: _run_case(rank, world, meshes, *case) for case in CASES}
-    out["local norms"] = _run_case(rank, world, meshes, "mlp", torch.float64, "lars", "1d",
-                                   patch_norms=True)
+    for name in ("lars", "lamb"):
+        out[f"local norms {name}"] = _run_case(rank, world, meshes, "mlp", torch.float64, name,
+                                               "1d", patch_norms=True)
     out["refusals"] = _refusals(meshes["1d"])
     return out
 
@@ -192,17 +201,21 @@ def test_sharded_step_matches_ddp(runs, world, case):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: str(c).replace("torch.", ""))
 def test_one_norm_collective_per_step(runs, world, case):
     # All of a step's layer norms in one all-reduce (one mesh, one dtype): not one per tensor.
+    # The "mixed" cases have one unsharded layer, whose gradients are averaged by hand
+    # outside the counted step.
+    expected = 2 if case[2] == "lamb+clip" else 1  # clipping: the gradients' norm too
     for res in runs[world]:
-        assert res[case]["counts"] == [1] * STEPS
+        assert res[case]["counts"] == [expected] * STEPS
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("world", [2, 3])
 def test_shard_local_norms_would_be_caught(runs, world):
-    # The same LARS run with the collective removed (each rank's trust ratio from its own
-    # shard) departs from DDP by far more than the tolerance: the comparison above sees it.
+    # The same LARS and LAMB runs with the collective removed (each rank's trust ratio from
+    # its own shard) depart from DDP by far more than the tolerance: the comparison sees it.
     for res in runs[world]:
-        assert res["local norms"]["weights"] > 1e-4, res["local norms"]
+        for name in ("lars", "lamb"):
+            assert res[f"local norms {name}"]["weights"] > 1e-4, res[f"local norms {name}"]
 
 
 @pytest.mark.distributed

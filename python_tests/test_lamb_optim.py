@@ -386,25 +386,6 @@ def test_a_group_cannot_set_its_own_max_grad_norm_and_a_bad_edit_changes_nothing
     assert all(torch.equal(p, q) for p, q in zip(ps, before)) and not opt.state
 
 
-def _lamb_refuses_a_dtensor(rank, world):
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
-
-    mesh = init_device_mesh("cpu", (world,))
-    p = torch.nn.Parameter(distribute_tensor(torch.ones(4, 3), mesh, [Shard(0)]))
-    try:
-        LAMB([p])
-    except TypeError as e:
-        return str(e)
-    return None
-
-
-@pytest.mark.distributed
-def test_dtensor_params_are_refused_with_the_reason(gloo):
-    for message in gloo(2).run(_lamb_refuses_a_dtensor):
-        assert message is not None and "DTensor" in message and "DistributedDataParallel" in message
-
-
 # -- lamb_param_groups, folded averaging, allocations --------------------------------------
 def test_lamb_param_groups_excludes_biases_and_norms():
     m = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 2))

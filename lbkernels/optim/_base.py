@@ -54,6 +54,13 @@ def group_args(group: dict, *names: str) -> dict[str, Any]:
     return {name: group[name] for name in (*names, "impl")}
 
 
+def iter_buckets(work: list):
+    """(group, grads, bucket, the bucket's grads) of every bucket of ``work``."""
+    for group, grads, buckets in work:
+        for bucket in buckets:
+            yield group, grads, bucket, grads if bucket.index is None else [grads[i] for i in bucket.index]
+
+
 def norm_arguments(bucket: Bucket) -> dict[str, Any]:
     """The op's ``norm_sq`` argument for ``bucket`` ({} unless it holds sharded params)."""
     return {} if bucket.norm_sq is None else {"norm_sq": bucket.norm_sq}
@@ -334,33 +341,32 @@ class FusedOptimizer(Optimizer):
             self._check_step()
             grad_scale = getattr(self, "grad_scale", None)
             found_inf = getattr(self, "found_inf", None)
-            work = self._checked_work()
-            norms = self._sharded_norms(work)
-            for group, grads, buckets in work:
-                for bucket in buckets:
-                    bgrads = grads if bucket.index is None else [grads[i] for i in bucket.index]
-                    if bucket.sharded:
-                        bgrads = _sharded.locals_of(bgrads)
-                        bucket = bucket.local(norms.get(id(bucket)))
-                    self._step_bucket(group, bucket, bgrads, grad_scale, found_inf)
+            self._step_buckets(self._checked_work(), grad_scale, found_inf)
             stepped = True
         finally:
             self._after_step(stepped)
         return loss
+
+    def _step_buckets(self, work: list, grad_scale: torch.Tensor | None,
+                      found_inf: torch.Tensor | None) -> None:
+        """One ``_step_bucket`` per (group, bucket) of ``work``; a sharded bucket steps its
+        local shards, with the layer norms its rule needs reduced over the shards first."""
+        norms = self._sharded_norms(work)
+        for group, grads, bucket, bgrads in iter_buckets(work):
+            if bucket.sharded:
+                bgrads = _sharded.locals_of(bgrads)
+                bucket = bucket.local(norms.get(id(bucket)))
+            self._step_bucket(group, bucket, bgrads, grad_scale, found_inf)
 
     def _sharded_norms(self, work: list) -> dict[int, torch.Tensor]:
         """id(bucket) -> ``norm_sq`` of each sharded bucket whose rule needs layer norms:
         every such bucket's global sums of squares in one collective per (process group,
         dtype) (``_sharded.global_norm_sq``)."""
         jobs, owners = [], []
-        for group, grads, buckets in work:
-            if not self._adapts(group):
-                continue
-            for bucket in buckets:
-                if bucket.sharded:
-                    bgrads = grads if bucket.index is None else [grads[i] for i in bucket.index]
-                    jobs.append((bucket.params, bgrads, [True] * len(bgrads)))
-                    owners.append(id(bucket))
+        for group, _, bucket, bgrads in iter_buckets(work):
+            if bucket.sharded and self._adapts(group):
+                jobs.append((bucket.params, bgrads, [True] * len(bgrads)))
+                owners.append(id(bucket))
         if not jobs:
             return {}
         return {owner: norm_sq for owner, norm_sq in zip(owners, _sharded.global_norm_sq(jobs))

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 import torch
 
-from .. import ops
+from .. import _sharded, ops
 from ._base import (Bucket, FusedOptimizer, check_betas, check_bools, check_numbers, group_args,
-                    zeros_state)
+                    iter_buckets, zeros_state)
 from ._folded import folded_average_arguments
 from .lars import lars_param_groups
 
@@ -46,6 +45,13 @@ class LAMB(FusedOptimizer):
     skipped step leaves weights, moments and step counts bitwise unchanged). With
     ``max_grad_norm`` the global norm is computed once per step on the device
     (``ops.multi_tensor_l2norm`` per device, combined there) and handed to every op.
+
+    Sharded parameters (DTensors of FSDP2's ``fully_shard``, 1-D or HSDP mesh) step their
+    local shards in two calls of the op: the moments, which leave each shard's sums of
+    squares of ``w`` and ``u``; one all-reduce of all of them per (process group, dtype);
+    then the ratio from the whole tensors' norms and the write. The global gradient norm
+    of ``max_grad_norm`` sums its shards the same way (one more all-reduce). The state
+    is kept as DTensors of the params' placements.
 
     Reproducing other implementations (bit for bit with ``impl="reference"``;
     python_tests/test_lamb_optim.py transcribes each):
@@ -136,8 +142,6 @@ class LAMB(FusedOptimizer):
                              f"param group, {self.defaults['max_grad_norm']!r} in the defaults")
         if group["style"] not in _STYLES:
             raise ValueError(f"style must be one of {_STYLES}, got {group['style']!r}")
-        if values:  # at construction (the params do not change inside a step)
-            _refuse_dtensors(group["params"])
 
     def _state_kinds(self) -> dict[str, str]:
         return {"exp_avg": "param", "exp_avg_sq": "param", "step": "count"}
@@ -151,19 +155,28 @@ class LAMB(FusedOptimizer):
     def _global_grad_norm(self, device: torch.device, impl: str) -> torch.Tensor:
         """The L2 norm of every gradient of every group (as GradScaler left them: the op
         divides by grad_scale), on ``device``: one ``multi_tensor_l2norm`` per device at
-        the first op of the step, their norms combined on each device that needs it."""
+        the first op of the step, their norms combined on each device that needs it.
+        Sharded gradients: the squares of their shards' norms are summed over the shards
+        (one all-reduce per process group and dtype) before they are combined."""
         norms = getattr(self, "_grad_norms", None)
         if norms is None:
-            by_device: dict[torch.device, list[torch.Tensor]] = {}
+            by_device: dict[torch.device, tuple[list, list]] = {}
             for group in self.param_groups:
                 for p in group["params"]:
                     if p.grad is not None:
-                        by_device.setdefault(p.grad.device, []).append(p.grad)
+                        params, grads = by_device.setdefault(_sharded.local(p.grad).device, ([], []))
+                        params.append(p)
+                        grads.append(_sharded.local(p.grad))
             # multi_tensor_l2norm returns fp32: for an fp64 model that rounding (~6e-8
             # relative) would be the step's largest error, so fp64 grads keep fp64 norms.
             per_device = [torch.stack(torch._foreach_norm(gs))
                           if all(g.dtype == torch.float64 for g in gs)
-                          else ops.multi_tensor_l2norm(gs, impl=impl) for gs in by_device.values()]
+                          else ops.multi_tensor_l2norm(gs, impl=impl) for _, gs in by_device.values()]
+            if any(_sharded.is_sharded(p) for params, _ in by_device.values() for p in params):
+                squares = [n.square().view(1, -1) for n in per_device]
+                _sharded.sum_sharded_columns([(params, sq) for (params, _), sq in
+                                              zip(by_device.values(), squares)])
+                per_device = [sq.view(-1).sqrt() for sq in squares]
             norms = self._grad_norms = {"per_device": per_device}
         if device not in norms:
             parts = norms["per_device"]
@@ -172,13 +185,40 @@ class LAMB(FusedOptimizer):
             norms[device] = torch.linalg.vector_norm(stacked.to(device))
         return norms[device]
 
+    def _adapts(self, group: dict) -> bool:
+        return not group["lamb_exclude"] and (group["always_adapt"] or group["weight_decay"] != 0)
+
+    def _step_buckets(self, work: list, grad_scale: torch.Tensor | None,
+                      found_inf: torch.Tensor | None) -> None:
+        """Sharded buckets step in two stages of ``lamb_``: the moments, which leave each
+        local shard's sums of squares of ``w`` and ``u`` in ``norm_sq``; one all-reduce of
+        all of them per (process group, dtype); then the ratio and the write
+        (docs/algorithms.md section 7). Plain buckets step in one call."""
+        staged = []
+        for group, _, bucket, bgrads in iter_buckets(work):
+            if not bucket.sharded:
+                self._step_bucket(group, bucket, bgrads, grad_scale, found_inf)
+                continue
+            local, lgrads = bucket.local(None), _sharded.locals_of(bgrads)
+            # fp64 sums: the CPU kernel keeps its sums in double, so with an fp64 norm_sq
+            # the two stages are the full step bit for bit (one process).
+            local.norm_sq = torch.empty((2, len(lgrads)), dtype=torch.float64,
+                                        device=local.params[0].device)
+            self._step_bucket(group, local, lgrads, grad_scale, found_inf, stage="moments")
+            staged.append((group, bucket, local, lgrads))
+        if not staged:
+            return
+        _sharded.sum_sharded_columns([(bucket.params, local.norm_sq) for _, bucket, local, _ in staged])
+        for group, _, local, lgrads in staged:
+            self._step_bucket(group, local, lgrads, grad_scale, found_inf, stage="update")
+
     def _step_bucket(self, group: dict, bucket: Bucket, grads: list[torch.Tensor],
-                     grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> None:
-        adapt = group["always_adapt"] or group["weight_decay"] != 0
-        exclude = [group["lamb_exclude"] or not adapt] * len(grads)
+                     grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None,
+                     stage: str = "full") -> None:
+        exclude = [not self._adapts(group)] * len(grads)
         max_grad_norm = group["max_grad_norm"]
         grad_norm = None
-        if max_grad_norm is not None:
+        if max_grad_norm is not None and stage != "update":
             grad_norm = self._global_grad_norm(bucket.params[0].device, group["impl"])
         beta1, beta2 = group["betas"]
         ops.lamb_(
@@ -196,7 +236,9 @@ class LAMB(FusedOptimizer):
             found_inf=found_inf,
             **group_args(group, "lr", "eps", "weight_decay", "bias_correction", "grad_averaging",
                          "decoupled_weight_decay", "max_trust", "clip", "style"),
-            **folded_average_arguments(self, group, bucket),
+            # The averaging goes with the write of w: the full step, or its update stage.
+            **({} if stage == "moments" else folded_average_arguments(self, group, bucket)),
+            **({} if stage == "full" else {"stage": stage, "norm_sq": bucket.norm_sq}),
         )
 
 
@@ -210,14 +252,3 @@ def lamb_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]
 
 def _step_counter(p: torch.Tensor) -> torch.Tensor:
     return torch.zeros((), dtype=torch.float32, device=p.device)
-
-
-def _refuse_dtensors(params: list) -> None:
-    dtensor = sys.modules.get("torch.distributed.tensor")  # none exist unless it is imported
-    if dtensor is None:
-        return
-    for i, p in enumerate(params):
-        if isinstance(p, dtensor.DTensor):
-            raise TypeError(f"params[{i}] is a DTensor (FSDP2): LAMB's trust ratio needs the norm "
-                            "of the whole update across shards, which it does not compute; "
-                            "DistributedDataParallel works")
