@@ -162,15 +162,15 @@ def _one_line(err: str) -> str:
 @pytest.mark.parametrize("world, argv, message", [
     (1, FSDP, "--parallel fsdp: shards the model over the processes of a torchrun job and this is "
               "one process"),
-    (2, FSDP + ["--method", "extrap"], "--method extrap: not with --parallel fsdp (sgd, lars, "
+    (2, FSDP + ["--method", "extrap"], "--method extrap: not with --parallel fsdp (sgd, lars, lamb, "
                                        "growing-batch, swa are): each process steps from its own "
                                        "extrapolated point"),
     (2, FSDP + ["--method", "extrap-postlocal"], "post-local SGD needs each process's own model"),
-    (2, FSDP + ["--method", "delayed"], "--method delayed: not with --parallel fsdp (sgd, lars, "
+    (2, FSDP + ["--method", "delayed"], "--method delayed: not with --parallel fsdp (sgd, lars, lamb, "
                                         "growing-batch, swa are): its delayed all-reduce is a DDP "
                                         "comm hook"),
     (2, FSDP + ["--method", "async-sim"], "simulates the asynchronous workers in one process"),
-    (2, FSDP + ["--method", "swap"], "--method swap: not with --parallel fsdp (sgd, lars, "
+    (2, FSDP + ["--method", "swap"], "--method swap: not with --parallel fsdp (sgd, lars, lamb, "
                                      "growing-batch, swa are): its phase 2 trains independent models"),
     (2, FSDP + ["--method", "growing-batch", "--max-micro-batch", "8"],
      "--max-micro-batch: not with --parallel fsdp: "),

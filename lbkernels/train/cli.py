@@ -170,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     system.add_argument("--parallel", choices=("ddp", "fsdp"), default="ddp",
                         help="under torchrun: ddp replicates the model (DistributedDataParallel); "
                              "fsdp shards weights, gradients and optimizer state over the "
-                             "processes (FSDP2 fully_shard; methods sgd, lars, growing-batch, swa)")
+                             "processes (FSDP2 fully_shard; methods sgd, lars, lamb, growing-batch, swa)")
     system.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
                         help="mixed precision (fp16 with dynamic loss scaling)")
     system.add_argument("--dist-timeout", type=positive_float, default=300.0, metavar="SECONDS",

@@ -39,7 +39,7 @@ from .checkpoint import OwnCheckpointError
 from .config import ConfigError
 
 # Methods that train under --parallel fsdp, and why the others cannot.
-FSDP_METHODS = ("sgd", "lars", "growing-batch", "swa")
+FSDP_METHODS = ("sgd", "lars", "lamb", "growing-batch", "swa")
 _EXTRAP = ("each process steps from its own extrapolated point (the anchor minus gamma times "
            "its own previous gradient), which cannot exist when FSDP gives every process the "
            "same gathered weights")
