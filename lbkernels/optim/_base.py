@@ -19,6 +19,7 @@ from torch.optim import Optimizer
 from .. import ops
 from .._validate import FLOAT_DTYPES, check_bool, check_grads, check_number, metadata, same_metadata
 from .. import _sharded
+from ._bucket import Bucket, iter_buckets, norm_arguments  # noqa: F401  (re-exported)
 
 # The hyper-parameters the ops take as one-element tensors (compiled / captured steps).
 TENSOR_HYPERPARAMETERS = ("lr", "extrap_lr")
@@ -54,18 +55,6 @@ def group_args(group: dict, *names: str) -> dict[str, Any]:
     return {name: group[name] for name in (*names, "impl")}
 
 
-def iter_buckets(work: list):
-    """(group, grads, bucket, the bucket's grads) of every bucket of ``work``."""
-    for group, grads, buckets in work:
-        for bucket in buckets:
-            yield group, grads, bucket, grads if bucket.index is None else [grads[i] for i in bucket.index]
-
-
-def norm_arguments(bucket: Bucket) -> dict[str, Any]:
-    """The op's ``norm_sq`` argument for ``bucket`` ({} unless it holds sharded params)."""
-    return {} if bucket.norm_sq is None else {"norm_sq": bucket.norm_sq}
-
-
 def capturing() -> bool:
     """Whether a CUDA graph is being captured on the current stream (False without CUDA).
     A replay runs no Python: a step that advances a host counter cannot be captured."""
@@ -90,30 +79,6 @@ copy_state.flat_copy = True  # may be allocated as views of one buffer per bucke
 
 def _flat(make: Callable) -> bool:
     return getattr(make, "flat_zeros", False) or getattr(make, "flat_copy", False)
-
-
-class Bucket:
-    """The params of one group on one device that have grads, and their state tensors.
-
-    ``sharded``: some params are DTensors; the step then hands the op ``local()``, the
-    same bucket over the local shards, with ``norm_sq`` (the global sums of squares of
-    the sharded tensors, for the op's argument of that name) when the rule needs norms.
-    """
-
-    __slots__ = ("index", "params", "state", "sharded", "norm_sq")
-
-    def __init__(self, index: list[int] | None, params: list[torch.Tensor],
-                 state: dict[str, list[torch.Tensor]], norm_sq: torch.Tensor | None = None):
-        self.index = index  # positions in the group's params; None: all of them, in order
-        self.params = params
-        self.state = state
-        self.sharded = any(_sharded.is_sharded(p) for p in params)
-        self.norm_sq = norm_sq
-
-    def local(self, norm_sq: torch.Tensor | None) -> Bucket:
-        """This bucket over the local shards of its DTensors (~5 us per DTensor)."""
-        return Bucket(self.index, _sharded.locals_of(self.params),
-                      {name: _sharded.locals_of(ts) for name, ts in self.state.items()}, norm_sq)
 
 
 class FusedOptimizer(Optimizer):

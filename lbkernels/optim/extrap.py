@@ -47,10 +47,9 @@ class ExtrapOptimizer(FusedOptimizer):
     shared by :class:`ExtrapSGD` and :class:`~lbkernels.optim.ExtrapAdam`."""
 
     # docs/algorithms.md section 2: each worker's gradient is taken at its own point.
-    _sharded_refusal = (
-        "extrapolation takes each worker's gradient at its own extrapolated point, and "
-        "sharded data parallel gives every rank the same gathered weights, so no rank can "
-        "hold its own point; train with DistributedDataParallel (attach()) instead")
+    _sharded_refusal = ("extrapolation takes each worker's gradient at its own extrapolated point, "
+                        "and sharded data parallel gives every rank the same gathered weights; "
+                        "train with DistributedDataParallel (attach()) instead")
 
     def __init__(self, params: Any, defaults: dict[str, Any], world_size: int | None):
         self.world_size = check_int("world_size", world_size, 1, error=TypeError, allow_none=True)
@@ -188,17 +187,14 @@ class ExtrapOptimizer(FusedOptimizer):
         if not isinstance(ddp_model, torch.nn.parallel.DistributedDataParallel):
             raise TypeError(f"ddp_model must be a DistributedDataParallel, got {type(ddp_model).__name__}")
         mine = {p for g in self.param_groups for p in g["params"]}
-        missing = sum(p not in mine for p in ddp_model.parameters() if p.requires_grad)
-        if missing == len([p for p in ddp_model.parameters() if p.requires_grad]):
+        trained = [p for p in ddp_model.parameters() if p.requires_grad]
+        if not any(p in mine for p in trained):
             raise ValueError("ddp_model has none of this optimizer's parameters")
-        if missing:
-            # ZeroRedundancyOptimizer's local optimizer holds only the params its rank owns
-            # and broadcasts them: every rank would get the owner's x - gamma * g^owner.
-            raise ValueError(f"ddp_model has {missing} trainable parameters this optimizer does not "
-                             "hold (e.g. the local optimizer of ZeroRedundancyOptimizer, whose owners "
-                             "broadcast their own extrapolated point to every rank): extrapolation "
-                             "needs each worker's own point; attach an optimizer of all the model's "
-                             "parameters, or pass world_size=1 to extrapolate with the averaged gradient")
+        if missing := sum(p not in mine for p in trained):
+            raise ValueError(f"ddp_model has {missing} trainable parameters this optimizer does not hold "
+                             "(e.g. ZeroRedundancyOptimizer's local optimizer, whose owners broadcast their "
+                             "own extrapolated point to every rank): extrapolation needs each worker's own "
+                             "point; attach an optimizer of all the model's parameters, or pass world_size=1")
         self.process_group = ddp_model.process_group
         ddp_model.register_comm_hook(self, extrap_allreduce_hook)
 
