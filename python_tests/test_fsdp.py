@@ -281,3 +281,51 @@ def test_sharded_state_round_trips_through_distributed_checkpoint(gloo, tmp_path
     for same, same_state, kinds in gloo(2).run(_checkpoint_job, str(tmp_path / "ckpt")):
         assert kinds == {"DTensor"}  # the momentum buffers are sharded like their params
         assert same and same_state
+
+
+def _replicated_job(rank, world):
+    """LARS and LAMB over a Shard(0) DTensor, a Replicate() DTensor and a plain tensor,
+    with the gradients of one full-tensor run split the same way, against that run: the
+    replicated and plain params need no collective, the sharded one its one all-reduce.
+    LAMB clamps ||w|| (max_trust below the weights' norms, ~5.9): its ratio is not
+    invariant under scaling both norms, as LARS's is up to eps, so a replicated param's
+    norms summed over the ranks (sqrt(world) too large) would show."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    mesh = init_device_mesh("cpu", (world,))
+    g = torch.Generator().manual_seed(0)
+    full = [torch.randn(7, 5, generator=g, dtype=torch.float64) for _ in range(3)]
+    grads = [[torch.randn(7, 5, generator=g, dtype=torch.float64) for _ in range(3)] for _ in range(3)]
+    out = {}
+    for name, make in (("LARS", lambda ps: LARS(ps, lr=0.5, momentum=0.9, weight_decay=1e-3,
+                                                 trust_coefficient=0.05)),
+                       ("LAMB", lambda ps: LAMB(ps, lr=0.1, max_trust=3.0))):
+        ref = [t.clone() for t in full]
+        ref_opt = make(ref)
+        mine = [nn.Parameter(distribute_tensor(full[0].clone(), mesh, [Shard(0)])),
+                nn.Parameter(distribute_tensor(full[1].clone(), mesh, [Replicate()])),
+                full[2].clone()]
+        opt = make(mine)
+        counts = []
+        for step_grads in grads:
+            for p, gr in zip(ref, step_grads):
+                p.grad = gr.clone()
+            ref_opt.step()
+            mine[0].grad = distribute_tensor(step_grads[0].clone(), mesh, [Shard(0)])
+            mine[1].grad = distribute_tensor(step_grads[1].clone(), mesh, [Replicate()])
+            mine[2].grad = step_grads[2].clone()
+            with CommDebugMode() as comm:
+                opt.step()
+            counts.append(comm.get_total_counts())
+        out[name] = max(_rel(_full(a.detach()), b) for a, b in zip(mine, ref)), counts
+    return out
+
+
+@pytest.mark.distributed
+def test_replicated_and_plain_params_need_no_collective(gloo):
+    for res in gloo(2).run(_replicated_job):
+        for name, (error, counts) in res.items():
+            assert error < TOL[torch.float64], name
+            assert counts == [1, 1, 1], name  # the Shard(0) param's norms only
