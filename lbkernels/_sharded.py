@@ -78,43 +78,25 @@ def local_sums_of_squares(tensors: list[torch.Tensor], dtype: torch.dtype) -> to
     return torch.stack(norms).square()
 
 
-def global_norm_sq(jobs: list[tuple[list[torch.Tensor], list[torch.Tensor], list[bool]]],
-                   ) -> list[torch.Tensor | None]:
-    """``norm_sq`` for each job (the DTensor params, grads and "needs a norm" flags of one
-    op call): a ``(2, n)`` tensor of the global sums of squares of every sharded w and g
-    that needs a norm, ``NOT_GIVEN`` elsewhere; None for a job with nothing to give.
-
-    One ``all_reduce`` per (process group, dtype) for all jobs together, whatever the
-    number of tensors; the sums stay on the device (no host read).
-    """
-    # (group, dtype) -> [(job, position in the job)], in job order: every rank lists the
-    # same entries in the same order (the optimizers hold the same params everywhere).
-    entries: dict[tuple, list[tuple[int, int]]] = {}
-    for j, (params, _, needs) in enumerate(jobs):
+def global_norm_sq(jobs: list[tuple[list[torch.Tensor], list[torch.Tensor]]],
+                   ) -> list[torch.Tensor]:
+    """``norm_sq`` for each job (the params and grads of one op call whose rule needs layer
+    norms): a ``(2, n)`` tensor holding, for every sharded w and g, the sum of squares of
+    the whole tensor (its shards' local sums added up by :func:`sum_sharded_columns`: one
+    ``all_reduce`` per (process group, dtype) for all jobs together), and ``NOT_GIVEN``
+    for the others, whose norms the op computes itself. Nothing is read on the host."""
+    out = []
+    for params, grads in jobs:
         dtype = _norm_dtype(params)
-        for i, (p, need) in enumerate(zip(params, needs)):
-            if need:
-                group = shard_group(p)
-                if group is not None:
-                    entries.setdefault((group, dtype), []).append((j, i))
-    out: list[torch.Tensor | None] = [None] * len(jobs)
-    for (group, dtype), where in entries.items():
-        ws = [jobs[j][0][i].to_local() for j, i in where]
-        gs = [jobs[j][1][i].to_local() for j, i in where]
-        sums = local_sums_of_squares(ws + gs, dtype)
-        dist.all_reduce(sums, group=group)
-        sums = sums.view(2, len(where))  # row 0: the weights, row 1: the gradients
-        by_job: dict[int, tuple[list[int], list[int]]] = {}
-        for k, (j, i) in enumerate(where):
-            positions, ks = by_job.setdefault(j, ([], []))
-            positions.append(i)
-            ks.append(k)
-        for j, (positions, ks) in by_job.items():
-            if out[j] is None:
-                params = jobs[j][0]
-                out[j] = torch.full((2, len(params)), NOT_GIVEN, dtype=dtype,
-                                    device=local(params[0]).device)
-            out[j][:, positions] = sums[:, ks]
+        norm_sq = torch.full((2, len(params)), NOT_GIVEN, dtype=dtype,
+                             device=local(params[0]).device)
+        index = [i for i, p in enumerate(params) if shard_group(p) is not None]
+        if index:
+            ws = [params[i].to_local() for i in index]
+            gs = [grads[i].to_local() for i in index]
+            norm_sq[:, index] = local_sums_of_squares(ws + gs, dtype).view(2, len(index))
+        out.append(norm_sq)
+    sum_sharded_columns([(params, norm_sq) for (params, _), norm_sq in zip(jobs, out)])
     return out
 
 
@@ -139,5 +121,6 @@ def sum_sharded_columns(jobs: list[tuple[list[torch.Tensor], torch.Tensor]]) -> 
         parts = [jobs[j][1][:, index] for j, index in columns.items()]
         flat = torch.cat(parts, dim=1)
         dist.all_reduce(flat, group=group)
-        for (j, index), part in zip(columns.items(), flat.split([len(c) for c in columns.values()], dim=1)):
+        parts = flat.split([len(index) for index in columns.values()], dim=1)
+        for (j, index), part in zip(columns.items(), parts):
             jobs[j][1][:, index] = part

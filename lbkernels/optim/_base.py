@@ -326,16 +326,15 @@ class FusedOptimizer(Optimizer):
     def _sharded_norms(self, work: list) -> dict[int, torch.Tensor]:
         """id(bucket) -> ``norm_sq`` of each sharded bucket whose rule needs layer norms:
         every such bucket's global sums of squares in one collective per (process group,
-        dtype) (``_sharded.global_norm_sq``)."""
-        jobs, owners = [], []
-        for group, _, bucket, bgrads in iter_buckets(work):
-            if bucket.sharded and self._adapts(group):
-                jobs.append((bucket.params, bgrads, [True] * len(bgrads)))
-                owners.append(id(bucket))
-        if not jobs:
-            return {}
-        return {owner: norm_sq for owner, norm_sq in zip(owners, _sharded.global_norm_sq(jobs))
-                if norm_sq is not None}
+        dtype) (``_sharded.global_norm_sq``); {} without sharded params."""
+        owners, jobs = [], []
+        for group, grads, buckets in work:
+            for bucket in buckets:
+                if bucket.sharded and self._adapts(group):
+                    owners.append(id(bucket))
+                    jobs.append((bucket.params, grads if bucket.index is None
+                                 else [grads[i] for i in bucket.index]))
+        return dict(zip(owners, _sharded.global_norm_sq(jobs))) if jobs else {}
 
     # Hooks of the step. None may read a tensor on the host: a step runs in a CUDA graph.
     def _before_step(self, **options: Any) -> None:

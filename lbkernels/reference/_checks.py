@@ -18,6 +18,13 @@ def check_nonnegative(**values: float) -> None:
             raise ValueError(f"{name} must be >= 0, got {v}")
 
 
+def check_betas(beta1: float, beta2: float) -> None:
+    """Adam's moment decays (``extrap_adam_``, ``lamb_``): each in [0, 1)."""
+    for name, b in (("beta1", beta1), ("beta2", beta2)):
+        if not 0.0 <= b < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {b}")
+
+
 def check_scalars(**tensors: torch.Tensor | None) -> None:
     """Every optional one-element tensor argument (``lr_tensor``, ``grad_scale``, ...)."""
     for name, t in tensors.items():

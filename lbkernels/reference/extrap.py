@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 
 from .._validate import check_tensor_lists
-from ._checks import Tensors, check_nonnegative, check_norm_sq, check_scalars, check_steps
+from ._checks import (Tensors, check_betas, check_nonnegative, check_norm_sq, check_scalars,
+                      check_steps)
 from .lars import opmath_dtype, trust_ratio
 
 EXTRAPOLATIONS = ("past_grad", "gaussian", "uniform", "weight", "filter")
@@ -82,9 +83,7 @@ def check_extrap_adam_args(params, anchors, exp_avgs, exp_avg_sqs, steps, grads,
         raise ValueError(f"steps has {len(steps)} entries but params has {len(params)}")
     check_steps(params, steps)
     check_nonnegative(lr=lr, extrap_lr=extrap_lr, eps=eps, weight_decay=weight_decay)
-    for name, b in (("beta1", beta1), ("beta2", beta2)):
-        if not 0.0 <= b < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {b}")
+    check_betas(beta1, beta2)
 
 
 def _prepare(i, w, anchors, grads, local_grads, lr, lr_tensor, extrap_lr, extrap_lr_tensor,

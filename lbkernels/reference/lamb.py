@@ -31,7 +31,8 @@ import torch
 
 from .._validate import check_tensor_lists
 from . import average as _average
-from ._checks import Tensors, check_nonnegative, check_norm_sq, check_scalars, check_steps
+from ._checks import (Tensors, check_betas, check_nonnegative, check_norm_sq, check_scalars,
+                      check_steps)
 from .lars import check_folded_average_args, opmath_dtype
 
 STYLES = ("timm", "apex")
@@ -51,9 +52,7 @@ def check_lamb_args(params, grads, exp_avgs, exp_avg_sqs, steps, exclude, *, lr,
         raise ValueError(f"steps has {len(steps)} entries but params has {len(params)}")
     check_steps(params, steps)
     check_nonnegative(lr=lr, eps=eps, weight_decay=weight_decay)
-    for name, b in (("beta1", beta1), ("beta2", beta2)):
-        if not 0.0 <= b < 1.0:
-            raise ValueError(f"{name} must be in [0, 1), got {b}")
+    check_betas(beta1, beta2)
     for name, v in (("max_trust", max_trust), ("max_grad_norm", max_grad_norm)):
         if v is not None and not v > 0.0:  # also rejects NaN
             raise ValueError(f"{name} must be > 0 or None, got {v}")
