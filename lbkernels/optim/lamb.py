@@ -163,15 +163,18 @@ class LAMB(FusedOptimizer):
             by_device: dict[torch.device, tuple[list, list]] = {}
             for group in self.param_groups:
                 for p in group["params"]:
-                    if p.grad is not None:
-                        params, grads = by_device.setdefault(_sharded.local(p.grad).device, ([], []))
+                    if p.grad is not None:  # a DTensor's device is its local shard's
+                        params, grads = by_device.setdefault(p.grad.device, ([], []))
                         params.append(p)
-                        grads.append(_sharded.local(p.grad))
+                        grads.append(p.grad)
             # multi_tensor_l2norm returns fp32: for an fp64 model that rounding (~6e-8
             # relative) would be the step's largest error, so fp64 grads keep fp64 norms.
-            per_device = [torch.stack(torch._foreach_norm(gs))
-                          if all(g.dtype == torch.float64 for g in gs)
-                          else ops.multi_tensor_l2norm(gs, impl=impl) for _, gs in by_device.values()]
+            per_device = []
+            for _, gs in by_device.values():
+                gs = _sharded.locals_of(gs)
+                per_device.append(torch.stack(torch._foreach_norm(gs))
+                                  if all(g.dtype == torch.float64 for g in gs)
+                                  else ops.multi_tensor_l2norm(gs, impl=impl))
             if any(_sharded.is_sharded(p) for params, _ in by_device.values() for p in params):
                 squares = [n.square().view(1, -1) for n in per_device]
                 _sharded.sum_sharded_columns([(params, sq) for (params, _), sq in

@@ -110,6 +110,8 @@ class WeightAverager:
         self.decay = float(decay)
         self.impl = impl
         self._params = [p.detach() for p in params]
+        # DTensor params (FSDP2): the ops average their local shards.
+        self._sharded = any(_sharded.is_sharded(p) for p in self._params)
         with torch.no_grad():
             if mode == "ema":
                 self._averages = [p.to(average_dtype(p.dtype), copy=True) for p in self._params]
@@ -188,8 +190,9 @@ class WeightAverager:
         # _check_step has refused, before the step, every case where this lookup fails.
         averages, count = self._fused_groups[id(group["params"])]
         assert bucket.index is None
-        # The bucket holds the local shards of sharded params: so do their averages.
-        return {"averages": _sharded.locals_of(averages), "average_count": count, "average_method": self.mode,
+        if self._sharded:  # the bucket holds the local shards: so do their averages
+            averages = _sharded.locals_of(averages)
+        return {"averages": averages, "average_count": count, "average_method": self.mode,
                 "average_decay": self.decay}
 
     @property
@@ -221,9 +224,9 @@ class WeightAverager:
             raise RuntimeError("update() while the averages are applied to the model; "
                                "call restore() first")
         (averages, params, count), kwargs = self.op_arguments()
-        # Sharded (DTensor) params: the elementwise average runs on the local shards.
-        ops.average_(_sharded.locals_of(averages), _sharded.locals_of(params), count,
-                     found_inf=found_inf, **kwargs)
+        if self._sharded:
+            averages, params = _sharded.locals_of(averages), _sharded.locals_of(params)
+        ops.average_(averages, params, count, found_inf=found_inf, **kwargs)
 
     @property
     def n_averaged(self) -> int:
