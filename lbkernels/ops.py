@@ -100,7 +100,8 @@ def lars_sgd_(params: Tensors, grads: Tensors, momentum_buffers: Tensors, steps:
     ``lbkernels.reference.lars.lars_sgd_`` documents and the defaults of its schema
     (``_library.SCHEMAS``): momentum, dampening, weight_decay, nesterov,
     trust_coefficient, eps, clip, zero_norm_decay, momentum_style, grad_scale, found_inf,
-    averages, average_count, average_method, average_decay, norm_sq.
+    averages, average_count, average_method, average_decay, norm_sq, w_norm_sq,
+    w_norm_key.
 
     ``norm_sq``: optional precomputed squared norms, a contiguous float32/float64 tensor
     of shape ``(2, len(params))`` on the params' device: row 0 ``||w_i||^2``, row 1
@@ -109,7 +110,19 @@ def lars_sgd_(params: Tensors, grads: Tensors, momentum_buffers: Tensors, steps:
     computed as without ``norm_sq``. Read on the device only (it may be the output of an
     all-reduce still in flight), never written.
 
-    ``momentum_buffers`` (zero-initialised) may be empty when ``momentum == 0``;
+    ``w_norm_sq``, ``w_norm_key`` (both or neither): the norm cache (docs/algorithms.md
+    section 1). ``w_norm_sq``: float64, shape ``(len(params),)``, on the params' device;
+    ``w_norm_key``: int64, shape ``(2, len(params))``, on the CPU; both contiguous, written
+    by the op (start them at -1 and 0). For an adapted param ``i`` whose ``||w||^2`` is
+    not given by ``norm_sq``: if ``w_norm_key[:, i] == (params[i]._version,
+    params[i].data_ptr())`` and ``w_norm_sq[i] >= 0``, ``w_norm_sq[i]`` is ``||w_i||^2``
+    and ``w_i`` is not read for its norm. After the update every adapted param gets
+    ``w_norm_sq[i]`` = the sum of squares of the new ``w_i`` exactly as this backend's
+    norm would sum it at the next call (so a step with the cache equals the step
+    without, bit for bit) and its key after the op; excluded params' entries are left
+    alone. A write to ``w`` by any op (ours bump the version counter too) invalidates its
+    entry; a write through ``w.data`` does not (``.data`` has its own counter).
+ may be empty when ``momentum == 0``;
     ``steps`` (0-dim fp32 counters; step 0 sets ``buf = d``) may be empty unless
     ``dampening != 0``. ``lr`` may be a one-element tensor on
     the params' device, so that a compiled or captured step never re-specialises.

@@ -87,8 +87,8 @@ void worker_mean_cpu(at::TensorList params, const at::Tensor& flat_sum, int64_t 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lbkernels, CPU, m) {
-  m.impl("average_", &average_cpu);
-  m.impl("worker_mean_", &worker_mean_cpu);
+  m.impl("average_", &average_op<average_cpu>);
+  m.impl("worker_mean_", &worker_mean_op<worker_mean_cpu>);
 }
 
 }  // namespace lbkernels::cpu

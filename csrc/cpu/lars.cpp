@@ -12,7 +12,11 @@
 //  * nothing proportional to the model is allocated: the chunk table is 24 bytes per 64K
 //    elements, and the norms never leave these loops.
 //  * a norm given by norm_sq (>= 0) is not summed: that tensor is not read for it (a
-//    tensor with both norms given is read once, by its update).
+//    tensor with both norms given is read once, by its update);
+//  * with the norm cache (w_norm_sq, w_norm_key) the update sums the squares of the new w
+//    as it writes them, so the next call reads w for its norm only if w changed since
+//    (fp32 with momentum: 24 bytes per parameter instead of 28; docs/algorithms.md
+//    section 1).
 #include <torch/library.h>
 
 #include <lbkernels/lars_args.h>
@@ -75,6 +79,15 @@ void lars_sgd_cpu(const LarsSgdArgs& a) {
   const auto& K = kernels();
   const at::TensorList bufs = has_momentum ? a.momentum_buffers : at::TensorList();
 
+  // The norm cache: a matching entry gives ||w||^2 (exact: it is the double this pass
+  // would sum); every adapted tensor's update sums its new w for the next call.
+  const bool cache = a.w_norm_sq.has_value();
+  double* cache_out = cache ? a.w_norm_sq->mutable_data_ptr<double>() : nullptr;
+  auto store_w2 = [&](int64_t i, double v) {
+    cache_out[i] = v;
+    mark_w_norm_written(a, i);
+  };
+
   for (const auto& [dtype, index] : group_by_dtype(a.params)) {
     FlatLists flat(a.params, a.grads, bufs, index);
     if (averaging) flat.add_averages(a.averages, index);
@@ -84,30 +97,40 @@ void lars_sgd_cpu(const LarsSgdArgs& a) {
     for (int64_t k = 0; k < n; ++k) {
       const int64_t i = index[k];
       coefs[k].excluded = a.exclude.get(i);
-      if (!coefs[k].excluded) read_given_norms(a.norm_sq, i, dtype == c10::kDouble, coefs[k]);
+      if (!coefs[k].excluded) {
+        read_given_norms(a.norm_sq, i, dtype == c10::kDouble, coefs[k]);
+        if (cache && coefs[k].given_w2 < 0) coefs[k].given_w2 = cached_w_norm_sq(a, i);
+        coefs[k].sum_new_w2 = cache;
+      }
       coefs[k].first = has_momentum && !a.steps.empty() && *a.steps[i].const_data_ptr<float>() == 0.f;
       if (flat.ptrs[k].numel <= kChunk) whole.push_back({k, 0, flat.ptrs[k].numel});
     }
-    // The norm pass's view: w or g null where norm_sq gives that norm (not read for it).
+    // The norm pass's view: w or g null where norm_sq or the cache gives that norm (not
+    // read for it).
+    const bool some_given = a.norm_sq.has_value() || cache;
     std::vector<TensorPtrs> norm_ptrs;
-    if (a.norm_sq.has_value()) {
+    if (some_given) {
       norm_ptrs = flat.ptrs;
       for (int64_t k = 0; k < n; ++k) {
         if (coefs[k].given_w2 >= 0) norm_ptrs[k].w = nullptr;
         if (coefs[k].given_g2 >= 0) norm_ptrs[k].g = nullptr;
       }
     }
-    const TensorPtrs* norm_view = a.norm_sq.has_value() ? norm_ptrs.data() : flat.ptrs.data();
+    const TensorPtrs* norm_view = some_given ? norm_ptrs.data() : flat.ptrs.data();
     // Small tensors: one region, each tensor visited once by one thread.
+    std::vector<double> whole_w2(cache ? whole.size() : 0);
+    double* whole_out = cache ? whole_w2.data() : nullptr;
     parallel_chunks(static_cast<int64_t>(whole.size()), [&](int64_t c0, int64_t c1) {
-      K.lars_whole(dtype, flat.ptrs.data(), whole.data(), c0, c1, coefs.data(), lp, sp);
+      K.lars_whole(dtype, flat.ptrs.data(), whole.data(), c0, c1, coefs.data(), lp, sp, whole_out);
     });
+    for (size_t c = 0; c < whole_w2.size(); ++c)
+      if (coefs[whole[c].tensor].sum_new_w2) store_w2(index[whole[c].tensor], whole_w2[c]);
     // Large tensors: blocks that fit the last-level cache, two sweeps each.
     const int64_t elem = c10::elementSize(dtype);
-    std::vector<double> partial, sum_w2(n), sum_g2(n);
+    std::vector<double> partial, sum_w2(n), sum_g2(n), chunk_w2, new_w2(cache ? n : 0);
     int64_t k = 0;
     while (k < n) {
-      // A tensor whose norms are both given (norm_sq) or not needed gets no norm chunks.
+      // A tensor whose norms are both given (norm_sq, cache) or not needed gets no norm chunks.
       const int64_t k_end = next_block(flat.ptrs, k, 2 * elem,
                                        [&](int64_t j) { return !coefs[j].needs_norms(); }, chunks,
                                        norm_chunks);
@@ -123,9 +146,15 @@ void lars_sgd_cpu(const LarsSgdArgs& a) {
       }
       for (int64_t j = k; j < k_end; ++j)
         if (flat.ptrs[j].numel > kChunk) lars_coefs(sum_w2[j], sum_g2[j], lp, sp, coefs[j]);
+      if (cache) chunk_w2.assign(chunks.size(), 0.0);
+      double* chunk_out = cache ? chunk_w2.data() : nullptr;
       parallel_chunks(static_cast<int64_t>(chunks.size()), [&](int64_t c0, int64_t c1) {
-        K.sgd_update(dtype, flat.ptrs.data(), chunks.data(), c0, c1, coefs.data(), sp);
+        K.sgd_update(dtype, flat.ptrs.data(), chunks.data(), c0, c1, coefs.data(), sp, chunk_out);
       });
+      // The chunks' sums added in chunk order from 0, as the norm pass adds them above.
+      for (size_t c = 0; c < chunk_w2.size(); ++c) new_w2[chunks[c].tensor] += chunk_w2[c];
+      for (int64_t j = k; j < k_end; ++j)
+        if (cache && flat.ptrs[j].numel > kChunk && coefs[j].sum_new_w2) store_w2(index[j], new_w2[j]);
       k = k_end;
     }
     flat.write_back();

@@ -29,50 +29,121 @@ T average_r(const SgdParams& p) {
   }
 }
 
+// Sum of squares with four independent vector accumulators (latency hiding): vectors
+// 4k..4k+3 of each full group of 4 go to a0..a3, the remaining full vectors to a0; lanes
+// summed in double in lane order, then the scalar tail in double. Partial sums of a 64K
+// chunk stay in the working precision, chunks are added in double by the host. Shared by
+// the norm pass and the update that sums its new w (lars_sgd_'s norm cache): fed the same
+// vectors in the same order, both return the same double.
+template <typename T>
+struct SquaresAcc {
+  using V = Vectorized<T>;
+  V a0 = V(T(0)), a1 = V(T(0)), a2 = V(T(0)), a3 = V(T(0));
+  void add4(V x0, V x1, V x2, V x3) {
+    a0 = at::vec::fmadd(x0, x0, a0);
+    a1 = at::vec::fmadd(x1, x1, a1);
+    a2 = at::vec::fmadd(x2, x2, a2);
+    a3 = at::vec::fmadd(x3, x3, a3);
+  }
+  void add1(V x0) { a0 = at::vec::fmadd(x0, x0, a0); }
+  // The sum, with the scalar tail x[i, n) (the elements after the last full vector).
+  double finish(const T* x, int64_t i, int64_t n) const {
+    constexpr int64_t S = V::size();
+    V acc = (a0 + a1) + (a2 + a3);
+    T lanes[S];
+    acc.store(lanes);
+    double s = 0;
+    for (int64_t k = 0; k < S; ++k) s += static_cast<double>(lanes[k]);
+    for (; i < n; ++i) s += static_cast<double>(x[i]) * static_cast<double>(x[i]);
+    return s;
+  }
+};
+
+// fp16/bf16: eight fp32 accumulators over the stored (rounded) values, element i of each
+// group of 8 to acc[i]; the tail in double. Shared like SquaresAcc.
+template <typename T>
+struct ReducedSquaresAcc {
+  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  void add8(const T* x) {
+    for (int k = 0; k < 8; ++k) {
+      const float v = static_cast<float>(x[k]);
+      acc[k] += v * v;
+    }
+  }
+  double finish(const T* x, int64_t i, int64_t n) const {
+    double s = 0;
+    for (int k = 0; k < 8; ++k) s += acc[k];
+    for (; i < n; ++i) s += static_cast<double>(static_cast<float>(x[i])) * static_cast<float>(x[i]);
+    return s;
+  }
+};
+
 // float/double: full vectors, then a scalar tail with the same math. With `avg` (the
 // folded averaging, same dtype as w here) the new w is averaged in while in registers.
-template <typename T>
-void update_range(T* w, const T* g, T* buf, T* avg, int64_t n, const TensorCoefs& tc,
-                  const SgdParams& p) {
+// kSum: also returns the sum of squares of the new w exactly as sum_squares_range would
+// sum it (same vectors to the same accumulators); without, the loop is unchanged.
+template <typename T, bool kSum>
+double update_range(T* w, const T* g, T* buf, T* avg, int64_t n, const TensorCoefs& tc,
+                    const SgdParams& p) {
   using V = Vectorized<T>;
+  constexpr int64_t S = V::size();
   const SgdCoefs<V> cv = broadcast<V, T>(tc, p);
   const SgdCoefs<T> cs = broadcast<T, T>(tc, p);
   const T r = average_r<T>(p);
   const V rv(r);
-  int64_t i = 0;
-  if (buf != nullptr) {
-    for (; i + V::size() <= n; i += V::size()) {
-      V wv = V::loadu(w + i), bv = V::loadu(buf + i);
+  const V zero(T(0));
+  // The vector at i, updated and stored; returns the new w.
+  auto step = [&](int64_t i, auto has_buf) {
+    V wv = V::loadu(w + i);
+    if constexpr (decltype(has_buf)::value) {
+      V bv = V::loadu(buf + i);
       sgd_update(wv, bv, V::loadu(g + i), cv, p.has_scale, true, p.nesterov, tc.first);
-      wv.store(w + i);
       bv.store(buf + i);
-      if (avg != nullptr) lbkernels::average_update(V::loadu(avg + i), wv, rv).store(avg + i);
-    }
-  } else {
-    V bv(T(0));
-    for (; i + V::size() <= n; i += V::size()) {
-      V wv = V::loadu(w + i);
+    } else {
+      V bv = zero;
       sgd_update(wv, bv, V::loadu(g + i), cv, p.has_scale, false, false, false);
-      wv.store(w + i);
-      if (avg != nullptr) lbkernels::average_update(V::loadu(avg + i), wv, rv).store(avg + i);
     }
-  }
-  for (; i < n; ++i) {
+    wv.store(w + i);
+    if (avg != nullptr) lbkernels::average_update(V::loadu(avg + i), wv, rv).store(avg + i);
+    return wv;
+  };
+  SquaresAcc<T> acc;
+  auto vectors = [&](auto has_buf) {
+    int64_t i = 0;
+    if constexpr (kSum) {
+      for (; i + 4 * S <= n; i += 4 * S) {
+        const V x0 = step(i, has_buf), x1 = step(i + S, has_buf), x2 = step(i + 2 * S, has_buf),
+                x3 = step(i + 3 * S, has_buf);
+        acc.add4(x0, x1, x2, x3);
+      }
+      for (; i + S <= n; i += S) acc.add1(step(i, has_buf));
+    } else {
+      for (; i + S <= n; i += S) step(i, has_buf);
+    }
+    return i;
+  };
+  const int64_t tail = buf != nullptr ? vectors(std::true_type{}) : vectors(std::false_type{});
+  for (int64_t i = tail; i < n; ++i) {
     T b = buf != nullptr ? buf[i] : T(0);
     sgd_update(w[i], b, g[i], cs, p.has_scale, buf != nullptr, p.nesterov, tc.first);
     if (buf != nullptr) buf[i] = b;
     if (avg != nullptr) avg[i] = lbkernels::average_update(avg[i], w[i], r);
   }
+  if constexpr (kSum) {
+    return acc.finish(w, tail, n);
+  } else {
+    return 0;
+  }
 }
 
 // fp16/bf16: fp32 arithmetic on converted values (scalar; the compiler vectorises the
-// conversions where it can).
-template <typename T>
-void update_range_reduced(T* w, const T* g, T* buf, float* avg, int64_t n, const TensorCoefs& tc,
-                          const SgdParams& p) {
+// conversions where it can). kSum: as update_range, summed as sum_squares_reduced sums.
+template <typename T, bool kSum>
+double update_range_reduced(T* w, const T* g, T* buf, float* avg, int64_t n,
+                            const TensorCoefs& tc, const SgdParams& p) {
   const SgdCoefs<float> cs = broadcast<float, float>(tc, p);
   const bool has_momentum = buf != nullptr;
-  for (int64_t i = 0; i < n; ++i) {
+  auto elem = [&](int64_t i) {
     float wf = static_cast<float>(w[i]);
     float bf = has_momentum ? static_cast<float>(buf[i]) : 0.f;
     sgd_update(wf, bf, static_cast<float>(g[i]), cs, p.has_scale, has_momentum, p.nesterov,
@@ -81,51 +152,40 @@ void update_range_reduced(T* w, const T* g, T* buf, float* avg, int64_t n, const
     if (has_momentum) buf[i] = static_cast<T>(bf);
     // The stored (rounded) weight is averaged, as average_ would read it.
     if (avg != nullptr) avg[i] = lbkernels::average_update(avg[i], static_cast<float>(w[i]), p.average_r32);
+  };
+  if constexpr (kSum) {
+    ReducedSquaresAcc<T> acc;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      for (int64_t k = i; k < i + 8; ++k) elem(k);
+      acc.add8(w + i);
+    }
+    for (int64_t k = i; k < n; ++k) elem(k);
+    return acc.finish(w, i, n);
+  } else {
+    for (int64_t i = 0; i < n; ++i) elem(i);
+    return 0;
   }
 }
 
-// Sum of squares with four independent vector accumulators (latency hiding); partial
-// sums of a 64K chunk stay in the working precision, chunks are added in double.
 template <typename T>
 double sum_squares_range(const T* x, int64_t n) {
   using V = Vectorized<T>;
-  V a0(T(0)), a1(T(0)), a2(T(0)), a3(T(0));
-  int64_t i = 0;
   constexpr int64_t S = V::size();
-  for (; i + 4 * S <= n; i += 4 * S) {
-    V x0 = V::loadu(x + i), x1 = V::loadu(x + i + S), x2 = V::loadu(x + i + 2 * S),
-      x3 = V::loadu(x + i + 3 * S);
-    a0 = at::vec::fmadd(x0, x0, a0);
-    a1 = at::vec::fmadd(x1, x1, a1);
-    a2 = at::vec::fmadd(x2, x2, a2);
-    a3 = at::vec::fmadd(x3, x3, a3);
-  }
-  for (; i + S <= n; i += S) {
-    V x0 = V::loadu(x + i);
-    a0 = at::vec::fmadd(x0, x0, a0);
-  }
-  V acc = (a0 + a1) + (a2 + a3);
-  T lanes[S];
-  acc.store(lanes);
-  double s = 0;
-  for (int64_t k = 0; k < S; ++k) s += static_cast<double>(lanes[k]);
-  for (; i < n; ++i) s += static_cast<double>(x[i]) * static_cast<double>(x[i]);
-  return s;
+  SquaresAcc<T> acc;
+  int64_t i = 0;
+  for (; i + 4 * S <= n; i += 4 * S)
+    acc.add4(V::loadu(x + i), V::loadu(x + i + S), V::loadu(x + i + 2 * S), V::loadu(x + i + 3 * S));
+  for (; i + S <= n; i += S) acc.add1(V::loadu(x + i));
+  return acc.finish(x, i, n);
 }
 
 template <typename T>
 double sum_squares_reduced(const T* x, int64_t n) {
-  float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  ReducedSquaresAcc<T> acc;
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    for (int k = 0; k < 8; ++k) {
-      const float v = static_cast<float>(x[i + k]);
-      acc[k] += v * v;
-    }
-  double s = 0;
-  for (int k = 0; k < 8; ++k) s += acc[k];
-  for (; i < n; ++i) s += static_cast<double>(static_cast<float>(x[i])) * static_cast<float>(x[i]);
-  return s;
+  for (; i + 8 <= n; i += 8) acc.add8(x + i);
+  return acc.finish(x, i, n);
 }
 
 template <typename T>
@@ -151,26 +211,38 @@ void sum_squares_impl(const TensorPtrs* t, const Chunk* chunks, int64_t c0, int6
 
 template <typename T>
 void sgd_update_impl(const TensorPtrs* t, const Chunk* chunks, int64_t c0, int64_t c1,
-                     const TensorCoefs* coefs, const SgdParams& p) {
+                     const TensorCoefs* coefs, const SgdParams& p, double* new_w2) {
   for (int64_t c = c0; c < c1; ++c) {
     const Chunk& ch = chunks[c];
     const TensorPtrs& tp = t[ch.tensor];
+    const TensorCoefs& tc = coefs[ch.tensor];
+    const bool sum = new_w2 != nullptr && tc.sum_new_w2;
+    const int64_t n = ch.end - ch.begin;
     T* w = static_cast<T*>(tp.w) + ch.begin;
     const T* g = static_cast<const T*>(tp.g) + ch.begin;
     T* buf = tp.buf != nullptr ? static_cast<T*>(tp.buf) + ch.begin : nullptr;
     if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
       T* avg = tp.avg != nullptr ? static_cast<T*>(tp.avg) + ch.begin : nullptr;
-      update_range(w, g, buf, avg, ch.end - ch.begin, coefs[ch.tensor], p);
+      if (sum) {
+        new_w2[c] = update_range<T, true>(w, g, buf, avg, n, tc, p);
+      } else {
+        update_range<T, false>(w, g, buf, avg, n, tc, p);
+      }
     } else {
       float* avg = tp.avg != nullptr ? static_cast<float*>(tp.avg) + ch.begin : nullptr;
-      update_range_reduced(w, g, buf, avg, ch.end - ch.begin, coefs[ch.tensor], p);
+      if (sum) {
+        new_w2[c] = update_range_reduced<T, true>(w, g, buf, avg, n, tc, p);
+      } else {
+        update_range_reduced<T, false>(w, g, buf, avg, n, tc, p);
+      }
     }
   }
 }
 
 template <typename T>
 void lars_whole_impl(const TensorPtrs* t, const Chunk* chunks, int64_t c0, int64_t c1,
-                     TensorCoefs* coefs, const LarsParams& lp, const SgdParams& p) {
+                     TensorCoefs* coefs, const LarsParams& lp, const SgdParams& p,
+                     double* new_w2) {
   for (int64_t c = c0; c < c1; ++c) {
     const Chunk& ch = chunks[c];
     TensorCoefs& tc = coefs[ch.tensor];
@@ -182,7 +254,7 @@ void lars_whole_impl(const TensorPtrs* t, const Chunk* chunks, int64_t c0, int64
     } else {
       lars_coefs(0, 0, lp, p, tc);
     }
-    sgd_update_impl<T>(t, chunks, c, c + 1, coefs, p);
+    sgd_update_impl<T>(t, chunks, c, c + 1, coefs, p, new_w2);
   }
 }
 
@@ -190,9 +262,9 @@ void lars_whole_impl(const TensorPtrs* t, const Chunk* chunks, int64_t c0, int64
 
 void lars_whole(c10::ScalarType dtype, const TensorPtrs* tensors, const Chunk* chunks,
                 int64_t c0, int64_t c1, TensorCoefs* coefs, const LarsParams& lp,
-                const SgdParams& p) {
+                const SgdParams& p, double* new_w2) {
   by_dtype(dtype, [&](auto t) {
-    lars_whole_impl<decltype(t)>(tensors, chunks, c0, c1, coefs, lp, p);
+    lars_whole_impl<decltype(t)>(tensors, chunks, c0, c1, coefs, lp, p, new_w2);
   });
 }
 
@@ -202,8 +274,11 @@ void sum_squares(c10::ScalarType dtype, const TensorPtrs* tensors, const Chunk* 
 }
 
 void sgd_update(c10::ScalarType dtype, const TensorPtrs* tensors, const Chunk* chunks,
-                int64_t c0, int64_t c1, const TensorCoefs* coefs, const SgdParams& p) {
-  by_dtype(dtype, [&](auto t) { sgd_update_impl<decltype(t)>(tensors, chunks, c0, c1, coefs, p); });
+                int64_t c0, int64_t c1, const TensorCoefs* coefs, const SgdParams& p,
+                double* new_w2) {
+  by_dtype(dtype, [&](auto t) {
+    sgd_update_impl<decltype(t)>(tensors, chunks, c0, c1, coefs, p, new_w2);
+  });
 }
 
 }  // namespace lbkernels::cpu::CPU_CAPABILITY

@@ -15,9 +15,11 @@ class Bucket:
     ``sharded``: some params are DTensors; the step then hands the op ``local()``, the
     same bucket over the local shards, with ``norm_sq`` (the global sums of squares of
     the sharded tensors, for the op's argument of that name) when the rule needs norms.
+    ``w_norm``: lars_sgd_'s norm cache of this bucket (see :func:`norm_cache_arguments`),
+    made on first use and dropped with the bucket.
     """
 
-    __slots__ = ("index", "params", "state", "sharded", "norm_sq")
+    __slots__ = ("index", "params", "state", "sharded", "norm_sq", "w_norm")
 
     def __init__(self, index: list[int] | None, params: list[torch.Tensor],
                  state: dict[str, list[torch.Tensor]], norm_sq: torch.Tensor | None = None):
@@ -26,6 +28,7 @@ class Bucket:
         self.state = state
         self.sharded = any(_sharded.is_sharded(p) for p in params)
         self.norm_sq = norm_sq
+        self.w_norm: dict[str, torch.Tensor] | None = None
 
     def local(self, norm_sq: torch.Tensor | None) -> Bucket:
         """This bucket over the local shards of its DTensors (~5 us per DTensor)."""
@@ -43,3 +46,21 @@ def iter_buckets(work: list):
 def norm_arguments(bucket: Bucket) -> dict[str, Any]:
     """The op's ``norm_sq`` argument for ``bucket`` ({} unless it holds sharded params)."""
     return {} if bucket.norm_sq is None else {"norm_sq": bucket.norm_sq}
+
+
+def norm_cache_arguments(bucket: Bucket, use: bool) -> dict[str, Any]:
+    """lars_sgd_'s ``w_norm_sq`` / ``w_norm_key`` for ``bucket`` (docs/algorithms.md
+    section 1), or {}: the caller's ``use`` says whether the group adapts, reuses norms and
+    the step is not being captured in a CUDA graph (a replay runs no host code: the key
+    check would be frozen at capture time). Never for a sharded bucket (its norms come in
+    ``norm_sq``) nor in a compiled step (whose graph may run the op on functional copies).
+    Made once per bucket (all "unknown"), then the same tensors every step: no allocation.
+    """
+    if not use or bucket.sharded or torch.compiler.is_compiling():
+        return {}
+    if bucket.w_norm is None:
+        n = len(bucket.params)
+        device = bucket.params[0].device
+        bucket.w_norm = {"w_norm_sq": torch.full((n,), -1.0, dtype=torch.float64, device=device),
+                         "w_norm_key": torch.zeros((2, n), dtype=torch.int64)}
+    return bucket.w_norm

@@ -7,8 +7,9 @@ from typing import Any
 import torch
 
 from .. import ops
-from ._base import (Bucket, FusedOptimizer, check_bools, check_numbers, group_args, norm_arguments,
-                    zeros_state)
+from ._base import (Bucket, FusedOptimizer, capturing, check_bools, check_numbers, group_args,
+                    norm_arguments, zeros_state)
+from ._bucket import norm_cache_arguments
 from ._folded import folded_average_arguments
 
 _MOMENTUM_STYLES = ("torch", "paper")
@@ -37,6 +38,14 @@ class LARS(FusedOptimizer):
     sync), and ``torch.amp.GradScaler`` is honoured inside the kernel (a skipped step
     leaves weights and every state tensor bitwise unchanged).
 
+    ``reuse_norms`` (default True): the update sums ``||w||^2`` of the weights it writes
+    and the next step uses that number instead of reading ``w`` again, unless something
+    wrote ``w`` in between (seen through its version counter and ``data_ptr``: in-place
+    ops, ``copy_``, ``load_state_dict``, our other ops). The reused number is the
+    recomputed one, bit for bit: the results do not depend on this flag. What it cannot
+    see is a write through ``p.data`` (``p.data.mul_(2)``: ``.data`` has its own version
+    counter); code that does that sets ``reuse_norms=False``.
+
     Example (drop-in for ``torch.optim.SGD``)::
 
         from lbkernels.optim import LARS, lars_param_groups
@@ -63,6 +72,7 @@ class LARS(FusedOptimizer):
         clip: LARC clipping of the ratio. momentum_style: ``"torch"`` or ``"paper"``.
         always_adapt: when False, groups with ``weight_decay == 0`` are not adapted (timm).
         zero_norm_decay: when False, a tensor with a zero norm gets neither ratio nor decay (apex).
+        reuse_norms: reuse ``||w||^2`` from the previous step (above).
         impl: ``"auto"``, ``"reference"``, ``"native"`` or ``"triton"`` (see ``lbkernels.ops``).
     """
 
@@ -82,13 +92,15 @@ class LARS(FusedOptimizer):
         always_adapt: bool = True,
         zero_norm_decay: bool = True,
         lars_exclude: bool = False,
+        reuse_norms: bool = True,
         impl: str = "auto",
     ):
         defaults = dict(
             lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
             nesterov=nesterov, trust_coefficient=trust_coefficient, eps=eps, clip=clip,
             momentum_style=momentum_style, always_adapt=always_adapt,
-            zero_norm_decay=zero_norm_decay, lars_exclude=lars_exclude, impl=impl,
+            zero_norm_decay=zero_norm_decay, lars_exclude=lars_exclude,
+            reuse_norms=reuse_norms, impl=impl,
         )
         super().__init__(params, defaults)
 
@@ -96,7 +108,8 @@ class LARS(FusedOptimizer):
         # trust_coefficient = 0 would make every ratio 0: the adapted layers would never move.
         check_numbers(group, "lr", "momentum", "dampening", "weight_decay", "trust_coefficient",
                       "eps", positive=("trust_coefficient",), values=values)
-        check_bools(group, "nesterov", "clip", "always_adapt", "zero_norm_decay", "lars_exclude")
+        check_bools(group, "nesterov", "clip", "always_adapt", "zero_norm_decay", "lars_exclude",
+                    "reuse_norms")
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError("nesterov=True requires momentum > 0 and dampening == 0")
         if group["momentum_style"] not in _MOMENTUM_STYLES:
@@ -144,6 +157,8 @@ class LARS(FusedOptimizer):
                          "trust_coefficient", "eps", "clip", "zero_norm_decay", "momentum_style"),
             **folded_average_arguments(self, group, bucket),
             **norm_arguments(bucket),
+            **norm_cache_arguments(bucket, self._adapts(group) and group["reuse_norms"]
+                                   and not capturing()),
         )
 
 

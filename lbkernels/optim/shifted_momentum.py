@@ -11,6 +11,7 @@ from .. import ops
 from .._validate import check_int
 from ._base import (Bucket, FusedOptimizer, capturing, check_bools, check_numbers, group_args,
                     norm_arguments, zeros_state)
+from ._bucket import norm_cache_arguments
 from ._folded import folded_average_arguments
 
 
@@ -62,6 +63,9 @@ class ShiftedMomentumSGD(FusedOptimizer):
         delay: ``tau >= 0``; the optimizer holds ``delay + 1`` buffers per parameter.
         lars: apply LARS trust ratios. trust_coefficient: their ``tc``.
         lars_exclude: the default of the group flag of the same name.
+        reuse_norms: with ``lars``, reuse ``||w||^2`` summed by the previous step's update
+            unless ``w`` changed since (bitwise the same results; a write through
+            ``p.data`` is not seen: set False for code that does that). See ``LARS``.
         impl: ``"auto"``, ``"reference"``, ``"native"`` or ``"triton"`` (see ``lbkernels.ops``).
     """
 
@@ -77,13 +81,14 @@ class ShiftedMomentumSGD(FusedOptimizer):
         trust_coefficient: float = 0.001,
         *,
         lars_exclude: bool = False,
+        reuse_norms: bool = True,
         impl: str = "auto",
     ):
         self.delay = check_int("delay", delay, error=TypeError)
         self._position = 0
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
                         lars=lars, trust_coefficient=trust_coefficient,
-                        lars_exclude=lars_exclude, impl=impl)
+                        lars_exclude=lars_exclude, reuse_norms=reuse_norms, impl=impl)
         super().__init__(params, defaults)
 
     @property
@@ -94,7 +99,7 @@ class ShiftedMomentumSGD(FusedOptimizer):
     def _check_group(self, group: dict, values: bool = True) -> None:
         check_numbers(group, "lr", "momentum", "weight_decay", "trust_coefficient",
                       positive=("trust_coefficient",), values=values)
-        check_bools(group, "nesterov", "lars", "lars_exclude")
+        check_bools(group, "nesterov", "lars", "lars_exclude", "reuse_norms")
         if group["nesterov"] and group["momentum"] <= 0:
             raise ValueError("nesterov=True requires momentum > 0")
 
@@ -145,6 +150,8 @@ class ShiftedMomentumSGD(FusedOptimizer):
             **group_args(group, "lr", "momentum", "weight_decay", "nesterov", "trust_coefficient"),
             **folded_average_arguments(self, group, bucket),
             **norm_arguments(bucket),
+            **norm_cache_arguments(bucket, self._adapts(group) and group["reuse_norms"]
+                                   and not capturing()),
         )
 
     # -- state: the buffers are per-param state, the round-robin position is global ------

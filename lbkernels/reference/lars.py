@@ -48,6 +48,7 @@ def trust_ratio(
     clip: bool,
     given_sq: torch.Tensor | None = None,
     grad_scale: torch.Tensor | None = None,
+    cached_w_sq: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The LARS trust ratio ``r`` of one tensor and whether both norms are non-zero.
 
@@ -60,9 +61,17 @@ def trust_ratio(
     ``g`` still multiplied by the loss scale); an entry >= 0 replaces the computed norm by
     ``sqrt(entry)`` in the arithmetic dtype (``/ grad_scale`` for ``g``), a negative one
     keeps it. Selected on the device (``torch.where``): no host sync.
+
+    ``cached_w_sq``: this tensor's ``w_norm_sq`` entry when its key matches (float64, 0-d);
+    an entry >= 0 is ``||w||^2`` as :func:`cached_norm_sq` stored it: its float64 square
+    root rounded to the arithmetic dtype is the norm computed here, bit for bit (the
+    square of an fp32 number is exact in fp64; ``sqrt(fl(x * x)) == x`` in fp64).
     """
     n_w = torch.linalg.vector_norm(w)
     n_g = torch.linalg.vector_norm(g)
+    if cached_w_sq is not None:
+        cached = cached_w_sq.to(w.device)
+        n_w = torch.where(cached >= 0, cached.sqrt().to(w.dtype), n_w)
     if given_sq is not None:
         # "Given" is decided on the entry as passed (a tiny negative fp64 entry would
         # round to -0.0 in fp32), the value used is the entry in the arithmetic dtype.
@@ -79,9 +88,53 @@ def trust_ratio(
     return r, valid
 
 
+def cached_norm_sq(w: torch.Tensor) -> torch.Tensor:
+    """``||w||^2`` (0-d float64) as the norm cache stores it: the square of the norm
+    :func:`trust_ratio` computes for ``w`` (in its arithmetic dtype)."""
+    return torch.linalg.vector_norm(w.to(opmath_dtype(w.dtype))).double().square()
+
+
+def w_norm_key_matches(w_norm_key: torch.Tensor, i: int, w: torch.Tensor) -> bool:
+    """Whether the cache's key of param ``i`` is ``w``'s (version counter, data_ptr): nothing
+    wrote ``w`` since the op that stored its entry (host metadata only, no sync)."""
+    return (not w.is_inference() and int(w_norm_key[0, i]) == w._version
+            and int(w_norm_key[1, i]) == w.data_ptr())
+
+
+def check_w_norm_cache(params, w_norm_sq: torch.Tensor | None, w_norm_key: torch.Tensor | None) -> None:
+    """The norm cache's two tensors: both or neither; ``w_norm_sq`` float64 of shape
+    ``(len(params),)`` on the params' device, ``w_norm_key`` int64 of shape
+    ``(2, len(params))`` on the CPU, both contiguous."""
+    if w_norm_sq is None and w_norm_key is not None:
+        raise ValueError("w_norm_sq is missing: w_norm_key is given (pass both or neither)")
+    if w_norm_key is None and w_norm_sq is not None:
+        raise ValueError("w_norm_key is missing: w_norm_sq is given (pass both or neither)")
+    if w_norm_sq is None:
+        return
+    n = len(params)
+    if w_norm_sq.layout != torch.strided or w_norm_sq.dtype != torch.float64:
+        raise ValueError(f"w_norm_sq must be a dense float64 tensor, got {w_norm_sq.dtype}")
+    if tuple(w_norm_sq.shape) != (n,):
+        raise ValueError(f"w_norm_sq must have shape (len(params),) = ({n},), got {tuple(w_norm_sq.shape)}")
+    if params and w_norm_sq.device != params[0].device:
+        raise ValueError(f"w_norm_sq is on {w_norm_sq.device} but params[0] is on {params[0].device}")
+    if not w_norm_sq.is_contiguous():
+        raise ValueError("w_norm_sq must be contiguous")
+    if w_norm_key.layout != torch.strided or w_norm_key.dtype != torch.int64:
+        raise ValueError(f"w_norm_key must be a dense int64 tensor, got {w_norm_key.dtype}")
+    if tuple(w_norm_key.shape) != (2, n):
+        raise ValueError(f"w_norm_key must have shape (2, len(params)) = (2, {n}), "
+                         f"got {tuple(w_norm_key.shape)}")
+    if w_norm_key.device.type != "cpu":
+        raise ValueError(f"w_norm_key must be on the CPU, got {w_norm_key.device}")
+    if not w_norm_key.is_contiguous():
+        raise ValueError("w_norm_key must be contiguous")
+
+
 def check_lars_sgd_args(params, grads, momentum_buffers, steps, exclude, *, momentum,
                         dampening, momentum_style, lr_tensor, grad_scale, found_inf, averages,
-                        average_count, average_method, norm_sq=None, **_) -> None:
+                        average_count, average_method, norm_sq=None, w_norm_sq=None,
+                        w_norm_key=None, **_) -> None:
     """Every check of ``lars_sgd_``, before any write (the other keyword arguments of the op
     need none); the Triton launcher runs it too."""
     check_tensor_lists(
@@ -103,6 +156,7 @@ def check_lars_sgd_args(params, grads, momentum_buffers, steps, exclude, *, mome
     check_scalars(lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf)
     check_folded_average_args(params, averages, average_count, average_method, found_inf)
     check_norm_sq(params, norm_sq)
+    check_w_norm_cache(params, w_norm_sq, w_norm_key)
 
 
 def check_folded_average_args(params, averages, average_count, average_method, found_inf) -> None:
@@ -127,7 +181,8 @@ def lars_sgd_(
     grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
     averages: Tensors | None = None, average_count: torch.Tensor | None = None,
     average_method: str = "swa", average_decay: float = 0.999,
-    norm_sq: torch.Tensor | None = None,
+    norm_sq: torch.Tensor | None = None, w_norm_sq: torch.Tensor | None = None,
+    w_norm_key: torch.Tensor | None = None,
 ) -> None:
     """One LARS-SGD step over lists of tensors, in place.
 
@@ -160,12 +215,17 @@ def lars_sgd_(
     arithmetic dtype; a negative entry means "not given": that norm is computed (all -1 is
     ``norm_sq=None`` bit for bit). Entries of excluded tensors are never read; the tensor is
     read on the device only and never written (docs/algorithms.md section 1).
+
+    ``w_norm_sq`` / ``w_norm_key`` (both or neither): the norm cache, see ``ops.lars_sgd_``.
+    Here the entry is :func:`cached_norm_sq` of the new ``w``, written also on a skipped
+    step (``w`` then unchanged: the entry stays true; telling a skip on the host would be
+    a sync).
     """
     check_lars_sgd_args(params, grads, momentum_buffers, steps, exclude, momentum=momentum,
                         dampening=dampening, momentum_style=momentum_style, lr_tensor=lr_tensor,
                         grad_scale=grad_scale, found_inf=found_inf, averages=averages,
                         average_count=average_count, average_method=average_method,
-                        norm_sq=norm_sq)
+                        norm_sq=norm_sq, w_norm_sq=w_norm_sq, w_norm_key=w_norm_key)
     has_momentum = momentum != 0.0
     averages = averages or []
     paper = momentum_style == "paper"
@@ -178,9 +238,12 @@ def lars_sgd_(
         lr_i = lr if lr_tensor is None else lr_tensor.to(w.device, ct)
         d = g32.add(w32, alpha=weight_decay)
         if not exclude[i]:
+            cached = (w_norm_sq[i] if w_norm_sq is not None and w_norm_key_matches(w_norm_key, i, w)
+                      else None)
             r, valid = trust_ratio(w32, g32, lr_i, weight_decay, trust_coefficient, eps, clip,
                                    None if norm_sq is None else norm_sq[:, i],
-                                   None if grad_scale is None else grad_scale.to(w.device, ct))
+                                   None if grad_scale is None else grad_scale.to(w.device, ct),
+                                   cached)
             d = d.mul(r)
             if not zero_norm_decay:
                 d = torch.where(valid, d, g32)
@@ -207,6 +270,8 @@ def lars_sgd_(
         w.copy_(w_new)
         if has_momentum:
             momentum_buffers[i].copy_(buf)
+        if w_norm_sq is not None and not exclude[i]:
+            w_norm_sq[i].copy_(cached_norm_sq(w))
     if has_momentum:
         inc = 1.0 if found_inf is None else (found_inf == 0).to(torch.float32)
         for s in steps:
@@ -214,3 +279,8 @@ def lars_sgd_(
     if averages:
         _average.average_(averages, params, average_count, method=average_method,
                           decay=average_decay, found_inf=found_inf)
+    if w_norm_key is not None:  # last: the versions after every write of this op
+        for i, w in enumerate(params):
+            if not exclude[i] and not w.is_inference():
+                w_norm_key[0, i] = w._version
+                w_norm_key[1, i] = w.data_ptr()

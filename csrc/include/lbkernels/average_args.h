@@ -14,6 +14,20 @@
 
 namespace lbkernels {
 
+// Every op bumps the version counter of each tensor it mutates, once per call, after its
+// kernel (also on a skipped step, as torch's fused optimizers), as torch's in-place ops
+// do: autograd then sees the change, and so does lars_sgd_'s norm cache (w_norm_key).
+// Inference tensors have no counter.
+inline void bump_version(const at::Tensor& t) {
+  if (t.defined() && !t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+}
+inline void bump_version(const std::optional<at::Tensor>& t) {
+  if (t.has_value()) bump_version(*t);
+}
+inline void bump_versions(at::TensorList ts) {
+  for (const at::Tensor& t : ts) bump_version(t);
+}
+
 // `averages` of `params` (one per param, in opmath_dtype of the param's dtype), with the
 // count and method of the update. count_name / method_name are the arguments' names in
 // the caller's schema (average_count / average_method when folded into lars_sgd_).
@@ -94,6 +108,24 @@ inline void check_worker_mean_args(at::TensorList params, const at::Tensor& flat
   }
   TORCH_CHECK_VALUE(flat_sum.numel() == total, "flat_sum has ", flat_sum.numel(),
                     " elements but the params have ", total);
+}
+
+// The registered kernels of average_ and worker_mean_ on one device type: the host's
+// kernel (which checks its arguments), then the version bumps.
+template <void (*Kernel)(at::TensorList, at::TensorList, const std::optional<at::Tensor>&,
+                         c10::string_view, double, const std::optional<at::Tensor>&)>
+void average_op(at::TensorList averages, at::TensorList params,
+                const std::optional<at::Tensor>& count, c10::string_view method, double decay,
+                const std::optional<at::Tensor>& found_inf) {
+  Kernel(averages, params, count, method, decay, found_inf);
+  bump_versions(averages);
+  bump_version(count);
+}
+
+template <void (*Kernel)(at::TensorList, const at::Tensor&, int64_t)>
+void worker_mean_op(at::TensorList params, const at::Tensor& flat_sum, int64_t world_size) {
+  Kernel(params, flat_sum, world_size);
+  bump_versions(params);
 }
 
 }  // namespace lbkernels

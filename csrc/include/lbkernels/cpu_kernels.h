@@ -47,6 +47,8 @@ struct TensorCoefs {
   // Squared norms given by the op's norm_sq (of w and of the still-scaled g), in the
   // arithmetic type; < 0: not given, the loops sum that one.
   double given_w2 = -1, given_g2 = -1;
+  // lars_sgd_'s norm cache: the update also sums the squares of the new w (per chunk).
+  bool sum_new_w2 = false;
   bool needs_norms() const { return !excluded && (given_w2 < 0 || given_g2 < 0); }
 };
 
@@ -99,13 +101,17 @@ struct AverageParams {
   /* out[2*c] = sum(w^2), out[2*c+1] = sum(g^2) over chunk c (0 for a null pointer). */     \
   void sum_squares(c10::ScalarType dtype, const TensorPtrs* tensors, const Chunk* chunks,  \
                    int64_t c0, int64_t c1, double* out);                                   \
-  /* The update of chunks [c0, c1) with the coefficients of their tensors. */              \
+  /* The update of chunks [c0, c1) with the coefficients of their tensors; new_w2 (null \
+     or one per chunk): new_w2[c] = sum(new w^2) of chunk c, summed as sum_squares sums \
+     it, for the tensors with TensorCoefs.sum_new_w2 (other entries untouched). */        \
   void sgd_update(c10::ScalarType dtype, const TensorPtrs* tensors, const Chunk* chunks,   \
-                  int64_t c0, int64_t c1, const TensorCoefs* coefs, const SgdParams& p);   \
-  /* Whole-tensor chunks: norms, coefficients and update in one visit (cache-hot). */     \
+                  int64_t c0, int64_t c1, const TensorCoefs* coefs, const SgdParams& p,    \
+                  double* new_w2);                                                         \
+  /* Whole-tensor chunks: norms, coefficients and update in one visit (cache-hot);      \
+     new_w2 as sgd_update's. */                                                            \
   void lars_whole(c10::ScalarType dtype, const TensorPtrs* tensors, const Chunk* chunks,   \
                   int64_t c0, int64_t c1, TensorCoefs* coefs, const LarsParams& lp,        \
-                  const SgdParams& p);                                                     \
+                  const SgdParams& p, double* new_w2);                                     \
   /* avg += r * (w - avg) over chunks [c0, c1): TensorPtrs.w is the average (fp32, or  \
      fp64 for fp64 params), TensorPtrs.g the param, of dtype param_dtype. */           \
   void average_update(c10::ScalarType param_dtype, const TensorPtrs* tensors,             \

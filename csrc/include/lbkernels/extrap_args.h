@@ -12,6 +12,7 @@
 
 #include <optional>
 
+#include <lbkernels/average_args.h>
 #include <lbkernels/extrap_math.h>
 #include <lbkernels/host.h>
 
@@ -97,6 +98,9 @@ void extrap_sgd_op(at::TensorList params, at::TensorList anchors,
   TORCH_CHECK_VALUE(offset >= 0, "offset must be >= 0, got ", offset);
   check_norm_sq(params, norm_sq);
   Kernel(a);
+  bump_versions(params);
+  bump_versions(anchors);
+  bump_versions(momentum_buffers);
 }
 
 template <void (*Kernel)(const ExtrapAdamArgs&), c10::DeviceType kDevice>
@@ -124,6 +128,11 @@ void extrap_adam_op(at::TensorList params, at::TensorList anchors, at::TensorLis
   TORCH_CHECK_VALUE(beta1 >= 0.0 && beta1 < 1.0, "beta1 must be in [0, 1), got ", beta1);
   TORCH_CHECK_VALUE(beta2 >= 0.0 && beta2 < 1.0, "beta2 must be in [0, 1), got ", beta2);
   Kernel(a);
+  bump_versions(params);
+  bump_versions(anchors);
+  bump_versions(exp_avgs);
+  bump_versions(exp_avg_sqs);
+  bump_versions(steps);
 }
 
 }  // namespace lbkernels

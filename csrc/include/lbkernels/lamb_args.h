@@ -122,6 +122,13 @@ void lamb_op(at::TensorList params, at::TensorList grads, at::TensorList exp_avg
                    average_method, average_decay, norm_sq, stage};
   check_lamb_args(a, kDevice);
   Kernel(a);
+  bump_versions(params);
+  bump_versions(exp_avgs);
+  bump_versions(exp_avg_sqs);
+  bump_versions(steps);
+  bump_versions(a.averages);
+  bump_version(average_count);
+  bump_version(norm_sq);
 }
 
 }  // namespace lbkernels
