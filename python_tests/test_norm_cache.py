@@ -132,6 +132,17 @@ def test_skipped_step_changes_nothing(impl):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_inference_tensors_are_never_keyed(impl):
+    """Inference tensors have no version counter: stepped as without the cache, no key."""
+    with torch.inference_mode():
+        ref = run_op(impl, torch.float32, False, steps=2)
+        got = run_op(impl, torch.float32, True, steps=2)
+    for a, b in zip(ref[:3], got[:3]):
+        assert_bitwise(a, b)
+    assert not got[3]["w_norm_key"].any()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_bad_cache_arguments_name_the_argument(impl):
     ps, bufs, counters, _ = run_op(impl, torch.float32, False, steps=0)
     n = len(ps)

@@ -113,6 +113,7 @@ inline double cached_w_norm_sq(const LarsSgdArgs& a, int64_t i) {
 // the op's wrapper writes its key once the versions are bumped. Kernels of a backend that
 // fills no entries call nothing: their cache then never matches.
 inline void mark_w_norm_written(const LarsSgdArgs& a, int64_t i) {
+  if (a.params[i].is_inference()) return;  // no version counter: never a valid key
   const int64_t n = static_cast<int64_t>(a.params.size());
   int64_t* key = a.w_norm_key->mutable_data_ptr<int64_t>();
   key[i] = kVersionPending;
