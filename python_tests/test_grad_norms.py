@@ -42,15 +42,17 @@ def spy_lars(calls: list):
     return real, spy
 
 
-def run(rank, world, hook: bool, edit=None):
+def run(rank, world, hook: bool, edit=None, amp: str | None = None):
     """STEPS LARS steps under DDP (~1 KB buckets: several once DDP rebuilds them), with the
     grad-norm hook or DDP's default averaging; ``edit(params)`` runs between backward and
-    step. Returns weights, momentum buffers and the recorded lars_sgd_ calls."""
+    step; ``amp``: a GradScaler steps (``"step"``), after ``unscale_`` (``"unscale"``).
+    Returns weights, momentum buffers and the recorded lars_sgd_ calls."""
     m = model()
     ddp = nn.parallel.DistributedDataParallel(m, bucket_cap_mb=0.001, gradient_as_bucket_view=True)
     opt = LARS(lars_param_groups(m, weight_decay=1e-3), **HP)
     if hook:
         grad_norms.attach(ddp, opt)
+    scaler = None if amp is None else torch.amp.GradScaler("cpu", init_scale=1024.0)
     calls: list = []
     real, spy = spy_lars(calls)
     ops.lars_sgd_ = spy  # the optimizer calls ops.lars_sgd_ through the module
@@ -58,10 +60,17 @@ def run(rank, world, hook: bool, edit=None):
         for t in range(STEPS):
             x, y = shard(t, rank, world)
             opt.zero_grad()
-            nn.functional.cross_entropy(ddp(x), y).backward()
+            loss = nn.functional.cross_entropy(ddp(x), y)
+            (loss if scaler is None else scaler.scale(loss)).backward()
+            if amp == "unscale":
+                scaler.unscale_(opt)
             if edit is not None:
                 edit(list(m.parameters()))
-            opt.step()
+            if scaler is None:
+                opt.step()
+            else:
+                scaler.step(opt)
+                scaler.update()
     finally:
         ops.lars_sgd_ = real
     return ([p.detach().clone() for p in m.parameters()],
@@ -80,7 +89,8 @@ def test_hook_norms_match_default_averaging(gloo):
         # Sum-then-divide by 2 equals divide-then-sum bit for bit (halving is exact), so
         # the grads are the same; only ||g|| is summed in another order (the hook's fp32
         # lanes per bucket segment vs the step's own pass): trust ratios differ by fp32
-        # rounding. Measured: max relative weight difference ~1e-7 after 5 steps.
+        # rounding. Measured: weights and buffers within 3.0e-8 absolute (one
+        # ulp; larger relative only on entries near 0) after 5 steps.
         for a, b in zip(w_hook + b_hook, w_def + b_def):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
         assert all(ns is None for ns, _ in calls_def)
@@ -102,24 +112,33 @@ def _edit_one(params):
     params[0].grad.mul_(3.0)
 
 
+CASES = {"clip": dict(edit=_clip), "edit": dict(edit=_edit_one), "unscale": dict(amp="unscale"),
+         "amp": dict(amp="step")}
+
+
 def _stale_steps(rank, world):
-    out = {}
-    for name, edit in (("clip", _clip), ("edit", _edit_one)):
-        out[name] = {"default": run(rank, world, hook=False, edit=edit),
-                     "hook": run(rank, world, hook=True, edit=edit)}
-    return out
+    return {name: {"default": run(rank, world, hook=False, **kw), "hook": run(rank, world, hook=True, **kw)}
+            for name, kw in CASES.items()}
 
 
 @pytest.mark.distributed
 def test_stale_norms_are_recomputed(gloo):
     for res in gloo(2).run(_stale_steps):
-        for name in ("clip", "edit"):
+        for name in CASES:
             w_def, b_def, _ = res[name]["default"]
             w_hook, b_hook, calls = res[name]["hook"]
             # With the pre-edit norms the trust ratios would be off by the edit's factor
-            # (1000x for the clip, 3x for the edited weight): far outside this bound.
+            # (1000x for the clip, 3x for the edited weight, the loss scale 1024 after
+            # unscale_): far outside this bound.
             for a, b in zip(w_hook + b_hook, w_def + b_def):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+            given = [ns for ns, _ in calls if ns is not None]
+            # unscale_ bumps no version counter: told apart by the step's arguments.
+            # A GradScaler step alone writes no grad: the norms (still scaled) are used.
+            if name == "unscale":
+                assert not given
+            if name == "amp":
+                assert len(given) == STEPS and all((ns[1] >= 0).all() for ns in given)
             for ns, sums in calls:
                 if ns is None:
                     continue
@@ -128,7 +147,7 @@ def test_stale_norms_are_recomputed(gloo):
                 # is computed by the op, and whatever is given is the grads' norm.
                 if name == "clip":
                     assert (ns[1] == -1).all()
-                else:
+                elif name == "edit":
                     assert ns[1, 0] == -1
                 given = ns[1] >= 0
                 torch.testing.assert_close(ns[1][given], torch.tensor(sums, dtype=torch.float64)[given],

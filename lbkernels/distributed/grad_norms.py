@@ -21,8 +21,10 @@ bucket the hook wrote (``gradient_as_bucket_view=True``; without it DDP copies t
 bucket into separate grads and the step computes ``||g||`` itself), and the bucket's
 version counter, which its views share, is the one recorded right after the op. So
 anything that writes the grads in place between the backward and the step
-(``GradScaler.unscale_``, ``clip_grad_norm_``, a second backward, an edit by hand)
-makes the step compute that norm itself. A write through ``.data`` has its own version
+(``clip_grad_norm_``, a second backward, an edit by hand) makes the step compute that
+norm itself. ``GradScaler.unscale_`` bumps no version counter; the step after it is
+told apart by its arguments (``found_inf`` without ``grad_scale``) and computes every
+norm. A write through ``.data`` has its own version
 counter and is not seen: code that does that does not attach.
 
 The all-reduce sums and the op then divides, where DDP's default hook divides first:
@@ -127,12 +129,20 @@ class GradNorms:
         return buffer
 
     # -- the optimizer side -----------------------------------------------------------
-    def norm_sq(self, params: list[torch.Tensor], grads: list) -> torch.Tensor | None:
-        """``lars_sgd_``'s ``norm_sq`` for one optimizer bucket: row 0 all -1 (the op
-        computes ``||w||``), row 1 the hook's ``||g||^2`` of each param whose sum is
-        fresh, -1 where it is not; None when none is (or in a compiled or captured step,
-        where these host checks would be frozen)."""
-        if torch.compiler.is_compiling() or capturing():
+    def norm_sq(self, params: list[torch.Tensor], grads: list, adapts: bool,
+                grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> torch.Tensor | None:
+        """``lars_sgd_``'s ``norm_sq`` for one optimizer bucket of a group that ``adapts``
+        (else None): row 0 all -1 (the op computes ``||w||``), row 1 the hook's
+        ``||g||^2`` of each param whose sum is fresh, -1 where it is not; None when none
+        is, in a compiled or captured step (these host checks would be frozen), and
+        after ``GradScaler.unscale_``.
+
+        ``GradScaler.unscale_`` rewrites the grads in place without bumping their version
+        counters (torch 2.13: ``_amp_foreach_non_finite_check_and_unscale_`` does not);
+        the step it leads to is the only one that gets ``found_inf`` without
+        ``grad_scale`` from the scaler, which is how it is told apart."""
+        if (not adapts or (found_inf is not None and grad_scale is None)
+                or torch.compiler.is_compiling() or capturing()):
             return None
         fill = self._fills.get(id(params))
         if fill is None or fill.params is not params or fill.generation != self.generation:

@@ -324,7 +324,8 @@ class FusedOptimizer(Optimizer):
                 bgrads = _sharded.locals_of(bgrads)
                 bucket = bucket.local(norms.get(id(bucket)))
             elif grad_norms is not None:
-                bucket.norm_sq = grad_norms.norm_sq(bucket.params, bgrads) if self._adapts(group) else None
+                bucket.norm_sq = grad_norms.norm_sq(bucket.params, bgrads, self._adapts(group),
+                                                    grad_scale, found_inf)
             self._step_bucket(group, bucket, bgrads, grad_scale, found_inf)
 
     def _sharded_norms(self, work: list) -> dict[int, torch.Tensor]:
