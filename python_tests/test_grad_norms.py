@@ -5,13 +5,21 @@ edit of the grads between backward and step is not used."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
-from lbkernels import ops
+from lbkernels import _library, ops
 from lbkernels.distributed import grad_norms
 from lbkernels.optim import LARS, lars_param_groups
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.grad_norms import HookAveraging  # noqa: E402
+from bench.params import make_params  # noqa: E402
 
 STEPS, BATCH = 5, 16
 HP = dict(lr=0.5, momentum=0.9, nesterov=True, trust_coefficient=0.02)
@@ -152,3 +160,18 @@ def test_stale_norms_are_recomputed(gloo):
                 given = ns[1] >= 0
                 torch.testing.assert_close(ns[1][given], torch.tensor(sums, dtype=torch.float64)[given],
                                            rtol=8192 * 2.0**-24, atol=0.0)
+
+
+def test_hook_op_and_step_allocate_nothing_after_the_first():
+    """The hook's layout and op over flat buckets, then the step given the norms (what
+    bench.grad_norms times, through GradNorms' own code): 0 bytes once the first step
+    has made the layouts, index tensors and norm_sq."""
+    if not _library.has_native_kernel("mean_sum_squares_", "cpu"):
+        pytest.skip("compiled kernels not loaded (the reference allocates by design)")
+    work = HookAveraging(make_params([(256, 256)] * 6 + [(300,)] * 40 + [(70000,)]))
+    work.step()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        work.step()
+    assert sum(e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0) == 0
+    adapted = next(iter(work.opt._buckets.values()))[1][0]  # group 0: the weights, adapted
+    assert adapted.norm_sq is not None and (adapted.norm_sq[1] >= 0).all()
