@@ -16,8 +16,22 @@
 namespace lbkernels::cpu::CPU_CAPABILITY {
 namespace {
 
+// x / k, or x * (1 / k) when that is the same number: for a power of two k the
+// reciprocal is exact and both are the correctly rounded x / k (no under/overflow of a
+// gradient sum halved a few times aside, which both round alike). A multiplication costs
+// a cycle where a vector division costs ~16 (AVX-512 vdivps): one thread of ResNet-50's
+// 25.6M fp32 gradients took 13.3 ms with the division, 9.4 ms for torch's div_.
+template <typename V, bool kReciprocal>
+inline V mean_of(V x, V k) {
+  if constexpr (kReciprocal) {
+    return x * k;  // k holds 1 / world_size here
+  } else {
+    return lbkernels::worker_mean(x, k);
+  }
+}
+
 // fp32/fp64: full vectors (four in flight), then a scalar tail with the same expression.
-template <typename T>
+template <typename T, bool kReciprocal>
 double mean_squares_same(T* x, int64_t n, T k) {
   using V = Vectorized<T>;
   constexpr int64_t S = V::size();
@@ -25,10 +39,10 @@ double mean_squares_same(T* x, int64_t n, T k) {
   V a0(T(0)), a1(T(0)), a2(T(0)), a3(T(0));
   int64_t i = 0;
   for (; i + 4 * S <= n; i += 4 * S) {
-    const V x0 = lbkernels::worker_mean(V::loadu(x + i), kv);
-    const V x1 = lbkernels::worker_mean(V::loadu(x + i + S), kv);
-    const V x2 = lbkernels::worker_mean(V::loadu(x + i + 2 * S), kv);
-    const V x3 = lbkernels::worker_mean(V::loadu(x + i + 3 * S), kv);
+    const V x0 = mean_of<V, kReciprocal>(V::loadu(x + i), kv);
+    const V x1 = mean_of<V, kReciprocal>(V::loadu(x + i + S), kv);
+    const V x2 = mean_of<V, kReciprocal>(V::loadu(x + i + 2 * S), kv);
+    const V x3 = mean_of<V, kReciprocal>(V::loadu(x + i + 3 * S), kv);
     x0.store(x + i);
     x1.store(x + i + S);
     x2.store(x + i + 2 * S);
@@ -39,7 +53,7 @@ double mean_squares_same(T* x, int64_t n, T k) {
     a3 = at::vec::fmadd(x3, x3, a3);
   }
   for (; i + S <= n; i += S) {
-    const V x0 = lbkernels::worker_mean(V::loadu(x + i), kv);
+    const V x0 = mean_of<V, kReciprocal>(V::loadu(x + i), kv);
     x0.store(x + i);
     a0 = at::vec::fmadd(x0, x0, a0);
   }
@@ -49,7 +63,7 @@ double mean_squares_same(T* x, int64_t n, T k) {
   double s = 0;
   for (int64_t l = 0; l < S; ++l) s += static_cast<double>(lanes[l]);
   for (; i < n; ++i) {
-    x[i] = lbkernels::worker_mean(x[i], k);
+    x[i] = mean_of<T, kReciprocal>(x[i], k);
     s += static_cast<double>(x[i]) * static_cast<double>(x[i]);
   }
   return s;
@@ -57,36 +71,38 @@ double mean_squares_same(T* x, int64_t n, T k) {
 
 // fp16/bf16: the quotient in fp32, rounded once to T; the square of the rounded value,
 // summed in eight fp32 lanes as lars_kernel.cpp's sum_squares_reduced.
-template <typename T>
+template <typename T, bool kReciprocal>
 double mean_squares_widened(T* x, int64_t n, float k) {
   float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
     for (int l = 0; l < 8; ++l) {
-      x[i + l] = static_cast<T>(lbkernels::worker_mean(static_cast<float>(x[i + l]), k));
+      x[i + l] = static_cast<T>(mean_of<float, kReciprocal>(static_cast<float>(x[i + l]), k));
       const float v = static_cast<float>(x[i + l]);
       acc[l] += v * v;
     }
   double s = 0;
   for (int l = 0; l < 8; ++l) s += acc[l];
   for (; i < n; ++i) {
-    x[i] = static_cast<T>(lbkernels::worker_mean(static_cast<float>(x[i]), k));
+    x[i] = static_cast<T>(mean_of<float, kReciprocal>(static_cast<float>(x[i]), k));
     const float v = static_cast<float>(x[i]);
     s += static_cast<double>(v) * v;
   }
   return s;
 }
 
-template <typename T>
+template <typename T, bool kReciprocal>
 void mean_sum_squares_impl(void* flat, const Chunk* chunks, int64_t c0, int64_t c1, double k,
                            double* partial) {
+  // k or, for a power of two, its exact reciprocal (mean_of).
+  const double f = kReciprocal ? 1.0 / k : k;
   for (int64_t c = c0; c < c1; ++c) {
     T* x = static_cast<T*>(flat) + chunks[c].begin;
     const int64_t n = chunks[c].end - chunks[c].begin;
     if constexpr (std::is_same_v<T, double> || std::is_same_v<T, float>) {
-      partial[c] = mean_squares_same<T>(x, n, static_cast<T>(k));
+      partial[c] = mean_squares_same<T, kReciprocal>(x, n, static_cast<T>(f));
     } else {
-      partial[c] = mean_squares_widened<T>(x, n, static_cast<float>(k));
+      partial[c] = mean_squares_widened<T, kReciprocal>(x, n, static_cast<float>(f));
     }
   }
 }
@@ -97,8 +113,15 @@ void mean_sum_squares_impl(void* flat, const Chunk* chunks, int64_t c0, int64_t 
 // partial[c] = the sum of squares of chunk c's stored quotients.
 void mean_sum_squares(c10::ScalarType dtype, void* flat, const Chunk* chunks, int64_t c0,
                       int64_t c1, double k, double* partial) {
+  // A world size is an integer >= 1: a power of two when it has one bit set.
+  const auto w = static_cast<int64_t>(k);
+  const bool pow2 = (w & (w - 1)) == 0;
   by_dtype(dtype, [&](auto t) {
-    mean_sum_squares_impl<decltype(t)>(flat, chunks, c0, c1, k, partial);
+    if (pow2) {
+      mean_sum_squares_impl<decltype(t), true>(flat, chunks, c0, c1, k, partial);
+    } else {
+      mean_sum_squares_impl<decltype(t), false>(flat, chunks, c0, c1, k, partial);
+    }
   });
 }
 
