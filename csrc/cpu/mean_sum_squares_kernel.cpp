@@ -18,9 +18,10 @@ namespace {
 
 // x / k, or x * (1 / k) when that is the same number: for a power of two k the
 // reciprocal is exact and both are the correctly rounded x / k (no under/overflow of a
-// gradient sum halved a few times aside, which both round alike). A multiplication costs
-// a cycle where a vector division costs ~16 (AVX-512 vdivps): one thread of ResNet-50's
-// 25.6M fp32 gradients took 13.3 ms with the division, 9.4 ms for torch's div_.
+// gradient sum halved a few times aside, which both round alike). A vector multiplication
+// issues every half cycle, an AVX-512 vdivps every ~10: the pass stays memory-bound on
+// more cores. On this shared 2-core machine the two were not told apart (a 25 MiB bucket:
+// 1.1-1.4 ms either way at one thread, like torch's div_).
 template <typename V, bool kReciprocal>
 inline V mean_of(V x, V k) {
   if constexpr (kReciprocal) {
