@@ -17,10 +17,9 @@ namespace lbkernels::cpu::CPU_CAPABILITY {
 namespace {
 
 // x / k, or x * (1 / k) when that is the same number: for a power of two k the
-// reciprocal is exact and both are the correctly rounded x / k (no under/overflow of a
-// gradient sum halved a few times aside, which both round alike). A vector multiplication
-// issues every half cycle, an AVX-512 vdivps every ~10: the pass stays memory-bound on
-// more cores. On this shared 2-core machine the two were not told apart (a 25 MiB bucket:
+// reciprocal is exact, so both are the exact x / k rounded once (subnormals included):
+// the same bits. A vector multiplication issues every half cycle, an AVX-512 vdivps
+// every ~10: the pass stays memory-bound on more cores. On this shared 2-core machine the two were not told apart (a 25 MiB bucket:
 // 1.1-1.4 ms either way at one thread, like torch's div_).
 template <typename V, bool kReciprocal>
 inline V mean_of(V x, V k) {
