@@ -17,6 +17,7 @@ from .reference import average as _ref_average
 from .reference import extrap as _ref_extrap
 from .reference import lamb as _ref_lamb
 from .reference import lars as _ref_lars
+from .reference import mean_sum_squares as _ref_mean_sum_squares
 
 NAMESPACE = "lbkernels"
 _lib = torch.library.Library(NAMESPACE, "DEF")
@@ -41,6 +42,7 @@ SCHEMAS = {
         "str method=\"swa\", float decay=0.999, Tensor? found_inf=None) -> ()"
     ),
     "worker_mean_": "(Tensor(a!)[] params, Tensor flat_sum, int world_size) -> ()",
+    "mean_sum_squares_": "(Tensor(a!) flat, int[] sizes, int world_size, Tensor(b!) out) -> ()",
     "extrap_sgd_": (
         "(Tensor(a!)[] params, Tensor(b!)[] anchors, Tensor(c!)[] momentum_buffers, "
         "Tensor[] grads, Tensor[] local_grads, bool[] exclude, *, float lr, "
@@ -76,6 +78,7 @@ REFERENCE = {
     "lars_sgd_": _ref_lars.lars_sgd_,
     "average_": _ref_average.average_,
     "worker_mean_": _ref_average.worker_mean_,
+    "mean_sum_squares_": _ref_mean_sum_squares.mean_sum_squares_,
     "extrap_sgd_": _ref_extrap.extrap_sgd_,
     "extrap_adam_": _ref_extrap.extrap_adam_,
     "lamb_": _ref_lamb.lamb_,

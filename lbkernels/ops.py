@@ -167,6 +167,20 @@ def worker_mean_(params: Tensors, flat_sum: torch.Tensor, world_size: int, *,
     resolve("worker_mean_", impl, [flat_sum])(_as_list(params), flat_sum, int(world_size))
 
 
+def mean_sum_squares_(flat: torch.Tensor, sizes: Sequence[int], world_size: int,
+                      out: torch.Tensor, *, impl: str = "auto") -> None:
+    """Average a summed gradient bucket and sum each gradient's squares in one pass
+    (docs/algorithms.md section 1.1): ``flat /= world_size`` in place (as ``worker_mean_``
+    divides: fp32, or fp64 for fp64, rounded once), then ``out[j] = sum(g_j^2)`` (float64)
+    of the stored quotients of the ``j``-th run of ``sizes[j]`` consecutive elements.
+
+    ``flat``: contiguous 1-D, its ``sizes`` adding up to its length (a DDP bucket);
+    ``out``: contiguous float64 of ``len(sizes)`` elements on ``flat``'s device.
+    ``lbkernels.distributed.grad_norms`` hands ``out`` to ``lars_sgd_`` as ``norm_sq[1]``.
+    """
+    resolve("mean_sum_squares_", impl, [flat])(flat, _as_list(sizes), int(world_size), out)
+
+
 def extrap_sgd_(params: Tensors, anchors: Tensors, momentum_buffers: Tensors, grads: Tensors,
                 local_grads: Tensors, exclude: Sequence[bool], *, lr: float | torch.Tensor,
                 extrap_lr: float | torch.Tensor = 0.0, impl: str = "auto", **options) -> None:

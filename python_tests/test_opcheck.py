@@ -80,6 +80,12 @@ def _worker_mean(dev):
     return [((params, flat_sum, 3), {})]
 
 
+def _mean_sum_squares(dev):
+    # A bucket of the SHAPES' gradients (12, 70 and 1 elements) and an empty segment.
+    flat = torch.cat([g.reshape(-1) for g in _randn(SHAPES, 8, dev)])
+    return [((flat, [12, 0, 70, 1], 3, torch.zeros(4, dtype=torch.float64, device=dev)), {})]
+
+
 def _extrap_inputs(dev, seed):
     x = _randn(SHAPES, seed, dev)
     return [t + 1 for t in x], [t.clone() for t in x]
@@ -150,6 +156,7 @@ SAMPLES = {
     "lars_sgd_": _lars,
     "average_": _average,
     "worker_mean_": _worker_mean,
+    "mean_sum_squares_": _mean_sum_squares,
     "extrap_sgd_": _extrap_sgd,
     "extrap_adam_": _extrap_adam,
     "lamb_": _lamb,

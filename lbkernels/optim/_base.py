@@ -317,10 +317,15 @@ class FusedOptimizer(Optimizer):
         """One ``_step_bucket`` per (group, bucket) of ``work``; a sharded bucket steps its
         local shards, with the layer norms its rule needs reduced over the shards first."""
         norms = self._sharded_norms(work)
+        # ||g||^2 from DDP's averaging pass (lbkernels.distributed.grad_norms.attach).
+        grad_norms = getattr(self, "grad_norms", None)
         for group, grads, bucket, bgrads in iter_buckets(work):
             if bucket.sharded:
                 bgrads = _sharded.locals_of(bgrads)
                 bucket = bucket.local(norms.get(id(bucket)))
+            elif grad_norms is not None:
+                bucket.norm_sq = grad_norms.norm_sq(bucket.params, bgrads, self._adapts(group),
+                                                    grad_scale, found_inf)
             self._step_bucket(group, bucket, bgrads, grad_scale, found_inf)
 
     def _sharded_norms(self, work: list) -> dict[int, torch.Tensor]:

@@ -36,6 +36,7 @@ OPS = {
     "lars_sgd_": "lars",
     "average_": "average",
     "worker_mean_": "average",
+    "mean_sum_squares_": "mean_sum_squares",
     "extrap_sgd_": "extrap_sgd",
     "extrap_adam_": "extrap_adam",
     "lamb_": "lamb",

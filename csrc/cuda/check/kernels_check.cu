@@ -10,6 +10,7 @@
 #include "../extrap_kernels.cuh"
 #include "../lamb_kernels.cuh"
 #include "../lars_kernels.cuh"
+#include "../mean_sum_squares_kernels.cuh"
 
 namespace lbkernels::cuda {
 
@@ -33,6 +34,7 @@ namespace lbkernels::cuda {
   LBK_KERNEL(4, LarsUpdate<T, 4>)                                                             \
   LBK_KERNEL(2, AverageUpdate<T>)                                                             \
   LBK_KERNEL(2, WorkerMean<T>)                                                                \
+  LBK_KERNEL(1, MeanSumSquares<T>)                                                            \
   LBK_KERNEL(5, ExtrapSgdUpdate<T>)                                                           \
   LBK_KERNEL(1, FilterSums<T>)                                                                \
   LBK_KERNEL(1, FilterFactors<T>)                                                             \
@@ -47,6 +49,9 @@ LBK_INSTANTIATE(float)
 LBK_INSTANTIATE(double)
 LBK_INSTANTIATE(__half)
 LBK_INSTANTIATE(__nv_bfloat16)
+
+// The segment sums of mean_sum_squares_ (independent of the bucket's dtype).
+LBK_KERNEL(1, SegmentSums)
 
 // The step counters of extrap_adam_ (independent of the param dtype).
 LBK_KERNEL(1, AdamBiasPass)
