@@ -33,6 +33,9 @@ struct LarsSgdArgs {
   c10::string_view average_method;
   double average_decay;
   std::optional<at::Tensor> norm_sq;  // (2, n) squared norms of w and g; < 0: not given
+  // The op-level cache of ||w||^2 (wnorm contract): w_norm_sq (n,) fp64 on the params'
+  // device, w_norm_key (2, n) int64 on the CPU: (version counter, data_ptr) per param.
+  std::optional<at::Tensor> w_norm_sq, w_norm_key;
 
   bool has_momentum() const { return momentum != 0.0; }
   bool paper() const { return momentum_style == "paper"; }
@@ -69,12 +72,14 @@ void lars_sgd_op(at::TensorList params, at::TensorList grads, at::TensorList mom
                  std::optional<at::TensorList> averages,
                  const std::optional<at::Tensor>& average_count,
                  c10::string_view average_method, double average_decay,
-                 const std::optional<at::Tensor>& norm_sq) {
+                 const std::optional<at::Tensor>& norm_sq,
+                 const std::optional<at::Tensor>& w_norm_sq,
+                 const std::optional<at::Tensor>& w_norm_key) {
   const LarsSgdArgs a{params, grads, momentum_buffers, steps, exclude, lr, lr_tensor, momentum,
                       dampening, weight_decay, nesterov, trust_coefficient, eps, clip,
                       zero_norm_decay, momentum_style, grad_scale, found_inf,
                       averages.value_or(at::TensorList()), average_count, average_method,
-                      average_decay, norm_sq};
+                      average_decay, norm_sq, w_norm_sq, w_norm_key};
   check_lars_sgd_args(a, kDevice);
   Kernel(a);
 }
