@@ -172,14 +172,15 @@ def version(p: torch.Tensor) -> int:
 
 def key_matches(params, exclude, w_norm_key: torch.Tensor) -> list[bool]:
     """Per param: adapted and its (version counter, address) equal to its column of
-    w_norm_key (read on the host, where it lives)."""
-    key = w_norm_key.numpy()  # a view: no copy, no allocation per step
-    return [not exclude[i] and v >= 0 and key[0, i] == v and key[1, i] == p.data_ptr()
-            for i, (p, v) in enumerate((p, version(p)) for p in params)]
+    w_norm_key (read on the host, where it lives: no device sync)."""
+    versions, addresses = w_norm_key.tolist()
+    return [not e and v >= 0 and v == version(p) and a == p.data_ptr()
+            for p, e, v, a in zip(params, exclude, versions, addresses)]
 
 
 def write_keys(params, exclude, w_norm_key: torch.Tensor) -> None:
-    """Every adapted param's key after this call (after the version bump)."""
+    """Every adapted param's key after this call (after the version bump), written
+    through a numpy view: no torch op, no allocation per step."""
     key = w_norm_key.numpy()
     for i, p in enumerate(params):
         if not exclude[i]:
