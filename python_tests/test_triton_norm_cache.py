@@ -79,7 +79,8 @@ def _assert_cache_is_fresh(run: Run, device):
         assert w_norm_sq[i].item() == pytest.approx(expected, rel=1e-5, abs=1e-30), i
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=["fp32", "fp64", "bf16", "fp16"])
 def test_cache_is_bitwise_the_recomputed_norm(device, dtype):
     with_cache, without = Run(dtype, device, True), Run(dtype, device, False)
     op = _op(device)
@@ -150,6 +151,21 @@ def test_skipped_step_keeps_the_cache_valid(device):
             torch.testing.assert_close(with_cache.params, before, rtol=0, atol=0)
             assert with_cache.cache["w_norm_sq"][0].item() == -1.0
     _assert_cache_is_fresh(with_cache, device)
+
+
+def test_norm_sq_takes_precedence_and_the_cache_is_still_written(device):
+    """A ||w||^2 given by norm_sq (here a wrong one, so that using it shows) is used
+    rather than the cache; the entry written is still the new w's own sum."""
+    with_cache, without = Run(torch.float32, device, True), Run(torch.float32, device, False)
+    norm_sq = torch.full((2, len(with_cache.params)), -1.0, dtype=torch.float64, device=device)
+    norm_sq[0, 3] = 7.0
+    norm_sq[1, 1] = 2.0
+    op = _op(device)
+    for t in range(3):
+        with_cache.step(op, t, norm_sq=norm_sq)
+        without.step(op, t, norm_sq=norm_sq)
+        _assert_bitwise(with_cache, without)
+        _assert_cache_is_fresh(with_cache, device)
 
 
 def test_op_bumps_version_counters(device):
