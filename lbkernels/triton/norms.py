@@ -83,10 +83,12 @@ def _sum_squares(table, n_chunks, n_tensors, partial, scale_ptr, skip_ptr, norm_
                  HAS_NORM_SQ: tl.constexpr, HAS_W_CACHE: tl.constexpr):
     c = tl.program_id(0)
     n, t, _ = chunk_rows(table, 3, n_chunks, c)
-    # Excluded tensors need no norms, and a skipped step none at all: read nothing.
-    work = tl.load(table + TENSOR_ROWS * n_chunks + 3 * n_tensors + t) == 0
+    # Excluded tensors need no norms, and a skipped step none at all: read nothing (but
+    # with the cache, below).
+    adapted = tl.load(table + TENSOR_ROWS * n_chunks + 3 * n_tensors + t) == 0
+    work = adapted
     if HAS_SKIP:
-        work = work & (tl.load(skip_ptr) == 0)
+        work = adapted & (tl.load(skip_ptr) == 0)
     do_w = work
     do_g = work
     if HAS_NORM_SQ:  # a norm given by norm_sq is not summed: its list is not read
@@ -95,10 +97,13 @@ def _sum_squares(table, n_chunks, n_tensors, partial, scale_ptr, skip_ptr, norm_
         given_g, _ = _given(norm_sq, n_params, 1, index, work)
         do_w = work & (given_w == 0)
         do_g = work & (given_g == 0)
-    if HAS_W_CACHE:  # a cached ||w||^2: w is not read
+    if HAS_W_CACHE:
+        # A cached ||w||^2: w is not read. A skipped step writes no new w, so a tensor
+        # whose entry is not valid gets the sum of its unchanged w from here instead
+        # (_store_w_norm_sq), norm_sq or not: skipped steps are rare.
         index = tl.load(table + TENSOR_ROWS * n_chunks + 4 * n_tensors + t)
-        hit, _ = _cached(table, n_chunks, n_tensors, t, w_norm_sq, index, do_w)
-        do_w = do_w & (hit == 0)
+        hit, _ = _cached(table, n_chunks, n_tensors, t, w_norm_sq, index, adapted)
+        do_w = (do_w | (adapted & (work == 0))) & (hit == 0)
     acc_w = tl.zeros([BLOCK], dtype=ACC)
     acc_g = tl.zeros([BLOCK], dtype=ACC)
     if do_w | do_g:
@@ -195,19 +200,20 @@ def _store_w_norm_sq(table, n_chunks, n_tensors, partial, w_norm_sq, skip_ptr,
                      ACC: tl.constexpr, RBLOCK: tl.constexpr, HAS_SKIP: tl.constexpr):
     """After lars_sgd_'s update: each adapted tensor's entry of w_norm_sq = its new w's
     chunk sums (row 0 of the partials, written by the update) added as ``_lars_coefs``
-    adds them. A skipped step wrote no sums: a tensor whose key did not match gets -1
-    there (its key is rewritten on the host, which cannot see the flag), a matched
-    entry stays valid (w is unchanged)."""
+    adds them. On a skipped step w is unchanged: a valid entry stays, any other gets the
+    sums of w that ``_sum_squares`` then wrote to the same row."""
     t = tl.program_id(0)
     rows = table + TENSOR_ROWS * n_chunks
     if tl.load(rows + 3 * n_tensors + t) == 0:  # excluded tensors: entries untouched
         index = tl.load(rows + 4 * n_tensors + t)
-        if proceed(skip_ptr, HAS_SKIP):
+        write = True
+        if HAS_SKIP:
+            hit, _ = _cached(table, n_chunks, n_tensors, t, w_norm_sq, index, True)
+            write = (tl.load(skip_ptr) == 0) | (hit == 0)
+        if write:
             s = _tensor_sum(partial, tl.load(rows + t), tl.load(rows + n_tensors + t), ACC,
                             RBLOCK)
             tl.store(w_norm_sq + index, s.to(tl.float64))
-        elif tl.load(rows + 5 * n_tensors + t) == 0:
-            tl.store(w_norm_sq + index, tl.full([], -1.0, tl.float64))
 
 
 # ------------------------------------------------------------------------ launchers
