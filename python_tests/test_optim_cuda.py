@@ -213,9 +213,9 @@ def test_lamb_steps_a_param_past_2_31_elements(impl, device):
 def test_lars_norm_cache_is_bitwise_the_recomputed_norm(impl, device, dtype):
     """lars_sgd_'s w_norm_sq / w_norm_key: 4 steps with the cache equal 4 without, bit for
     bit, on tensors of several 64K chunks, one not pack-aligned (a view at offset 1: the
-    scalar-access path), with an excluded one; each entry is the norm the norm pass
-    computes from w now (multi_tensor_l2norm: the same chunks, tiles and order), each key
-    (version counter after the op, address)."""
+    scalar-access path), with an excluded one, step 2 skipped (found_inf) after an edit;
+    each entry is the norm the norm pass computes from w now (multi_tensor_l2norm: the
+    same chunks, tiles and order), each key (version counter after the op, address)."""
     sizes, exclude = [3 * 65536 + 7, 1000, 65536, 5], [False, False, False, True]
 
     def state():
@@ -232,6 +232,10 @@ def test_lars_norm_cache_is_bitwise_the_recomputed_norm(impl, device, dtype):
             grads = [randn([(p.numel(),)], 100 * t + i, torch.float64, device)[0].to(dtype)
                      for i, p in enumerate(params)]
             extra = dict(w_norm_sq=w_norm_sq, w_norm_key=w_norm_key) if cache else {}
+            if t == 2:  # an edit (stale entry) and a skipped step: the entry is refreshed
+                with torch.no_grad():
+                    params[1].mul_(1.5)
+                extra["found_inf"] = torch.ones((), device=device)
             ops.lars_sgd_(params, grads, bufs, steps, exclude, lr=0.1, momentum=0.9,
                           weight_decay=1e-3, trust_coefficient=0.02, impl=impl, **extra)
         for x, y in zip(sum(runs[True], []), sum(runs[False], [])):

@@ -183,17 +183,22 @@ struct SumSquares {
   DeviceScalar grad_scale;
   DeviceScalar found_inf;
   GivenNorms given;  // list d's norm given by norm_sq (row d): that list is not read
-  const double* w_cache = nullptr;  // lars_sgd_'s w_norm_sq: list 0 not read on a hit
+  // lars_sgd_'s w_norm_sq: list 0 is not read on a hit. A skipped step writes no new w,
+  // so list 0 of a tensor whose entry is not valid is then summed here, norm_sq or not
+  // (StoreWNormSq stores it; skipped steps are rare); nothing else is read.
+  const double* w_cache = nullptr;
 
   __device__ __forceinline__ void operator()(const TensorListMeta<DEPTH>& meta, int slot,
                                              int64_t chunk) const {
-    if (found_inf.nonzero()) return;
+    const bool skipped = found_inf.nonzero();
+    if (skipped && w_cache == nullptr) return;
     bool use[DEPTH];
     bool any = false;
     for (int d = 0; d < DEPTH; ++d) {
-      use[d] = !(given.load(d, meta.index[slot]) >= 0.0);
-      if (d == 0 && cached_w_norm_sq(w_cache, meta.flag[slot], meta.index[slot]) >= 0.0)
-        use[d] = false;
+      use[d] = !skipped && !(given.load(d, meta.index[slot]) >= 0.0);
+      if (d == 0 && w_cache != nullptr)
+        use[d] = (use[d] || skipped) &&
+                 !(cached_w_norm_sq(w_cache, meta.flag[slot], meta.index[slot]) >= 0.0);
       any = any || use[d];
     }
     if (!any) return;  // every norm given (the same for the whole block)

@@ -126,9 +126,8 @@ struct LarsUpdate {
 
 // Pass 4 of lars_sgd_ with the cache: per tensor (flags as LarsCoefs'), w_norm_sq[index] =
 // the new w's chunk sums (LarsUpdate's w_sq) added as LarsCoefs adds them. Excluded
-// tensors: untouched. A skipped step summed nothing: a tensor whose key did not match
-// gets -1 (the host rewrites its key, unable to see the flag); a matched entry stays
-// valid (w is unchanged).
+// tensors: untouched. On a skipped step w is unchanged: a valid entry stays, any other
+// gets the sums of w that SumSquares then wrote to the same row.
 template <typename T>
 struct StoreWNormSq {
   using A = opmath_t<T>;
@@ -140,14 +139,10 @@ struct StoreWNormSq {
                                              int64_t) const {
     const uint8_t flag = meta.flag[slot];
     if (flag & kFlagExcluded) return;
-    const bool skipped = found_inf.nonzero();
-    const A s = tensor_sum(w_sq, meta.first_chunk[slot], skipped ? 0 : num_chunks(meta.numel[slot]));
-    if (threadIdx.x != 0) return;
-    if (!skipped) {
-      w_norm_sq[meta.index[slot]] = static_cast<double>(s);
-    } else if ((flag & kFlagCachedKey) == 0) {
-      w_norm_sq[meta.index[slot]] = -1.0;
-    }
+    const int32_t index = meta.index[slot];
+    const bool keep = found_inf.nonzero() && cached_w_norm_sq(w_norm_sq, flag, index) >= 0.0;
+    const A s = tensor_sum(w_sq, meta.first_chunk[slot], keep ? 0 : num_chunks(meta.numel[slot]));
+    if (threadIdx.x == 0 && !keep) w_norm_sq[index] = static_cast<double>(s);
   }
 };
 
