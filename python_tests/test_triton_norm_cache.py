@@ -167,6 +167,22 @@ def test_norm_sq_takes_precedence_and_the_cache_is_still_written(device):
         _assert_cache_is_fresh(with_cache, device)
 
 
+def test_another_op_writing_the_params_makes_them_recomputed(device):
+    """worker_mean_ (post-local SGD's averaging across workers) writes the params between
+    two steps: its version bump makes the next step recompute every ||w||."""
+    with_cache, without = Run(torch.float32, device, True), Run(torch.float32, device, False)
+    op = _op(device)
+    worker_mean = lbk_triton.get_op("worker_mean_", device)
+    for t in range(3):
+        for run in (with_cache, without):
+            if t:  # w = (3 w) / 2 on every param
+                flat = torch.cat([p.reshape(-1) for p in run.params]) * 3.0
+                worker_mean(run.params, flat, 2)
+            run.step(op, t)
+        _assert_bitwise(with_cache, without)
+        _assert_cache_is_fresh(with_cache, device)
+
+
 def test_op_bumps_version_counters(device):
     """The op counts as an in-place write of what it mutates, once per call."""
     run = Run(torch.float32, device, True)

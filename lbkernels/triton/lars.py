@@ -154,13 +154,10 @@ def lars_sgd_(params, grads, momentum_buffers, steps, exclude, **kw) -> None:
     if averages and average_count is not None:
         # After every launch of the call (stream order): each program read the old count.
         average_count.add_(1 if found_inf is None else (found_inf == 0).to(average_count.dtype))
-    # As torch's in-place ops: what the kernels wrote through raw addresses counts as a
-    # change (a skipped step too, as torch's fused optimizers do), so that a cache key
-    # taken before this call no longer matches.
-    mutated = [*params, *(momentum_buffers if has_momentum else []),
-               *(steps if has_steps else []), *averages]
-    torch.autograd.graph.increment_version(
-        mutated + ([] if w_norm_sq is None else [w_norm_sq, w_norm_key]))
+    # A skipped step counts as a write too, as in torch's fused optimizers.
+    mt.bump_versions([*params, *(momentum_buffers if has_momentum else []),
+                      *(steps if has_steps else []), *averages,
+                      *([] if w_norm_sq is None else [w_norm_sq, w_norm_key])])
     if w_norm_sq is not None:
         write_keys(params, exclude, w_norm_key)
 
