@@ -33,8 +33,8 @@ SCHEMAS = {
         "bool zero_norm_decay=True, str momentum_style=\"torch\", "
         "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor(d!)[]? averages=None, "
         "Tensor(e!)? average_count=None, str average_method=\"swa\", "
-        "float average_decay=0.999, Tensor? norm_sq=None, Tensor(f!)? w_norm_sq=None, "
-        "Tensor(g!)? w_norm_key=None) -> ()"
+        "float average_decay=0.999, Tensor? norm_sq=None, "
+        "Tensor(f!)? w_norm_sq=None, Tensor(g!)? w_norm_key=None) -> ()"
     ),
     "average_": (
         "(Tensor(a!)[] averages, Tensor[] params, Tensor(b!)? count=None, *, "

@@ -33,8 +33,9 @@ struct LarsSgdArgs {
   c10::string_view average_method;
   double average_decay;
   std::optional<at::Tensor> norm_sq;  // (2, n) squared norms of w and g; < 0: not given
-  // The op-level cache of ||w||^2 (wnorm contract): w_norm_sq (n,) fp64 on the params'
-  // device, w_norm_key (2, n) int64 on the CPU: (version counter, data_ptr) per param.
+  // The norm cache (both or neither): ||w_i||^2 of the w this op wrote last (float64, (n,),
+  // params' device) and its key (int64, (2, n), CPU): (version counter, data_ptr) of w_i
+  // after that op. An entry whose key matches the param is its ||w||^2, not summed again.
   std::optional<at::Tensor> w_norm_sq, w_norm_key;
 
   bool has_momentum() const { return momentum != 0.0; }
