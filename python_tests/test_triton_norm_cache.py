@@ -36,9 +36,12 @@ class Run:
     """params, momentum buffers and step counters, and the cache when ``cache``."""
 
     def __init__(self, dtype, device, cache):
-        self.params = [randn([s], 10 + i, torch.float64, device)[0].to(dtype)
+        # A tuple of dtypes: params of each in turn (a launch per dtype group, the cache
+        # indexed by argument position across them).
+        dtypes = dtype if isinstance(dtype, tuple) else (dtype,)
+        self.params = [randn([s], 10 + i, torch.float64, device)[0].to(dtypes[i % len(dtypes)])
                        for i, s in enumerate(SHAPES)]
-        self.params.append(randn([(10, 20)], 99, torch.float64, device)[0].to(dtype)[:, ::2])
+        self.params.append(randn([(10, 20)], 99, torch.float64, device)[0].to(dtypes[-1])[:, ::2])
         n = len(self.params)
         self.bufs = [torch.zeros_like(p) for p in self.params]
         self.steps = [torch.zeros((), device=device) for _ in self.params]
@@ -79,8 +82,9 @@ def _assert_cache_is_fresh(run: Run, device):
         assert w_norm_sq[i].item() == pytest.approx(expected, rel=1e-5, abs=1e-30), i
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
-                         ids=["fp32", "fp64", "bf16", "fp16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16,
+                                   (torch.float32, torch.bfloat16, torch.float64)],
+                         ids=["fp32", "fp64", "bf16", "fp16", "mixed"])
 def test_cache_is_bitwise_the_recomputed_norm(device, dtype):
     with_cache, without = Run(dtype, device, True), Run(dtype, device, False)
     op = _op(device)
