@@ -43,6 +43,8 @@ MOMENTUM = {"none": (False, False), "plain": (True, False), "nesterov": (True, T
 AVERAGING = {"none": (False, False), "ema": (True, False), "swa": (True, True)}
 # lars_sgd_ / extrap_sgd_'s norm_sq: absent, or a float32 / float64 tensor (read as passed).
 NORM_SQ = {"none": None, "fp32": "*fp32", "fp64": "*fp64"}
+# lars_sgd_'s w_norm_sq (the cache of ||w||^2): float64 always.
+W_NORM_SQ = "*fp64"
 # Philox key and low counter word: i32 for small seeds and offsets, i64 above 2**31.
 KEY_TYPES = {"i32": ("i32", "i32"), "i64": ("i64", "i64")}
 # Spills found by this check with Triton 3.6 (sm_90), left until a GPU benchmark says
@@ -130,18 +132,21 @@ def _elem(dtype) -> dict:
 
 def _norm_kernels() -> list[Variant]:
     # multi_tensor_l2norm: norms of w only; lars_coefs: of w and the (unscaled) g, with
-    # the op's norm_sq (float32 or float64, read as passed) or without.
+    # the op's norm_sq (float32 or float64, read as passed) or without, and lars_sgd_'s
+    # w_norm_sq cache (float64) or without.
     def sum_squares(dtype, c):
         acc = acc_ptr(dtype)
         lars = c["pass"] == "lars"
         given = lars and NORM_SQ[c["norm_sq"]]
+        cache = lars and c["HAS_W_CACHE"]
         return ({"table": TABLE, "n_chunks": "i32", "n_tensors": "i32", "partial": acc,
                  "scale_ptr": ptr(c["HAS_SCALE"]) if lars else acc,
                  "skip_ptr": ptr(c["HAS_SKIP"]) if lars else acc,
-                 "norm_sq": given or (TABLE if lars else acc), "n_params": "i32"},
+                 "norm_sq": given or (TABLE if lars else acc), "n_params": "i32",
+                 "w_norm_sq": W_NORM_SQ if cache else (TABLE if lars else acc)},
                 {**_elem(dtype), "BLOCK": c["BLOCK"], "WITH_G": lars,
                  "HAS_SCALE": lars and c["HAS_SCALE"], "HAS_SKIP": lars and c["HAS_SKIP"],
-                 "HAS_NORM_SQ": bool(given)})
+                 "HAS_NORM_SQ": bool(given), "HAS_W_CACHE": bool(cache)})
 
     def norms_(dtype, c):
         return ({"table": TABLE, "n_chunks": "i32", "n_tensors": "i32",
@@ -155,24 +160,36 @@ def _norm_kernels() -> list[Variant]:
                  "partial": acc_ptr(dtype), "coefs": acc_ptr(dtype),
                  "lr_ptr": ptr(c["HAS_LR_TENSOR"]), "skip_ptr": ptr(c["HAS_SKIP"]),
                  "norm_sq": given or TABLE, "n_params": "i32",
-                 "scale_ptr": ptr(c["HAS_SCALE"])},
+                 "scale_ptr": ptr(c["HAS_SCALE"]),
+                 "w_norm_sq": ptr(c["HAS_W_CACHE"], W_NORM_SQ)},
                 {"ACC": acc_types(dtype)[1], "RBLOCK": mt.RBLOCK, "CLIP": c["CLIP"],
                  "ZERO_NORM_DECAY": c["ZERO_NORM_DECAY"], "HAS_LR_TENSOR": c["HAS_LR_TENSOR"],
                  "HAS_MOMENTUM": has_momentum, "HAS_STEPS": has_steps, "HAS_SKIP": c["HAS_SKIP"],
-                 "HAS_NORM_SQ": bool(given), "HAS_SCALE": c["HAS_SCALE"]})
+                 "HAS_NORM_SQ": bool(given), "HAS_SCALE": c["HAS_SCALE"],
+                 "HAS_W_CACHE": c["HAS_W_CACHE"]})
+
+    def store_w_norm_sq(dtype, c):
+        return ({"table": TABLE, "n_chunks": "i32", "n_tensors": "i32",
+                 "partial": acc_ptr(dtype), "w_norm_sq": W_NORM_SQ,
+                 "skip_ptr": ptr(c["HAS_SKIP"])},
+                {"ACC": acc_types(dtype)[1], "RBLOCK": mt.RBLOCK, "HAS_SKIP": c["HAS_SKIP"]})
 
     accs = [next(d for d in ELEM if acc_types(d)[1] == a) for a in (tl.float32, tl.float64)]
     flags = (False, True)
     return (per_dtype(norms, "_sum_squares", {"pass": ("l2norm", "lars"), "HAS_SCALE": flags,
                                               "HAS_SKIP": flags, "norm_sq": tuple(NORM_SQ),
-                                              "BLOCK": BLOCKS}, sum_squares)
+                                              "HAS_W_CACHE": flags, "BLOCK": BLOCKS},
+                        sum_squares)
             + per_dtype(norms, "_norms", {}, norms_, dtypes=accs)
             # momentum "nesterov" here stands for (HAS_MOMENTUM, HAS_STEPS): steps given.
             + per_dtype(norms, "_lars_coefs", {"CLIP": flags, "ZERO_NORM_DECAY": flags,
                                                "HAS_LR_TENSOR": flags,
                                                "momentum": tuple(MOMENTUM), "HAS_SKIP": flags,
-                                               "norm_sq": tuple(NORM_SQ), "HAS_SCALE": flags},
-                        lars_coefs, dtypes=accs))
+                                               "norm_sq": tuple(NORM_SQ), "HAS_SCALE": flags,
+                                               "HAS_W_CACHE": flags},
+                        lars_coefs, dtypes=accs)
+            + per_dtype(norms, "_store_w_norm_sq", {"HAS_SKIP": flags}, store_w_norm_sq,
+                        dtypes=accs))
 
 
 def _lars_update(dtype, c):
@@ -180,11 +197,12 @@ def _lars_update(dtype, c):
     has_avg, swa = AVERAGING[c["averaging"]]
     return ({"table": TABLE, "n_chunks": "i32", "n_tensors": "i32", "coefs": acc_ptr(dtype),
              "lr_ptr": ptr(c["HAS_LR_TENSOR"]), "scale_ptr": ptr(c["HAS_SCALE"]),
-             "skip_ptr": ptr(c["HAS_SKIP"]), "avg_table": TABLE, "count_ptr": COUNT},
+             "skip_ptr": ptr(c["HAS_SKIP"]), "avg_table": TABLE, "count_ptr": COUNT,
+             "partial": acc_ptr(dtype)},
             {**_elem(dtype), "BLOCK": c["BLOCK"], "HAS_SCALE": c["HAS_SCALE"],
              "HAS_MOMENTUM": has_momentum, "NESTEROV": nesterov, "PAPER": c["PAPER"],
              "HAS_LR_TENSOR": c["HAS_LR_TENSOR"], "HAS_SKIP": c["HAS_SKIP"], "SOFT_BF16": False,
-             "HAS_AVG": has_avg, "AVG": acc_types(dtype)[1], "SWA": swa})
+             "HAS_AVG": has_avg, "AVG": acc_types(dtype)[1], "SWA": swa, "W_SQ": c["W_SQ"]})
 
 
 def _sgd_update(dtype, c):
@@ -330,8 +348,8 @@ def variants() -> list[Variant]:
     out = _norm_kernels()
     out += per_dtype(lars, "_lars_update", {
         "HAS_SCALE": flags, "momentum": tuple(MOMENTUM), "PAPER": flags,
-        "HAS_LR_TENSOR": flags, "HAS_SKIP": flags, "averaging": tuple(AVERAGING), **blocks},
-        _lars_update)
+        "HAS_LR_TENSOR": flags, "HAS_SKIP": flags, "averaging": tuple(AVERAGING),
+        "W_SQ": flags, **blocks}, _lars_update)
     out += per_dtype(extrap_sgd, "_sgd_update", {
         "extrapolation": tuple(extrap_sgd._MODES), "HAS_SCALE": flags,
         "momentum": tuple(MOMENTUM), "LARS": flags, "local_grads": flags,

@@ -206,3 +206,46 @@ def test_lamb_steps_a_param_past_2_31_elements(impl, device):
         assert (p[s] != before).float().mean() > 0.5, f"elements {s} were not stepped"
         for got, expected in ((p[s], ws), (m[s], ms), (v[s], vs)):
             torch.testing.assert_close(got, expected, msg=lambda msg: f"elements {s}: {msg}")
+
+
+@each_cuda_backend
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_lars_norm_cache_is_bitwise_the_recomputed_norm(impl, device, dtype):
+    """lars_sgd_'s w_norm_sq / w_norm_key: 4 steps with the cache equal 4 without, bit for
+    bit, on tensors of several 64K chunks, one not pack-aligned (a view at offset 1: the
+    scalar-access path), with an excluded one, step 2 skipped (found_inf) after an edit;
+    each entry is the norm the norm pass computes from w now (multi_tensor_l2norm: the
+    same chunks, tiles and order), each key (version counter after the op, address)."""
+    sizes, exclude = [3 * 65536 + 7, 1000, 65536, 5], [False, False, False, True]
+
+    def state():
+        ws = [randn([(n + 1,)], 10 + i, torch.float64, device)[0].to(dtype) for i, n in enumerate(sizes)]
+        params = [w[1:] if i == 0 else w[:-1] for i, w in enumerate(ws)]  # params[0] at offset 1
+        return params, [torch.zeros_like(p) for p in params], [torch.zeros((), device=device) for _ in params]
+
+    runs = {cache: state() for cache in (True, False)}
+    n = len(sizes)
+    w_norm_sq = torch.full((n,), -1.0, dtype=torch.float64, device=device)
+    w_norm_key = torch.zeros((2, n), dtype=torch.int64)
+    for t in range(4):
+        for cache, (params, bufs, steps) in runs.items():
+            grads = [randn([(p.numel(),)], 100 * t + i, torch.float64, device)[0].to(dtype)
+                     for i, p in enumerate(params)]
+            extra = dict(w_norm_sq=w_norm_sq, w_norm_key=w_norm_key) if cache else {}
+            if t == 2:  # an edit (stale entry) and a skipped step: the entry is refreshed
+                with torch.no_grad():
+                    params[1].mul_(1.5)
+                extra["found_inf"] = torch.ones((), device=device)
+            ops.lars_sgd_(params, grads, bufs, steps, exclude, lr=0.1, momentum=0.9,
+                          weight_decay=1e-3, trust_coefficient=0.02, impl=impl, **extra)
+        for x, y in zip(sum(runs[True], []), sum(runs[False], [])):
+            assert torch.equal(x, y)
+        params = runs[True][0]
+        fresh = ops.multi_tensor_l2norm(params, impl=impl)
+        for i, p in enumerate(params):
+            if exclude[i]:
+                assert w_norm_sq[i].item() == -1.0 and w_norm_key[:, i].tolist() == [0, 0]
+                continue
+            # sqrt in fp64 rounded to fp32: the correctly rounded fp32 sqrt, the kernels' sqrt_rn
+            assert w_norm_sq[i].sqrt().float().item() == fresh[i].item(), (t, i)
+            assert w_norm_key[:, i].tolist() == [p._version, p.data_ptr()], (t, i)

@@ -8,7 +8,12 @@
 //      (deterministic, no atomics), its norms, the trust ratio from lars_scale(), the
 //      first-step flag and the step count.
 // A norm given by the op's norm_sq (GivenNorms, read on the device) is not summed by pass
-// 1 (that list is not read for the tensor) and pass 2 takes its square root instead.
+// 1 (that list is not read for the tensor) and pass 2 takes its square root instead; so
+// is lars_sgd_'s cached ||w||^2 (w_cache, where the tensor's flag has kFlagCachedKey).
+// Each thread of a chunk pass takes the same elements whatever the lists' alignment
+// (kPack consecutive ones at a time, then the tail): the sum of a list does not depend on
+// which other lists are read with it, so lars_sgd_'s update can sum the new w in the
+// order this pass would sum it at the next call.
 // An op's own functors live in its header (lars_kernels.cuh, extrap_kernels.cuh, ...),
 // which includes this one and no other op's.
 //
@@ -110,6 +115,44 @@ __device__ __forceinline__ bool pack_aligned(const T* p) {
   return reinterpret_cast<uintptr_t>(p) % sizeof(Pack<T>) == 0;
 }
 
+// Pack p of x (elements kPack * p ...): one vector access where x is pack-aligned,
+// kPack scalar ones where not; the same elements either way.
+template <typename T>
+__device__ __forceinline__ Pack<T> load_pack(const T* x, int64_t p, bool aligned) {
+  if (aligned) return reinterpret_cast<const Pack<T>*>(x)[p];
+  Pack<T> v;
+  for (int k = 0; k < kPack; ++k) v.v[k] = x[p * kPack + k];
+  return v;
+}
+
+template <typename T>
+__device__ __forceinline__ void store_pack(T* x, int64_t p, const Pack<T>& v, bool aligned) {
+  if (aligned) {
+    reinterpret_cast<Pack<T>*>(x)[p] = v;
+    return;
+  }
+  for (int k = 0; k < kPack; ++k) x[p * kPack + k] = v.v[k];
+}
+
+// One term of a sum of squares. SumSquares and lars_sgd_'s update (summing the new w for
+// the next call) both call it, so that both compile to the same operation (one fused
+// multiply-add under nvcc's default --fmad=true).
+template <typename A>
+__device__ __forceinline__ void add_square(A& sum, A v) { sum += v * v; }
+
+// Bits of TensorListMeta::flag in the norm passes.
+constexpr uint8_t kFlagExcluded = 1;   // LarsCoefs: no trust ratio (r = 1)
+constexpr uint8_t kFlagCachedKey = 2;  // lars_sgd_'s w_norm_key matched on the host
+
+// lars_sgd_'s cached ||w||^2 of the tensor: >= 0 when its key matched on the host (flag)
+// and its entry of w_norm_sq (fp64, by argument index) is >= 0 (NaN is not); else -1.
+__device__ __forceinline__ double cached_w_norm_sq(const double* w_cache, uint8_t flag,
+                                                   int32_t index) {
+  if (w_cache == nullptr || (flag & kFlagCachedKey) == 0) return -1.0;
+  const double v = w_cache[index];
+  return v >= 0.0 ? v : -1.0;
+}
+
 // Sum over the block in a fixed order (warp shuffles, then one warp over the warps'
 // sums): the same inputs give the same bits on every run. Valid in thread 0.
 template <typename A>
@@ -140,44 +183,49 @@ struct SumSquares {
   DeviceScalar grad_scale;
   DeviceScalar found_inf;
   GivenNorms given;  // list d's norm given by norm_sq (row d): that list is not read
+  // lars_sgd_'s w_norm_sq: list 0 is not read on a hit. A skipped step writes no new w,
+  // so list 0 of a tensor whose entry is not valid is then summed here, norm_sq or not
+  // (StoreWNormSq stores it; skipped steps are rare); nothing else is read.
+  const double* w_cache = nullptr;
 
   __device__ __forceinline__ void operator()(const TensorListMeta<DEPTH>& meta, int slot,
                                              int64_t chunk) const {
-    if (found_inf.nonzero()) return;
+    const bool skipped = found_inf.nonzero();
+    if (skipped && w_cache == nullptr) return;
     bool use[DEPTH];
     bool any = false;
     for (int d = 0; d < DEPTH; ++d) {
-      use[d] = !(given.load(d, meta.index[slot]) >= 0.0);
+      use[d] = !skipped && !(given.load(d, meta.index[slot]) >= 0.0);
+      if (d == 0 && w_cache != nullptr)
+        use[d] = (use[d] || skipped) &&
+                 !(cached_w_norm_sq(w_cache, meta.flag[slot], meta.index[slot]) >= 0.0);
       any = any || use[d];
     }
     if (!any) return;  // every norm given (the same for the whole block)
     const int64_t begin = chunk * kChunkSize;
     const int64_t n = min(kChunkSize, meta.numel[slot] - begin);
     const T* x[DEPTH];
-    bool vec = true;
+    bool vec[DEPTH];
     for (int d = 0; d < DEPTH; ++d) {
       x[d] = static_cast<const T*>(meta.addresses[d][slot]) + begin;
-      vec = vec && (!use[d] || pack_aligned(x[d]));
+      vec[d] = use[d] && pack_aligned(x[d]);
     }
     const A scale = grad_scale.set() ? grad_scale.get<A>() : A(1);
     A sums[DEPTH];
     for (int d = 0; d < DEPTH; ++d) sums[d] = A(0);
     auto add = [&](int d, A v) {
       if (d == 1 && grad_scale.set()) v = v / scale;
-      sums[d] += v * v;
+      add_square(sums[d], v);
     };
-    int64_t i = 0;
-    if (vec) {
-      const int64_t n_packs = n / kPack;
-      for (int64_t p = threadIdx.x; p < n_packs; p += blockDim.x)
-        for (int d = 0; d < DEPTH; ++d) {
-          if (!use[d]) continue;
-          const Pack<T> pk = reinterpret_cast<const Pack<T>*>(x[d])[p];
-          for (int k = 0; k < kPack; ++k) add(d, load_acc(&pk.v[k]));
-        }
-      i = n_packs * kPack;
-    }
-    for (i += threadIdx.x; i < n; i += blockDim.x)
+    // Packs first, then the tail: a thread's elements do not depend on the alignment.
+    const int64_t n_packs = n / kPack;
+    for (int64_t p = threadIdx.x; p < n_packs; p += blockDim.x)
+      for (int d = 0; d < DEPTH; ++d) {
+        if (!use[d]) continue;
+        const Pack<T> pk = load_pack(x[d], p, vec[d]);
+        for (int k = 0; k < kPack; ++k) add(d, load_acc(&pk.v[k]));
+      }
+    for (int64_t i = n_packs * kPack + threadIdx.x; i < n; i += blockDim.x)
       for (int d = 0; d < DEPTH; ++d)
         if (use[d]) add(d, load_acc(x[d] + i));
     for (int d = 0; d < DEPTH; ++d) {
@@ -216,14 +264,19 @@ struct LarsCoefs {
   bool clip, zero_norm_decay, has_momentum;
   DeviceScalar grad_scale;  // divides a given ||g|| (the partials are of g / scale already)
   GivenNorms given;
+  // lars_sgd_'s w_norm_sq: a cached sum (an A stored as double: exact) stands for the
+  // partials of w, which SumSquares did not write; norm_sq's row 0 takes precedence.
+  const double* w_cache = nullptr;
 
   __device__ __forceinline__ void operator()(const TensorListMeta<1>& meta, int slot,
                                              int64_t) const {
     if (found_inf.nonzero()) return;  // a skipped step counts nothing
-    const bool excluded = meta.flag[slot] != 0;
+    const bool excluded = (meta.flag[slot] & kFlagExcluded) != 0;
     const int64_t first = meta.first_chunk[slot];
     // An excluded tensor's entries are never read; a given norm's partials were not written.
-    const double given_w = excluded ? -1.0 : given.load(0, meta.index[slot]);
+    double given_w = excluded ? -1.0 : given.load(0, meta.index[slot]);
+    if (!excluded && !(given_w >= 0.0))
+      given_w = cached_w_norm_sq(w_cache, meta.flag[slot], meta.index[slot]);
     const double given_g = excluded ? -1.0 : given.load(1, meta.index[slot]);
     const int64_t count = excluded ? 0 : num_chunks(meta.numel[slot]);
     const A sum_w = tensor_sum(partial, first, given_w >= 0.0 ? 0 : count);

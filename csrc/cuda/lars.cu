@@ -5,6 +5,13 @@
 // Nothing here reads a device value on the host: norms, norm_sq, trust ratios, lr_tensor,
 // grad_scale and found_inf stay on the device, so a step never synchronises and can be
 // captured in a CUDA graph. Scratch is 16 bytes per 64K-element chunk plus 24 per tensor.
+//
+// The cache of ||w||^2 (w_norm_sq on the device, w_norm_key on the CPU): the key is
+// compared on the host (no device read) and travels as kFlagCachedKey in the norm passes'
+// per-tensor flags; the entry itself is read on the device only. The update sums the new
+// w (lars_kernels.cuh, pass 4) and the keys of the adapted tensors are marked "written
+// by this call" (version kVersionPending, address): the op's wrapper (lars_sgd_op)
+// writes their version counters once it has bumped them.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -23,6 +30,31 @@
 
 namespace lbkernels::cuda {
 namespace {
+
+// w_norm_key[0, i] of an entry this call wrote, until the op's wrapper, after the
+// version bumps, writes the version there (a version is never negative: never matched).
+constexpr int64_t kPendingVersion = -1;
+
+// Whether param i's key (version counter, address) matches w_norm_key; read on the host.
+bool w_norm_key_matches(const LarsSgdArgs& a, int64_t i) {
+  const at::Tensor& p = a.params[i];
+  if (p.is_inference()) return false;  // no version counter: nothing can be trusted
+  const auto n = static_cast<int64_t>(a.params.size());
+  const int64_t* key = a.w_norm_key->const_data_ptr<int64_t>();
+  return key[i] == static_cast<int64_t>(p._version()) &&
+         key[n + i] == reinterpret_cast<int64_t>(p.const_data_ptr());
+}
+
+// The keys of the adapted params after the kernels: "written by this call".
+void mark_w_norm_keys(const LarsSgdArgs& a) {
+  const auto n = static_cast<int64_t>(a.params.size());
+  int64_t* key = a.w_norm_key->mutable_data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    if (a.exclude.get(i)) continue;
+    key[i] = kPendingVersion;
+    key[n + i] = reinterpret_cast<int64_t>(a.params[i].const_data_ptr());
+  }
+}
 
 at::Tensor multi_tensor_l2norm_cuda(at::TensorList xs) {
   check_list(xs, "xs", c10::DeviceType::CUDA);
@@ -74,6 +106,8 @@ void lars_sgd_cuda(const LarsSgdArgs& a) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const bool paper = a.paper();
   const GivenNorms given = given_norms(a.norm_sq);  // read on the device only
+  const bool cache = a.w_norm_sq.has_value();
+  double* w_cache = cache ? a.w_norm_sq->mutable_data_ptr<double>() : nullptr;
   at::Tensor coefs;
   TensorCoefs* c = per_tensor_scratch<TensorCoefs>(coefs, params);
 
@@ -93,8 +127,11 @@ void lars_sgd_cuda(const LarsSgdArgs& a) {
       const bool excluded = a.exclude.get(i);
       const int64_t numel = w.numel();
       const auto idx = static_cast<int32_t>(i);
-      if (!excluded) norms.push_back({{w.data_ptr(), g_ptr}, numel, total, idx, 0});
-      tensors.push_back({{step}, numel, total, idx, static_cast<uint8_t>(excluded)});
+      const uint8_t cached =
+          cache && !excluded && w_norm_key_matches(a, i) ? kFlagCachedKey : uint8_t{0};
+      if (!excluded) norms.push_back({{w.data_ptr(), g_ptr}, numel, total, idx, cached});
+      tensors.push_back({{step}, numel, total, idx,
+                         static_cast<uint8_t>((excluded ? kFlagExcluded : 0) | cached)});
       if (averaging) {
         // The average in w's layout, in its own dtype (fp32 for 16-bit params).
         void* a_ptr = staging.follow_as(a.averages[i], w, true).data_ptr();
@@ -113,27 +150,37 @@ void lars_sgd_cuda(const LarsSgdArgs& a) {
       C10_CUDA_CHECK(multi_tensor_apply<2>(
           norms, Blocks::kPerChunk, kChunkThreads, stream,
           SumSquares<T, 2>{partial.mutable_data_ptr<A>(), total, scale, sc.found_inf.device,
-                           given}));
+                           given, w_cache}));
       C10_CUDA_CHECK(multi_tensor_apply<1>(
           tensors, Blocks::kPerTensor, kTensorThreads, stream,
           LarsCoefs<T>{p, total, c, lr_v, a.weight_decay, a.trust_coefficient, a.eps,
                        sc.lr.device, sc.found_inf.device, a.clip, a.zero_norm_decay,
-                       has_momentum, scale, given}));
+                       has_momentum, scale, given, w_cache}));
       const bool nesterov = a.nesterov && has_momentum;
+      // With the cache, the update writes the new w's chunk sums over the w partials
+      // (row 0), which LarsCoefs has read by then (stream order).
+      A* w_sq = cache ? partial.mutable_data_ptr<A>() : nullptr;
       if (averaging) {
         C10_CUDA_CHECK(multi_tensor_apply<4>(
             averaged, Blocks::kPerChunk, kChunkThreads, stream,
             LarsUpdate<T, 4>{c, lr_v, a.momentum, 1.0 - a.dampening, sc.lr.device, scale,
-                             sc.found_inf.device, has_momentum, nesterov, paper, folded}));
+                             sc.found_inf.device, has_momentum, nesterov, paper, folded,
+                             w_sq}));
       } else {
         C10_CUDA_CHECK(multi_tensor_apply<3>(
             updates, Blocks::kPerChunk, kChunkThreads, stream,
             LarsUpdate<T>{c, lr_v, a.momentum, 1.0 - a.dampening, sc.lr.device, scale,
-                          sc.found_inf.device, has_momentum, nesterov, paper, {}}));
+                          sc.found_inf.device, has_momentum, nesterov, paper, {}, w_sq}));
+      }
+      if (cache) {
+        C10_CUDA_CHECK(multi_tensor_apply<1>(
+            tensors, Blocks::kPerTensor, kTensorThreads, stream,
+            StoreWNormSq<T>{p, w_cache, sc.found_inf.device}));
       }
     });
   }
   staging.write_back();
+  if (cache) mark_w_norm_keys(a);
   // After every update launch of the call: each block read the count of before it.
   if (count_ptr != nullptr) {
     average_count_kernel<<<1, 1, 0, stream>>>(count_ptr, sc.found_inf.device);

@@ -4,7 +4,11 @@
 //   1. SumSquares (common.cuh): per-chunk sums of squares of w and of the unscaled g;
 //   2. Norms / LarsCoefs (common.cuh): per tensor, its norms, and for LARS the trust
 //      ratio, the first-step flag and the step count;
-//   3. LarsUpdate (a block per chunk): sgd_update() with the tensor's coefficients.
+//   3. LarsUpdate (a block per chunk): sgd_update() with the tensor's coefficients;
+//   4. with lars_sgd_'s cache of ||w||^2 (w_norm_sq): the update also sums the squares of
+//      the new w as stored, each thread over the elements SumSquares gives it, into the
+//      chunk partials, and StoreWNormSq adds them per tensor as LarsCoefs does: the
+//      number the next call's passes 1-2 would compute from w, bit for bit.
 // The per-element math is lbkernels/math.h, shared with the CPU kernels. The AMP
 // found_inf flag is read on the device by every block: when set, nothing is written.
 //
@@ -35,7 +39,8 @@ struct Norms {
 };
 
 // Pass 3 of lars_sgd_: lists w, g, buf (null without momentum), and with DEPTH 4 the
-// averages of the folded weight averaging.
+// averages of the folded weight averaging. w_sq (null: not asked): row 0 of the partials,
+// where SumSquares puts a chunk's sum of w, gets the chunk's sum of the new w.
 template <typename T, int DEPTH = 3>
 struct LarsUpdate {
   using A = opmath_t<T>;
@@ -47,6 +52,7 @@ struct LarsUpdate {
   DeviceScalar found_inf;
   bool has_momentum, nesterov, paper;
   FoldedAverage average;  // read only with DEPTH 4
+  A* w_sq = nullptr;
 
   __device__ __forceinline__ void operator()(const TensorListMeta<DEPTH>& meta, int slot,
                                              int64_t chunk) const {
@@ -76,6 +82,8 @@ struct LarsUpdate {
       avg = static_cast<A*>(meta.addresses[DEPTH - 1][slot]) + begin;
       r_avg = average.rate<A>();
     }
+    const bool sum_w = w_sq != nullptr;
+    A sq = A(0);  // this thread's sum of the new w's squares, in SumSquares' order
     auto update = [&](T* wp, const T* gp, T* bp, A* ap) {
       A wv = load_acc(wp);
       A bv = has_momentum ? load_acc(bp) : A(0);
@@ -83,29 +91,58 @@ struct LarsUpdate {
                  first);
       store_acc(wp, wv);
       if (has_momentum) store_acc(bp, bv);
-      // The stored (rounded) weight, as average_ would read it.
-      if constexpr (kAverage) *ap = average_update<A>(*ap, static_cast<A>(load_acc(wp)), r_avg);
+      // The stored (rounded) weight, as average_ and the next norm pass read it.
+      const A stored = static_cast<A>(load_acc(wp));
+      if (sum_w) add_square(sq, stored);
+      if constexpr (kAverage) *ap = average_update<A>(*ap, stored, r_avg);
     };
-    int64_t i = 0;
-    if (pack_aligned(w) && pack_aligned(g) && (!has_momentum || pack_aligned(buf)) &&
-        (!kAverage || pack_aligned(avg))) {
-      const int64_t n_packs = n / kPack;
-      for (int64_t p = threadIdx.x; p < n_packs; p += blockDim.x) {
-        Pack<T> wk = reinterpret_cast<const Pack<T>*>(w)[p];
-        const Pack<T> gk = reinterpret_cast<const Pack<T>*>(g)[p];
-        Pack<T> bk;
-        Pack<A> ak;
-        if (has_momentum) bk = reinterpret_cast<const Pack<T>*>(buf)[p];
-        if constexpr (kAverage) ak = reinterpret_cast<const Pack<A>*>(avg)[p];
-        for (int k = 0; k < kPack; ++k) update(&wk.v[k], &gk.v[k], &bk.v[k], &ak.v[k]);
-        reinterpret_cast<Pack<T>*>(w)[p] = wk;
-        if (has_momentum) reinterpret_cast<Pack<T>*>(buf)[p] = bk;
-        if constexpr (kAverage) reinterpret_cast<Pack<A>*>(avg)[p] = ak;
-      }
-      i = n_packs * kPack;
+    // SumSquares' element order (packs, then the tail), each list vector-accessed where
+    // aligned: a thread's elements are the same whatever the alignment.
+    const bool w_vec = pack_aligned(w);
+    const bool g_vec = pack_aligned(g);
+    const bool b_vec = has_momentum && pack_aligned(buf);
+    const bool a_vec = kAverage && pack_aligned(avg);
+    const int64_t n_packs = n / kPack;
+    for (int64_t p = threadIdx.x; p < n_packs; p += blockDim.x) {
+      Pack<T> wk = load_pack(w, p, w_vec);
+      const Pack<T> gk = load_pack(g, p, g_vec);
+      Pack<T> bk;
+      Pack<A> ak;
+      if (has_momentum) bk = load_pack<T>(buf, p, b_vec);
+      if constexpr (kAverage) ak = load_pack<A>(avg, p, a_vec);
+      for (int k = 0; k < kPack; ++k) update(&wk.v[k], &gk.v[k], &bk.v[k], &ak.v[k]);
+      store_pack(w, p, wk, w_vec);
+      if (has_momentum) store_pack(buf, p, bk, b_vec);
+      if constexpr (kAverage) store_pack(avg, p, ak, a_vec);
     }
-    for (i += threadIdx.x; i < n; i += blockDim.x)
+    for (int64_t i = n_packs * kPack + threadIdx.x; i < n; i += blockDim.x)
       update(w + i, g + i, has_momentum ? buf + i : nullptr, kAverage ? avg + i : nullptr);
+    if (sum_w) {  // sum_w is the same for the whole block: every thread reaches block_sum
+      const A s = block_sum(sq);
+      if (threadIdx.x == 0) w_sq[meta.first_chunk[slot] + chunk] = s;
+    }
+  }
+};
+
+// Pass 4 of lars_sgd_ with the cache: per tensor (flags as LarsCoefs'), w_norm_sq[index] =
+// the new w's chunk sums (LarsUpdate's w_sq) added as LarsCoefs adds them. Excluded
+// tensors: untouched. On a skipped step w is unchanged: a valid entry stays, any other
+// gets the sums of w that SumSquares then wrote to the same row.
+template <typename T>
+struct StoreWNormSq {
+  using A = opmath_t<T>;
+  const A* w_sq;
+  double* w_norm_sq;
+  DeviceScalar found_inf;
+
+  __device__ __forceinline__ void operator()(const TensorListMeta<1>& meta, int slot,
+                                             int64_t) const {
+    const uint8_t flag = meta.flag[slot];
+    if (flag & kFlagExcluded) return;
+    const int32_t index = meta.index[slot];
+    const bool keep = found_inf.nonzero() && cached_w_norm_sq(w_norm_sq, flag, index) >= 0.0;
+    const A s = tensor_sum(w_sq, meta.first_chunk[slot], keep ? 0 : num_chunks(meta.numel[slot]));
+    if (threadIdx.x == 0 && !keep) w_norm_sq[index] = static_cast<double>(s);
   }
 };
 

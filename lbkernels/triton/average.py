@@ -70,6 +70,7 @@ def average_(averages, params, count=None, **kw) -> None:
                 PARAM=ELEM[dtype], AVG=ELEM[avg_dtype], BLOCK=mt.block(max(numels)),
                 SWA=method == "swa", HAS_SKIP=found_inf is not None, num_warps=mt.NUM_WARPS)
     staging.write_back()
+    mt.bump_versions(averages)
     if count is not None:
         count.add_(1 if found_inf is None else (found_inf == 0).to(count.dtype))
 
@@ -116,3 +117,4 @@ def worker_mean_(params, flat_sum, world_size) -> None:
                                       ACC=acc_types(dtype)[1], BLOCK=mt.block(max(numels)),
                                       SOFT_BF16=soft_bf16(dtype), num_warps=mt.NUM_WARPS)
     staging.write_back()
+    mt.bump_versions(params)

@@ -8,6 +8,15 @@ trust ratio, weight decay and first-step flag, counting the step), and
 coefficients and, with ``averages``, averages the stored weight in (section 4).
 
 The AMP ``found_inf`` flag is read by every program: when set, nothing is written.
+
+With the op's ``w_norm_sq`` / ``w_norm_key`` (the cache of ||w||^2 from the previous
+step): the key (version counter, address) is compared on the host, a matching tensor's
+cached sum replaces its w norm in the coefficient passes (w is not read for it), the
+update sums the squares of the new w as stored (``add_square`` over the tiles of
+``norms._sum_squares``) into the chunk partials, and ``norms.store_w_norm_sq`` adds
+them per tensor as the coefficient pass does: the cached number is the one the next
+call would compute, bit for bit (only for the same chunk size and block, which depend
+on the group's tensors: the cache belongs to one parameter list).
 """
 
 from __future__ import annotations
@@ -19,19 +28,19 @@ import triton.language as tl
 from ..reference.lars import check_lars_sgd_args
 from . import multi_tensor as mt
 from . import norms
-from .math import ELEM, acc_types, average_rate, average_update, chunk_rows, list_ptr
+from .math import ELEM, acc_types, add_square, average_rate, average_update, chunk_rows, list_ptr
 from .math import load_sgd_update, proceed, scalar, soft_bf16, store, to_elem
 
 
 @triton.jit
 def _lars_update(table, n_chunks, n_tensors, coefs, lr: tl.float64, lr_ptr, scale_ptr, skip_ptr,
                  momentum: tl.float64, one_minus_dampening: tl.float64, avg_table, count_ptr,
-                 one_minus_decay: tl.float64,
+                 one_minus_decay: tl.float64, partial,
                  ELEM: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
                  HAS_SCALE: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
                  PAPER: tl.constexpr, HAS_LR_TENSOR: tl.constexpr, HAS_SKIP: tl.constexpr,
                  SOFT_BF16: tl.constexpr, HAS_AVG: tl.constexpr, AVG: tl.constexpr,
-                 SWA: tl.constexpr):
+                 SWA: tl.constexpr, W_SQ: tl.constexpr):
     c = tl.program_id(0)
     if proceed(skip_ptr, HAS_SKIP):
         n, t, _ = chunk_rows(table, 3, n_chunks, c)
@@ -59,6 +68,7 @@ def _lars_update(table, n_chunks, n_tensors, coefs, lr: tl.float64, lr_ptr, scal
             a_ptr = list_ptr(avg_table, 0, n_chunks, c, AVG)
             r_avg = average_rate(count_ptr, one_minus_decay, AVG, SWA)
         offs = tl.arange(0, BLOCK)
+        acc_sq = tl.zeros([BLOCK], dtype=ACC)
         for s in range(0, n, BLOCK):
             mask = s + offs < n
             w, buf, g = load_sgd_update(w_ptr, g_ptr, b_ptr, s + offs, mask, scale, wd, r, pre,
@@ -71,6 +81,10 @@ def _lars_update(table, n_chunks, n_tensors, coefs, lr: tl.float64, lr_ptr, scal
             if HAS_AVG:  # the stored (rounded) weight, as average_ would read it
                 a = tl.load(a_ptr + s + offs, mask=mask, other=0.0)
                 tl.store(a_ptr + s + offs, average_update(a, w_stored.to(AVG), r_avg), mask=mask)
+            if W_SQ:  # the stored w as the norm pass loads it (0 where masked off)
+                acc_sq = add_square(acc_sq, tl.where(mask, w_stored.to(ACC), 0.0))
+        if W_SQ:  # where norms._sum_squares puts chunk c's sum of w
+            tl.store(partial + c, tl.sum(acc_sq, 0))
 
 
 def lars_sgd_(params, grads, momentum_buffers, steps, exclude, **kw) -> None:
@@ -85,6 +99,8 @@ def lars_sgd_(params, grads, momentum_buffers, steps, exclude, **kw) -> None:
     average_count = kw["average_count"]
     has_momentum = kw["momentum"] != 0.0
     has_steps = has_momentum and len(steps) > 0
+    w_norm_sq, w_norm_key = kw["w_norm_sq"], kw["w_norm_key"]
+    cached = None if w_norm_sq is None else key_matches(params, exclude, w_norm_key)
     lr_tensor, grad_scale, found_inf = mt.scalars_on(
         device, kw["lr_tensor"], kw["grad_scale"], kw["found_inf"])
     staging = mt.Staging()
@@ -100,7 +116,8 @@ def lars_sgd_(params, grads, momentum_buffers, steps, exclude, **kw) -> None:
         elem = params[index[0]].element_size()
         tab = norms.table(addresses, numels, elem,
                           [steps[i].data_ptr() if has_steps else 0 for i in index],
-                          [bool(exclude[i]) for i in index], index, device)
+                          [bool(exclude[i]) for i in index], index, device,
+                          None if cached is None else [cached[i] for i in index])
         # Folded averaging: list 0 of a table with tab's chunking holds each chunk's average
         # (in w's layout but the average's dtype: fp32 for 16-bit params).
         avg_rows = tab.data
@@ -109,12 +126,13 @@ def lars_sgd_(params, grads, momentum_buffers, steps, exclude, **kw) -> None:
             avg_rows = mt.chunk_table([(a.data_ptr(),) for a in avgs], numels,
                                       (averages[index[0]].element_size(),), [], device).data
         block = mt.block(max(numels))
+        partial = norms.partials(tab, dtype)
         coefs = norms.lars_coefs(
             tab, dtype, block, lr=kw["lr"], lr_tensor=lr_tensor,
             weight_decay=kw["weight_decay"], trust_coefficient=kw["trust_coefficient"],
             eps=kw["eps"], clip=kw["clip"], zero_norm_decay=kw["zero_norm_decay"],
             grad_scale=grad_scale, found_inf=found_inf, has_momentum=has_momentum,
-            has_steps=has_steps, norm_sq=kw["norm_sq"])
+            has_steps=has_steps, norm_sq=kw["norm_sq"], w_norm_sq=w_norm_sq, partial=partial)
         if tab.n_chunks:
             _lars_update[(tab.n_chunks,)](
                 tab.data, tab.n_chunks, tab.n_tensors, coefs, float(kw["lr"]),
@@ -128,8 +146,40 @@ def lars_sgd_(params, grads, momentum_buffers, steps, exclude, **kw) -> None:
                 PAPER=kw["momentum_style"] == "paper", HAS_LR_TENSOR=lr_tensor is not None,
                 HAS_SKIP=found_inf is not None, SOFT_BF16=soft_bf16(dtype),
                 HAS_AVG=bool(averages), AVG=acc_types(dtype)[1],
-                SWA=kw["average_method"] == "swa", num_warps=mt.NUM_WARPS)
+                SWA=kw["average_method"] == "swa", partial=partial,
+                W_SQ=w_norm_sq is not None, num_warps=mt.NUM_WARPS)
+        if w_norm_sq is not None:
+            norms.store_w_norm_sq(tab, dtype, partial, w_norm_sq, found_inf)
     staging.write_back()
     if averages and average_count is not None:
         # After every launch of the call (stream order): each program read the old count.
         average_count.add_(1 if found_inf is None else (found_inf == 0).to(average_count.dtype))
+    # A skipped step counts as a write too, as in torch's fused optimizers.
+    mt.bump_versions([*params, *(momentum_buffers if has_momentum else []),
+                      *(steps if has_steps else []), *averages,
+                      *([] if w_norm_sq is None else [w_norm_sq, w_norm_key])])
+    if w_norm_sq is not None:
+        write_keys(params, exclude, w_norm_key)
+
+
+def version(p: torch.Tensor) -> int:
+    """p's version counter; -1 for an inference tensor (it has none: never matched)."""
+    return -1 if p.is_inference() else p._version
+
+
+def key_matches(params, exclude, w_norm_key: torch.Tensor) -> list[bool]:
+    """Per param: adapted and its (version counter, address) equal to its column of
+    w_norm_key (read on the host, where it lives: no device sync)."""
+    versions, addresses = w_norm_key.tolist()
+    return [not e and v >= 0 and v == version(p) and a == p.data_ptr()
+            for p, e, v, a in zip(params, exclude, versions, addresses)]
+
+
+def write_keys(params, exclude, w_norm_key: torch.Tensor) -> None:
+    """Every adapted param's key after this call (after the version bump), written
+    through a numpy view: no torch op, no allocation per step."""
+    key = w_norm_key.numpy()
+    for i, p in enumerate(params):
+        if not exclude[i]:
+            key[0, i] = version(p)
+            key[1, i] = p.data_ptr()

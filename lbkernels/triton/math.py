@@ -173,6 +173,14 @@ def load(ptr, idx, mask, ACC: tl.constexpr):
 
 
 @triton.jit
+def add_square(acc, x):
+    """acc + x * x: one tile of a sum of squares. The norm passes and the write pass that
+    sums the new w for the next step's norm (lars_sgd_'s w_norm_sq) both call it, so
+    that both compile to the same operations (e.g. one fused multiply-add per element)."""
+    return acc + x * x
+
+
+@triton.jit
 def store(ptr, idx, x, mask, ELEM: tl.constexpr, SOFT_BF16: tl.constexpr):
     """``x`` rounded to the storage dtype into elements ``idx`` of ``ptr``."""
     tl.store(ptr + idx, to_elem(x, ELEM, SOFT_BF16), mask=mask)

@@ -248,6 +248,14 @@ class Staging:
         self._keep.clear()
 
 
+def bump_versions(tensors: list[torch.Tensor]) -> None:
+    """Counts a launch's writes (through raw addresses, which autograd does not see) as
+    in-place changes of ``tensors``, once per call, as torch's in-place ops and the
+    native ops do: a key taken before the call (lars_sgd_'s w_norm_key) no longer
+    matches. Inference tensors have no counter (skipped)."""
+    torch.autograd.graph.increment_version(tensors)
+
+
 def scalars_on(device: torch.device, *ts: torch.Tensor | None) -> list[torch.Tensor | None]:
     """One-element tensor arguments (or None), on ``device`` (a no-op when already there)."""
     return [None if t is None else t.to(device) for t in ts]

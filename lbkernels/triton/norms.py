@@ -16,6 +16,14 @@ read back to the host:
 
 A norm given by the op's ``norm_sq`` (an entry >= 0, read on the device) is not summed
 by pass 1 (that list is not read for the tensor); pass 2 takes its square root instead.
+
+lars_sgd_'s cache of ||w||^2 (``w_norm_sq``) is a given norm of the same kind: a table
+built with ``cached`` has a sixth per-tensor row, 1 where the host found the tensor's key
+(version counter, address) unchanged; such a tensor's entry of ``w_norm_sq``, when >= 0,
+stands for its w sum (w is not read). The update pass then writes the new w's chunk sums
+into the partials (the same tiles and ``add_square`` as pass 1) and ``_store_w_norm_sq``
+adds them per tensor with pass 2's ``_tensor_sum``: the number the next call's passes
+would compute from w, bit for bit.
 """
 
 from __future__ import annotations
@@ -26,8 +34,8 @@ import triton.language as tl
 
 from ..reference.lars import check_l2norm_args
 from . import multi_tensor as mt
-from .math import ELEM, acc_types, chunk_rows, div, lars_scale, list_ptr, load, proceed, scalar
-from .math import sqrt
+from .math import ELEM, acc_types, add_square, chunk_rows, div, lars_scale, list_ptr, load
+from .math import proceed, scalar, sqrt
 
 # Per-tensor rows start after the 3 lists and the count, slot and begin rows.
 TENSOR_ROWS: tl.constexpr = tl.constexpr(6)
@@ -35,10 +43,13 @@ TENSOR_ROWS: tl.constexpr = tl.constexpr(6)
 
 def table(addresses: list[tuple[int, int, int]], numels: list[int], element_size: int,
           steps: list[int], excluded: list[bool], out_index: list[int],
-          device: torch.device) -> mt.Table:
-    """The chunk table of lists (w, g, buf) with the per-tensor rows these kernels read."""
+          device: torch.device, cached: list[bool] | None = None) -> mt.Table:
+    """The chunk table of lists (w, g, buf) with the per-tensor rows these kernels read;
+    ``cached`` (lars_sgd_'s w_norm_sq): whether each tensor's cache key matched."""
     first, end = mt.chunk_spans(numels)
     rows = [first, end, steps, [int(e) for e in excluded], out_index]
+    if cached is not None:
+        rows.append([int(c) for c in cached])
     return mt.chunk_table(addresses, numels, (element_size,) * 3, rows, device)
 
 
@@ -54,16 +65,30 @@ def _given(norm_sq, n_params, row, index, read):
 
 
 @triton.jit
+def _cached(table, n_chunks, n_tensors, t, w_norm_sq, index, read):
+    """Whether tensor ``t``'s ||w||^2 comes from lars_sgd_'s cache (its key matched on the
+    host and its entry of w_norm_sq is >= 0; NaN is not), and the entry; nothing is read
+    where ``read`` is false."""
+    rows = table + TENSOR_ROWS * n_chunks
+    hit = read & (tl.load(rows + 5 * n_tensors + t, mask=read, other=0) != 0)
+    v = tl.load(w_norm_sq + index, mask=hit, other=-1.0)
+    return v >= 0, v
+
+
+@triton.jit
 def _sum_squares(table, n_chunks, n_tensors, partial, scale_ptr, skip_ptr, norm_sq, n_params,
+                 w_norm_sq,
                  ELEM: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
                  WITH_G: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_SKIP: tl.constexpr,
-                 HAS_NORM_SQ: tl.constexpr):
+                 HAS_NORM_SQ: tl.constexpr, HAS_W_CACHE: tl.constexpr):
     c = tl.program_id(0)
     n, t, _ = chunk_rows(table, 3, n_chunks, c)
-    # Excluded tensors need no norms, and a skipped step none at all: read nothing.
-    work = tl.load(table + TENSOR_ROWS * n_chunks + 3 * n_tensors + t) == 0
+    # Excluded tensors need no norms, and a skipped step none at all: read nothing (but
+    # with the cache, below).
+    adapted = tl.load(table + TENSOR_ROWS * n_chunks + 3 * n_tensors + t) == 0
+    work = adapted
     if HAS_SKIP:
-        work = work & (tl.load(skip_ptr) == 0)
+        work = adapted & (tl.load(skip_ptr) == 0)
     do_w = work
     do_g = work
     if HAS_NORM_SQ:  # a norm given by norm_sq is not summed: its list is not read
@@ -72,6 +97,13 @@ def _sum_squares(table, n_chunks, n_tensors, partial, scale_ptr, skip_ptr, norm_
         given_g, _ = _given(norm_sq, n_params, 1, index, work)
         do_w = work & (given_w == 0)
         do_g = work & (given_g == 0)
+    if HAS_W_CACHE:
+        # A cached ||w||^2: w is not read. A skipped step writes no new w, so a tensor
+        # whose entry is not valid gets the sum of its unchanged w from here instead
+        # (_store_w_norm_sq), norm_sq or not: skipped steps are rare.
+        index = tl.load(table + TENSOR_ROWS * n_chunks + 4 * n_tensors + t)
+        hit, _ = _cached(table, n_chunks, n_tensors, t, w_norm_sq, index, adapted)
+        do_w = (do_w | (adapted & (work == 0))) & (hit == 0)
     acc_w = tl.zeros([BLOCK], dtype=ACC)
     acc_g = tl.zeros([BLOCK], dtype=ACC)
     if do_w | do_g:
@@ -81,8 +113,7 @@ def _sum_squares(table, n_chunks, n_tensors, partial, scale_ptr, skip_ptr, norm_
         for s in range(0, n, BLOCK):
             mask = s + offs < n
             if do_w:
-                w = load(w_ptr, s + offs, mask, ACC)
-                acc_w += w * w
+                acc_w = add_square(acc_w, load(w_ptr, s + offs, mask, ACC))
             if WITH_G:
                 if do_g:
                     g = load(g_ptr, s + offs, mask, ACC)
@@ -90,7 +121,7 @@ def _sum_squares(table, n_chunks, n_tensors, partial, scale_ptr, skip_ptr, norm_
                         # The norm of the unscaled gradient, element by element as the
                         # reference computes it (no overflow of g**2 at large scales).
                         g = div(g, tl.load(scale_ptr).to(ACC))
-                    acc_g += g * g
+                    acc_g = add_square(acc_g, g)
     tl.store(partial + c, tl.sum(acc_w, 0))
     if WITH_G:
         tl.store(partial + n_chunks + c, tl.sum(acc_g, 0))
@@ -118,11 +149,11 @@ def _norms(table, n_chunks, n_tensors, partial, out, ACC: tl.constexpr, RBLOCK: 
 @triton.jit
 def _lars_coefs(table, n_chunks, n_tensors, partial, coefs, lr: tl.float64, lr_ptr,
                 weight_decay: tl.float64, trust_coefficient: tl.float64, eps: tl.float64, skip_ptr,
-                norm_sq, n_params, scale_ptr,
+                norm_sq, n_params, scale_ptr, w_norm_sq,
                 ACC: tl.constexpr, RBLOCK: tl.constexpr, CLIP: tl.constexpr,
                 ZERO_NORM_DECAY: tl.constexpr, HAS_LR_TENSOR: tl.constexpr,
                 HAS_MOMENTUM: tl.constexpr, HAS_STEPS: tl.constexpr, HAS_SKIP: tl.constexpr,
-                HAS_NORM_SQ: tl.constexpr, HAS_SCALE: tl.constexpr):
+                HAS_NORM_SQ: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_W_CACHE: tl.constexpr):
     t = tl.program_id(0)
     rows = table + TENSOR_ROWS * n_chunks
     first = tl.load(rows + t)
@@ -130,6 +161,12 @@ def _lars_coefs(table, n_chunks, n_tensors, partial, coefs, lr: tl.float64, lr_p
     excluded = tl.load(rows + 3 * n_tensors + t) != 0
     n_w = sqrt(_tensor_sum(partial, first, end, ACC, RBLOCK))
     n_g = sqrt(_tensor_sum(partial + n_chunks, first, end, ACC, RBLOCK))
+    if HAS_W_CACHE:
+        # The cached sum is an ACC sum stored as fp64 (exact): sqrt of it in ACC is the
+        # norm pass 1's partials would give. norm_sq, below, takes precedence.
+        hit, v_c = _cached(table, n_chunks, n_tensors, t, w_norm_sq,
+                           tl.load(rows + 4 * n_tensors + t), excluded == 0)
+        n_w = tl.where(hit, sqrt(tl.where(hit, v_c, 0.0).to(ACC)), n_w)
     if HAS_NORM_SQ:
         # A given norm: sqrt of the entry in ACC (as the reference's .to(dtype)); ||g|| of
         # the scaled gradient divided by the scale. Excluded tensors' entries are not read.
@@ -158,6 +195,27 @@ def _lars_coefs(table, n_chunks, n_tensors, partial, coefs, lr: tl.float64, lr_p
         tl.store(coefs + 2 * n_tensors + t, tl.zeros([], ACC))
 
 
+@triton.jit
+def _store_w_norm_sq(table, n_chunks, n_tensors, partial, w_norm_sq, skip_ptr,
+                     ACC: tl.constexpr, RBLOCK: tl.constexpr, HAS_SKIP: tl.constexpr):
+    """After lars_sgd_'s update: each adapted tensor's entry of w_norm_sq = its new w's
+    chunk sums (row 0 of the partials, written by the update) added as ``_lars_coefs``
+    adds them. On a skipped step w is unchanged: a valid entry stays, any other gets the
+    sums of w that ``_sum_squares`` then wrote to the same row."""
+    t = tl.program_id(0)
+    rows = table + TENSOR_ROWS * n_chunks
+    if tl.load(rows + 3 * n_tensors + t) == 0:  # excluded tensors: entries untouched
+        index = tl.load(rows + 4 * n_tensors + t)
+        write = True
+        if HAS_SKIP:
+            hit, _ = _cached(table, n_chunks, n_tensors, t, w_norm_sq, index, True)
+            write = (tl.load(skip_ptr) == 0) | (hit == 0)
+        if write:
+            s = _tensor_sum(partial, tl.load(rows + t), tl.load(rows + n_tensors + t), ACC,
+                            RBLOCK)
+            tl.store(w_norm_sq + index, s.to(tl.float64))
+
+
 # ------------------------------------------------------------------------ launchers
 
 
@@ -174,8 +232,9 @@ def _chunk_sums(xs: list[torch.Tensor], index: list[int], staging: mt.Staging,
     if tab.n_chunks:
         _sum_squares[(tab.n_chunks,)](
             tab.data, tab.n_chunks, tab.n_tensors, partial, partial, partial, partial, 0,
-            ELEM=ELEM[xs[index[0]].dtype], ACC=acc, BLOCK=mt.block(max(numels)), WITH_G=False,
-            HAS_SCALE=False, HAS_SKIP=False, HAS_NORM_SQ=False, num_warps=mt.NUM_WARPS)
+            partial, ELEM=ELEM[xs[index[0]].dtype], ACC=acc, BLOCK=mt.block(max(numels)),
+            WITH_G=False, HAS_SCALE=False, HAS_SKIP=False, HAS_NORM_SQ=False,
+            HAS_W_CACHE=False, num_warps=mt.NUM_WARPS)
     return tab, partial
 
 
@@ -205,34 +264,57 @@ def total_sum_squares(xs: list[torch.Tensor], staging: mt.Staging) -> torch.Tens
     return total
 
 
+def partials(tab: mt.Table, dtype: torch.dtype) -> torch.Tensor:
+    """The chunk sums' buffer of ``lars_coefs``: rows w and g, ``tab.n_chunks`` each."""
+    return torch.empty(2 * max(1, tab.n_chunks), dtype=acc_types(dtype)[0],
+                       device=tab.data.device)
+
+
 def lars_coefs(tab: mt.Table, dtype: torch.dtype, block: int, *, lr, lr_tensor, weight_decay,
                trust_coefficient, eps, clip, zero_norm_decay, grad_scale, found_inf,
                has_momentum: bool, has_steps: bool,
-               norm_sq: torch.Tensor | None = None) -> torch.Tensor:
+               norm_sq: torch.Tensor | None = None, w_norm_sq: torch.Tensor | None = None,
+               partial: torch.Tensor | None = None) -> torch.Tensor:
     """Trust ratio, weight decay and first-step flag of every tensor of ``tab`` (a
     ``table`` of lists (w, g, buf)), as 3 rows of ``tab.n_tensors`` values. ``norm_sq``:
     the op's precomputed squared norms (by argument index, the table's output-index row),
-    read on the device: a norm given there (>= 0) is not summed."""
+    read on the device: a norm given there (>= 0) is not summed. ``w_norm_sq``: lars_sgd_'s
+    cache (``tab`` built with ``cached``). ``partial``: the chunk sums' buffer (``partials``),
+    for a caller that reuses it."""
     device = tab.data.device
     acc_torch, acc = acc_types(dtype)
-    partial = torch.empty(2 * max(1, tab.n_chunks), dtype=acc_torch, device=device)
+    if partial is None:
+        partial = partials(tab, dtype)
     coefs = torch.empty(3 * tab.n_tensors, dtype=acc_torch, device=device)
     skip_arg = mt.pointer(found_inf, tab.data)
     scale_arg = mt.pointer(grad_scale, tab.data)
     norm_arg = mt.pointer(norm_sq, tab.data)
+    w_arg = mt.pointer(w_norm_sq, tab.data)
     n_params = 0 if norm_sq is None else norm_sq.shape[1]
     if tab.n_chunks:
         _sum_squares[(tab.n_chunks,)](
             tab.data, tab.n_chunks, tab.n_tensors, partial, scale_arg, skip_arg, norm_arg,
-            n_params, ELEM=ELEM[dtype], ACC=acc, BLOCK=block, WITH_G=True,
+            n_params, w_arg, ELEM=ELEM[dtype], ACC=acc, BLOCK=block, WITH_G=True,
             HAS_SCALE=grad_scale is not None, HAS_SKIP=found_inf is not None,
-            HAS_NORM_SQ=norm_sq is not None, num_warps=mt.NUM_WARPS)
+            HAS_NORM_SQ=norm_sq is not None, HAS_W_CACHE=w_norm_sq is not None,
+            num_warps=mt.NUM_WARPS)
     _lars_coefs[(tab.n_tensors,)](
         tab.data, tab.n_chunks, tab.n_tensors, partial, coefs, float(lr),
         mt.pointer(lr_tensor, tab.data), float(weight_decay), float(trust_coefficient),
-        float(eps), skip_arg, norm_arg, n_params, scale_arg, ACC=acc, RBLOCK=mt.RBLOCK,
+        float(eps), skip_arg, norm_arg, n_params, scale_arg, w_arg, ACC=acc, RBLOCK=mt.RBLOCK,
         CLIP=bool(clip), ZERO_NORM_DECAY=bool(zero_norm_decay),
         HAS_LR_TENSOR=lr_tensor is not None, HAS_MOMENTUM=has_momentum, HAS_STEPS=has_steps,
         HAS_SKIP=found_inf is not None, HAS_NORM_SQ=norm_sq is not None,
-        HAS_SCALE=grad_scale is not None, num_warps=mt.NUM_WARPS)
+        HAS_SCALE=grad_scale is not None, HAS_W_CACHE=w_norm_sq is not None,
+        num_warps=mt.NUM_WARPS)
     return coefs
+
+
+def store_w_norm_sq(tab: mt.Table, dtype: torch.dtype, partial: torch.Tensor,
+                    w_norm_sq: torch.Tensor, found_inf: torch.Tensor | None) -> None:
+    """``_store_w_norm_sq`` over ``tab`` (a ``table`` with ``cached``) once the update
+    has written the new w's chunk sums into ``partial`` (``lars_coefs``'s buffer)."""
+    _store_w_norm_sq[(tab.n_tensors,)](
+        tab.data, tab.n_chunks, tab.n_tensors, partial, w_norm_sq,
+        mt.pointer(found_inf, tab.data), ACC=acc_types(dtype)[1], RBLOCK=mt.RBLOCK,
+        HAS_SKIP=found_inf is not None, num_warps=mt.NUM_WARPS)

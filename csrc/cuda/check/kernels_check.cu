@@ -32,6 +32,7 @@ namespace lbkernels::cuda {
   LBK_KERNEL(1, Norms<T>)                                                                     \
   LBK_KERNEL(3, LarsUpdate<T>)                                                                \
   LBK_KERNEL(4, LarsUpdate<T, 4>)                                                             \
+  LBK_KERNEL(1, StoreWNormSq<T>)                                                              \
   LBK_KERNEL(2, AverageUpdate<T>)                                                             \
   LBK_KERNEL(2, WorkerMean<T>)                                                                \
   LBK_KERNEL(1, MeanSumSquares<T>)                                                            \
