@@ -31,29 +31,10 @@
 namespace lbkernels::cuda {
 namespace {
 
-// w_norm_key[0, i] of an entry this call wrote, until the op's wrapper, after the
-// version bumps, writes the version there (a version is never negative: never matched).
-constexpr int64_t kPendingVersion = -1;
-
-// Whether param i's key (version counter, address) matches w_norm_key; read on the host.
-bool w_norm_key_matches(const LarsSgdArgs& a, int64_t i) {
-  const at::Tensor& p = a.params[i];
-  if (p.is_inference()) return false;  // no version counter: nothing can be trusted
-  const auto n = static_cast<int64_t>(a.params.size());
-  const int64_t* key = a.w_norm_key->const_data_ptr<int64_t>();
-  return key[i] == static_cast<int64_t>(p._version()) &&
-         key[n + i] == reinterpret_cast<int64_t>(p.const_data_ptr());
-}
-
 // The keys of the adapted params after the kernels: "written by this call".
 void mark_w_norm_keys(const LarsSgdArgs& a) {
-  const auto n = static_cast<int64_t>(a.params.size());
-  int64_t* key = a.w_norm_key->mutable_data_ptr<int64_t>();
-  for (int64_t i = 0; i < n; ++i) {
-    if (a.exclude.get(i)) continue;
-    key[i] = kPendingVersion;
-    key[n + i] = reinterpret_cast<int64_t>(a.params[i].const_data_ptr());
-  }
+  for (int64_t i = 0; i < static_cast<int64_t>(a.params.size()); ++i)
+    if (!a.exclude.get(i)) mark_w_norm_written(a, i);
 }
 
 at::Tensor multi_tensor_l2norm_cuda(at::TensorList xs) {

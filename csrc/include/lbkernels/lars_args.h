@@ -94,17 +94,22 @@ inline void check_lars_sgd_args(const LarsSgdArgs& a, c10::DeviceType device_typ
 // every version bump is done" (a version counter is never negative, so it never matches).
 constexpr int64_t kVersionPending = -1;
 
-// The cached ||w_i||^2 (>= 0) when the key of param i matches it (same version counter
-// and data_ptr as after the op that wrote it), else -1: the kernel sums it.
-inline double cached_w_norm_sq(const LarsSgdArgs& a, int64_t i) {
-  if (!a.w_norm_sq.has_value()) return -1;
+// Whether param i's key (version counter, address) matches w_norm_key; read on the host
+// only (the entry itself may live on the device).
+inline bool w_norm_key_matches(const LarsSgdArgs& a, int64_t i) {
+  if (!a.w_norm_key.has_value()) return false;
   const at::Tensor& p = a.params[i];
-  if (p.is_inference()) return -1;  // no version counter: nothing can be trusted
+  if (p.is_inference()) return false;  // no version counter: nothing can be trusted
   const int64_t n = static_cast<int64_t>(a.params.size());
   const int64_t* key = a.w_norm_key->const_data_ptr<int64_t>();
-  if (key[i] != static_cast<int64_t>(p._version()) ||
-      key[n + i] != reinterpret_cast<int64_t>(p.const_data_ptr()))
-    return -1;
+  return key[i] == static_cast<int64_t>(p._version()) &&
+         key[n + i] == reinterpret_cast<int64_t>(p.const_data_ptr());
+}
+
+// The cached ||w_i||^2 (>= 0) when the key of param i matches it (same version counter
+// and data_ptr as after the op that wrote it), else -1: the kernel sums it. CPU entries only.
+inline double cached_w_norm_sq(const LarsSgdArgs& a, int64_t i) {
+  if (!w_norm_key_matches(a, i)) return -1;
   const double v = a.w_norm_sq->const_data_ptr<double>()[i];
   return v >= 0 ? v : -1;
 }
