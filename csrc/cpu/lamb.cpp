@@ -16,8 +16,9 @@
 //    that cost about half of AdamW's whole step: one thread, CPU time, ResNet-50's set,
 //    1.55-1.85x the time of torch.optim.AdamW(fused=True). Both passes now divide once
 //    (lamb_kernel.cpp direction: times 1 / bc1, 1 / bc2): 1.29-1.47x (median 1.44) in
-//    the same runs, interleaved, at the 40/28 = 1.43x of the bytes (bench/RESULTS.md). An approximate root and reciprocal (rsqrt14, rcp14 and a Newton step
-//    each) was no faster than the one division, alone from L2 (0.27 vs 0.28 ns/element);
+//    the same runs, interleaved, at the 40/28 = 1.43x of the bytes (bench/RESULTS.md).
+//    An approximate root and reciprocal (rsqrt14, rcp14 and a Newton step each) was no
+//    faster than the one division, alone from L2 (0.27 vs 0.28 ns/element);
 //  * the stages (stage="moments" | "update", for sharded tensors whose sums of squares are
 //    all-reduced between them) run one pass each over every chunk, unblocked: the
 //    collective between them leaves nothing in cache. Their sums are the full step's (the
