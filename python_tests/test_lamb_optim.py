@@ -419,19 +419,55 @@ def test_folded_averaging_equals_step_then_update(impl, device, mode):
     assert fused.n_averaged == sep.n_averaged == 5
 
 
-def test_step_allocates_nothing_model_sized():
+def _bytes_allocated_by_second_step(opt) -> int:
+    opt.step()  # lazy state
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        opt.step()
+    return sum(e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0)
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 1.0])
+def test_step_allocates_nothing(max_grad_norm):
+    """One group: the op computes the global gradient norm itself, nothing is allocated."""
+    if not _library.has_native_kernel("lamb_", "cpu"):
+        pytest.skip("compiled lamb_ kernel not loaded (the reference allocates by design)")
+    ps = make_params(torch.float32)
+    ps += [torch.nn.Parameter(torch.randn(256, 256)) for _ in range(4)]
+    set_grads(ps, 0)
+    opt = LAMB(ps, lr=0.01, max_grad_norm=max_grad_norm, impl="native")
+    assert _bytes_allocated_by_second_step(opt) == 0
+
+
+def test_step_of_several_groups_allocates_nothing_model_sized():
+    """Several groups share one global norm, computed by multi_tensor_l2norm: its
+    per-tensor norms are a few bytes per tensor, nothing of the model's size."""
     if not _library.has_native_kernel("lamb_", "cpu"):
         pytest.skip("compiled lamb_ kernel not loaded (the reference allocates by design)")
     ps = make_params(torch.float32)
     ps += [torch.nn.Parameter(torch.randn(256, 256)) for _ in range(4)]
     set_grads(ps, 0)
     model_bytes = sum(p.numel() * p.element_size() for p in ps)
-    opt = LAMB(ps, lr=0.01, max_grad_norm=1.0, impl="native")
-    opt.step()  # lazy state
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        opt.step()
-    allocated = sum(e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0)
-    assert allocated < 0.001 * model_bytes  # the norms: a few bytes per tensor
+    opt = LAMB([{"params": ps[:3]}, {"params": ps[3:], "weight_decay": 0.0}], lr=0.01,
+               max_grad_norm=1.0, impl="native")
+    allocated = _bytes_allocated_by_second_step(opt)
+    assert 0 < allocated < 0.001 * model_bytes  # > 0: the norms do go through the optimizer
+
+
+@pytest.mark.parametrize("impl,device", BACKENDS)
+def test_one_group_clips_by_the_norm_of_every_gradient(impl, device):
+    """One group (the op computes the global norm) steps as two groups of the same
+    settings (the optimizer computes it and hands it to both ops)."""
+    runs = []
+    for split in (False, True):
+        ps = make_params(torch.float32, device)
+        groups = [{"params": ps[:2]}, {"params": ps[2:]}] if split else ps
+        opt = LAMB(groups, lr=0.05, max_grad_norm=1.0, impl=impl)
+        for t in range(4):
+            set_grads(ps, t, 3.0)  # norms above 1: every step clips
+            opt.step()
+        runs.append(ps)
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
 def test_deepcopy_and_pickle_keep_no_stale_norm():

@@ -12,13 +12,13 @@
 //    one parallel sweep of pass 2 while the block is in the last-level cache. Pass 2
 //    walks each thread's chunks backwards, so a tensor larger than the cache (BERT's
 //    23M-element embedding) still finds the part pass 1 touched last in cache;
-//  * measured on 2 shared cores (one thread, CPU time, ResNet-50's set): 1.7x the time of
-//    torch.optim.AdamW(fused=True); 500 tensors of 50K elements, all done whole and from
-//    L2: 1.5x. Pass 2 recomputes u, a square root and three divisions per element (the
-//    reference's order, which CPU, CUDA and the reference share), about half of AdamW's
-//    whole step; skipping it (a test, not a kernel) left 1.0x from cache, 1.35x on ResNet-50.
-//    Neither multiplying by 1 / bc1, 1 / bc2 in pass 2 nor an approximate root (rsqrt14 and
-//    a Newton step) in pass 1, which streams from memory, changed the time measurably;
+//  * pass 2 recomputes u from m and v. With the reference's three divisions per element
+//    that cost about half of AdamW's whole step: one thread, CPU time, ResNet-50's set,
+//    1.55-1.85x the time of torch.optim.AdamW(fused=True). Both passes now divide once
+//    (lamb_kernel.cpp direction: times 1 / bc1, 1 / bc2): 1.29-1.47x (median 1.44) in
+//    the same runs, interleaved, at the 40/28 = 1.43x of the bytes (bench/RESULTS.md).
+//    An approximate root and reciprocal (rsqrt14, rcp14 and a Newton step each) was no
+//    faster than the one division, alone from L2 (0.27 vs 0.28 ns/element);
 //  * the stages (stage="moments" | "update", for sharded tensors whose sums of squares are
 //    all-reduced between them) run one pass each over every chunk, unblocked: the
 //    collective between them leaves nothing in cache. Their sums are the full step's (the

@@ -46,6 +46,21 @@ C average_weight(const AverageParams& a) {
   }
 }
 
+// u of one element, lamb_direction's rule with its divisions by bc1 and bc2 made
+// multiplications by their reciprocals (rb1 = 1 / bc1, rb2 = 1 / bc2, each rounded once
+// per tensor): one division and one square root per element where lamb_direction has
+// three divisions. Measured alone on one core, AVX-512, a pass over 64K fp32 elements in
+// L2: 0.48 ns per element with the three divisions, 0.28 with one (0.13 with none). Each
+// change is ~1 ulp of u (the tests' fp32 tolerance is 1e-5 relative after 7 steps);
+// both passes call this function on the same inputs, so they still see the same u.
+template <typename V>
+V direction(V m, V v, V w, const LambCoefs<V>& c, V rb1, V rb2, const LambFlags& f) {
+  const V denom = f.apex ? lbk_sqrt(v * rb2) + c.eps : lbk_sqrt(v) * rb2 + c.eps;
+  V u = (m * rb1) / denom;
+  if (f.decoupled) u = u + c.wd * w;
+  return u;
+}
+
 // The typed pointers of elements [b, e) of one tensor.
 template <typename T>
 struct Range {
@@ -69,16 +84,18 @@ template <typename T>
 void norms(const Range<T>& x, const LambCoefs<Opmath<T>>& cs, const LambFlags& f,
            double* sums, bool store16) {
   using C = Opmath<T>;
+  const C rb1 = C(1) / cs.bc1, rb2 = C(1) / cs.bc2;
   int64_t i = 0;
   if constexpr (kFull<T>) {
     using V = Vectorized<T>;
     const LambCoefs<V> cv = broadcast<V>(cs);
+    const V rb1v(rb1), rb2v(rb2);
     V aw(T(0)), au(T(0));
     for (; i + V::size() <= x.n; i += V::size()) {
       const V w = V::loadu(x.w + i);
       V m = V::loadu(x.m + i), v = V::loadu(x.v + i);
       lamb_moments(m, v, V::loadu(x.g + i), w, cv, f);
-      const V u = lamb_direction(m, v, w, cv, f);
+      const V u = direction(m, v, w, cv, rb1v, rb2v, f);
       m.store(x.m + i);
       v.store(x.v + i);
       aw = at::vec::fmadd(w, w, aw);
@@ -96,7 +113,7 @@ void norms(const Range<T>& x, const LambCoefs<Opmath<T>>& cs, const LambFlags& f
     const C w = C(x.w[i]);
     C m = C(x.m[i]), v = C(x.v[i]);
     lamb_moments(m, v, C(x.g[i]), w, cs, f);
-    const C u = lamb_direction(m, v, w, cs, f);
+    const C u = direction(m, v, w, cs, rb1, rb2, f);
     if (kFull<T> || store16) {
       x.m[i] = T(m);
       x.v[i] = T(v);
@@ -113,11 +130,12 @@ template <typename T>
 void write(const Range<T>& x, const LambCoefs<Opmath<T>>& cs, const LambFlags& f, Opmath<T> lr,
            Opmath<T> r, Opmath<T> avg_r, bool fresh) {
   using C = Opmath<T>;
+  const C rb1 = C(1) / cs.bc1, rb2 = C(1) / cs.bc2;
   int64_t i = 0;
   if constexpr (kFull<T>) {
     using V = Vectorized<T>;
     const LambCoefs<V> cv = broadcast<V>(cs);
-    const V lrv(lr), rv(r), avg_rv(avg_r);
+    const V lrv(lr), rv(r), avg_rv(avg_r), rb1v(rb1), rb2v(rb2);
     for (; i + V::size() <= x.n; i += V::size()) {
       V w = V::loadu(x.w + i), m = V::loadu(x.m + i), v = V::loadu(x.v + i);
       if (fresh) {
@@ -125,7 +143,7 @@ void write(const Range<T>& x, const LambCoefs<Opmath<T>>& cs, const LambFlags& f
         m.store(x.m + i);
         v.store(x.v + i);
       }
-      w = lamb_write(w, lamb_direction(m, v, w, cv, f), lrv, rv, f.apex);
+      w = lamb_write(w, direction(m, v, w, cv, rb1v, rb2v, f), lrv, rv, f.apex);
       w.store(x.w + i);
       if (x.avg != nullptr)
         lbkernels::average_update(V::loadu(x.avg + i), w, avg_rv).store(x.avg + i);
@@ -138,7 +156,7 @@ void write(const Range<T>& x, const LambCoefs<Opmath<T>>& cs, const LambFlags& f
       x.m[i] = T(m);
       x.v[i] = T(v);
     }
-    x.w[i] = T(lamb_write(w, lamb_direction(m, v, w, cs, f), lr, r, f.apex));
+    x.w[i] = T(lamb_write(w, direction(m, v, w, cs, rb1, rb2, f), lr, r, f.apex));
     // The stored (rounded) weight is averaged, as average_ would read it.
     if (x.avg != nullptr) x.avg[i] = lbkernels::average_update(x.avg[i], C(x.w[i]), avg_r);
   }
