@@ -4,7 +4,9 @@
 //
 // One visit per element: the anchor update and the extrapolated point are written in the
 // same pass (past_grad reads x, buf, g, gk and writes x, buf, w: 28 bytes per fp32
-// element). The noise variants draw kBlock values at a time into a stack buffer and then
+// element). w is only written: in tensors over stream_min_bytes() its aligned vectors go
+// out through streaming stores (stream_store.h), else each line of w would first be read
+// for ownership (32 bytes moved per element). The noise variants draw kBlock values at a time into a stack buffer and then
 // run the same vector loop; the filter variant needs the norm of each filter's new anchor
 // and of its draw before writing w, so it takes two passes over each filter (the second
 // regenerates the draw, cheaper than storing it, and reads x back from cache).
@@ -15,6 +17,7 @@
 #include <lbkernels/philox.h>
 
 #include "kernel_dispatch.h"
+#include "stream_store.h"
 
 namespace lbkernels::cpu::CPU_CAPABILITY {
 namespace {
@@ -101,17 +104,32 @@ void update(const ExtrapPtrs& tp, int64_t b, int64_t n, const TensorCoefs& tc,
     const SgdCoefs<V> cv = sgd_coefs<V, T>(tc, p.sgd);
     const V elr_v(elr), a_v(a);
     V acc(T(0));
-    for (; i + S <= n; i += S) {
-      V xv = V::loadu(x + i), bv = hm ? V::loadu(buf + i) : V(T(0)), wv(T(0));
-      const V gv = V::loadu(g + i);
-      const V gkv = hl ? V::loadu(gk + i) : gv;
-      const V zv = z != nullptr ? V::loadu(z + i) : V(T(0));
+    // The `cnt` elements at j (a whole vector, or fewer around the streamed part), w
+    // streamed when `nt`.
+    auto vec = [&](int64_t j, int64_t cnt, auto nt) {
+      V xv = V::loadu(x + j, cnt), bv = hm ? V::loadu(buf + j, cnt) : V(T(0)), wv(T(0));
+      const V gv = V::loadu(g + j, cnt);
+      const V gkv = hl ? V::loadu(gk + j, cnt) : gv;
+      const V zv = z != nullptr ? V::loadu(z + j, cnt) : V(T(0));
       extrap_elem(xv, bv, wv, gv, gkv, zv, cv, elr_v, a_v, out, hs, hl, hm, nes);
-      xv.store(x + i);
-      if (hm) bv.store(buf + i);
-      if (out != Out::None) wv.store(w + i);
+      xv.store(x + j, cnt);
+      if (hm) bv.store(buf + j, cnt);
+      if constexpr (decltype(nt)::value) stream_store(w + j, wv);
+      else if (out != Out::None) wv.store(w + j, cnt);
       if (x2 != nullptr) acc = at::vec::fmadd(xv, xv, acc);
+    };
+    // The vector math covers the first nv elements either way, the scalar loop the rest:
+    // streaming changes where w's stores go, not which loop computes an element (the
+    // scalar loop may contract its products differently), so the results stay bitwise.
+    const int64_t nv = n - n % S;
+    if (out != Out::None && streams<T>(tp.numel)) {
+      const int64_t head = stream_head(w, nv);
+      if (head > 0) vec(0, head, std::false_type{});
+      for (i = head; i + S <= nv; i += S) vec(i, S, std::true_type{});
+      if (i < nv) vec(i, nv - i, std::false_type{});
+      i = nv;
     }
+    for (; i < nv; i += S) vec(i, S, std::false_type{});
     if (x2 != nullptr) {
       T lanes[S];
       acc.store(lanes);
@@ -142,9 +160,21 @@ void write_noise(const ExtrapPtrs& tp, int64_t b, int64_t n, Opmath<T> a, const 
   int64_t i = 0;
   if constexpr (kFull<T>) {
     using V = Vectorized<T>;
+    constexpr int64_t S = V::size();
     const V a_v(a);
-    for (; i + V::size() <= n; i += V::size())
-      noise_point(V::loadu(x + i), V::loadu(z + i), a_v).store(w + i);
+    auto vec = [&](int64_t j, int64_t cnt) {
+      noise_point(V::loadu(x + j, cnt), V::loadu(z + j, cnt), a_v).store(w + j, cnt);
+    };
+    const int64_t nv = n - n % S;  // as in update(): the vector math covers nv either way
+    if (streams<T>(tp.numel)) {
+      const int64_t head = stream_head(w, nv);
+      if (head > 0) vec(0, head);
+      for (i = head; i + S <= nv; i += S)
+        stream_store(w + i, noise_point(V::loadu(x + i), V::loadu(z + i), a_v));
+      if (i < nv) vec(i, nv - i);
+      i = nv;
+    }
+    for (; i < nv; i += S) vec(i, S);
   }
   for (; i < n; ++i) w[i] = T(noise_point(C(x[i]), z[i], a));
 }
@@ -210,6 +240,7 @@ void extrap_sgd_impl(const ExtrapPtrs* t, const Chunk* chunks, int64_t c0, int64
     }
     sgd_chunk<T>(tp, ch.begin, ch.end, tc, p);
   }
+  stream_fence();
 }
 
 template <typename V, typename C>
@@ -240,15 +271,28 @@ void extrap_adam_impl(const ExtrapPtrs* t, const Chunk* chunks, int64_t c0, int6
     int64_t i = 0;
     if constexpr (kFull<T>) {
       using V = Vectorized<T>;
+      constexpr int64_t S = V::size();
       const AdamCoefs<V> cv = adam_coefs<V, T>(coefs[ch.tensor], p);
-      for (; i + V::size() <= n; i += V::size()) {
-        V xv = V::loadu(x + i), mv = V::loadu(m + i), vv = V::loadu(v + i), wv(T(0));
-        extrap_adam_update(xv, mv, vv, wv, V::loadu(g + i), V::loadu(gk + i), cv, f);
-        xv.store(x + i);
-        mv.store(m + i);
-        vv.store(v + i);
-        wv.store(w + i);
+      auto vec = [&](int64_t j, int64_t cnt, auto nt) {
+        V xv = V::loadu(x + j, cnt), mv = V::loadu(m + j, cnt), vv = V::loadu(v + j, cnt), wv(T(0));
+        extrap_adam_update(xv, mv, vv, wv, V::loadu(g + j, cnt), V::loadu(gk + j, cnt), cv, f);
+        xv.store(x + j, cnt);
+        mv.store(m + j, cnt);
+        vv.store(v + j, cnt);
+        if constexpr (decltype(nt)::value) stream_store(w + j, wv);
+        else wv.store(w + j, cnt);
+      };
+      // As in update(): streaming moves w's stores, not the split between the vector
+      // math (first nv elements) and the scalar loop (v's update differs between them).
+      const int64_t nv = n - n % S;
+      if (streams<T>(tp.numel)) {
+        const int64_t head = stream_head(w, nv);
+        if (head > 0) vec(0, head, std::false_type{});
+        for (i = head; i + S <= nv; i += S) vec(i, S, std::true_type{});
+        if (i < nv) vec(i, nv - i, std::false_type{});
+        i = nv;
       }
+      for (; i < nv; i += S) vec(i, S, std::false_type{});
     }
     for (; i < n; ++i) {
       C xv = C(x[i]), mv = C(m[i]), vv = C(v[i]), wv = C(0);
@@ -259,6 +303,7 @@ void extrap_adam_impl(const ExtrapPtrs* t, const Chunk* chunks, int64_t c0, int6
       w[i] = T(wv);
     }
   }
+  stream_fence();
 }
 
 }  // namespace

@@ -1,0 +1,91 @@
+// Non-temporal ("streaming") stores for outputs a pass writes without reading (extrap_sgd_'s
+// and extrap_adam_'s extrapolated point w). A plain store of a line that is not cached first
+// reads it for ownership, so a write-only fp32 output costs 8 bytes of traffic per element
+// instead of 4 (past_grad: 32 bytes per parameter where 28 are needed). A streaming store
+// writes the whole line without reading it; it is weakly ordered, so the writer ends its
+// range with stream_fence() before another thread (the next op) may read the data.
+//
+// Only for fp32/fp64 vectors of the AVX2 / AVX512 builds, at addresses aligned to the
+// vector width (32 / 64 bytes): a pass peels the elements before the first aligned
+// address of the output (stream_head), streams whole vectors, and stores its tail plainly.
+// The DEFAULT build and reduced dtypes keep plain stores (kCanStream false).
+// Included by csrc/cpu/*_kernel.cpp after kernel_dispatch.h.
+#pragma once
+
+#include <cstdint>
+#include <cstdlib>
+#include <type_traits>
+
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
+
+#include "kernel_dispatch.h"
+
+namespace lbkernels::cpu::CPU_CAPABILITY {
+namespace {
+
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+template <typename T>
+constexpr bool kCanStream = std::is_same_v<T, float> || std::is_same_v<T, double>;
+#else
+template <typename T>
+constexpr bool kCanStream = false;
+#endif
+
+// The bytes of one output tensor from which its writes stream (LBK_CPU_STREAM_BYTES,
+// default 1 MiB). Below it the output stays cached for whatever reads it next (a small
+// tensor's w is often still in L2/L3 at the next forward); the tensors that dominate a
+// large model's step are far over it.
+inline int64_t stream_min_bytes() {
+  static const int64_t bytes = [] {
+    const char* env = std::getenv("LBK_CPU_STREAM_BYTES");
+    return env != nullptr ? std::max<int64_t>(0, std::atoll(env)) : int64_t(1) << 20;
+  }();
+  return bytes;
+}
+
+// Whether a write-only output of `numel` elements of T streams.
+template <typename T>
+bool streams(int64_t numel) {
+  if constexpr (kCanStream<T>) {
+    return numel * static_cast<int64_t>(sizeof(T)) >= stream_min_bytes();
+  } else {
+    return false;
+  }
+}
+
+// Elements of p before the first address aligned to a whole vector (0 when p is aligned),
+// at most n; p must be aligned to sizeof(T), as every tensor's data is.
+template <typename T>
+int64_t stream_head(const T* p, int64_t n) {
+  constexpr auto width = static_cast<uintptr_t>(Vectorized<T>::size() * sizeof(T));
+  const auto mis = reinterpret_cast<uintptr_t>(p) & (width - 1);
+  const int64_t head = mis == 0 ? 0 : static_cast<int64_t>((width - mis) / sizeof(T));
+  return head < n ? head : n;
+}
+
+// v at p, aligned to the vector width, past the caches.
+template <typename T>
+inline void stream_store(T* p, const Vectorized<T>& v) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) _mm512_stream_ps(p, v);
+  else _mm512_stream_pd(p, v);
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) _mm256_stream_ps(p, v);
+  else _mm256_stream_pd(p, v);
+#else
+  v.store(p);
+#endif
+}
+
+// Orders this thread's streaming stores before its later stores (and the end of its
+// parallel range): the next op, on any thread, then reads them.
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  _mm_sfence();
+#endif
+}
+
+}  // namespace
+}  // namespace lbkernels::cpu::CPU_CAPABILITY
