@@ -6,8 +6,8 @@
 // same pass (past_grad reads x, buf, g, gk and writes x, buf, w: 28 bytes per fp32
 // element). w is only written: in tensors over stream_min_bytes() its aligned vectors go
 // out through streaming stores (stream_store.h), else each line of w would first be read
-// for ownership (32 bytes moved per element). The noise variants draw kBlock values at a time into a stack buffer and then
-// run the same vector loop; the filter variant needs the norm of each filter's new anchor
+// for ownership (32 bytes moved per element). The noise variants draw kBlock values at a
+// time into a stack buffer and then run the same vector loop; the filter variant needs the norm of each filter's new anchor
 // and of its draw before writing w, so it takes two passes over each filter (the second
 // regenerates the draw, cheaper than storing it, and reads x back from cache).
 #include <algorithm>
@@ -106,7 +106,7 @@ void update(const ExtrapPtrs& tp, int64_t b, int64_t n, const TensorCoefs& tc,
     V acc(T(0));
     // The `cnt` elements at j (a whole vector, or fewer around the streamed part), w
     // streamed when `nt`.
-    auto vec = [&](int64_t j, int64_t cnt, auto nt) {
+    auto vec = [&](int64_t j, int64_t cnt, auto nt) __attribute__((always_inline)) {
       V xv = V::loadu(x + j, cnt), bv = hm ? V::loadu(buf + j, cnt) : V(T(0)), wv(T(0));
       const V gv = V::loadu(g + j, cnt);
       const V gkv = hl ? V::loadu(gk + j, cnt) : gv;
@@ -118,18 +118,7 @@ void update(const ExtrapPtrs& tp, int64_t b, int64_t n, const TensorCoefs& tc,
       else if (out != Out::None) wv.store(w + j, cnt);
       if (x2 != nullptr) acc = at::vec::fmadd(xv, xv, acc);
     };
-    // The vector math covers the first nv elements either way, the scalar loop the rest:
-    // streaming changes where w's stores go, not which loop computes an element (the
-    // scalar loop may contract its products differently), so the results stay bitwise.
-    const int64_t nv = n - n % S;
-    if (out != Out::None && streams<T>(tp.numel)) {
-      const int64_t head = stream_head(w, nv);
-      if (head > 0) vec(0, head, std::false_type{});
-      for (i = head; i + S <= nv; i += S) vec(i, S, std::true_type{});
-      if (i < nv) vec(i, nv - i, std::false_type{});
-      i = nv;
-    }
-    for (; i < nv; i += S) vec(i, S, std::false_type{});
+    i = vector_pass(w, n, out != Out::None && streams<T>(tp.numel), vec);
     if (x2 != nullptr) {
       T lanes[S];
       acc.store(lanes);
@@ -160,21 +149,13 @@ void write_noise(const ExtrapPtrs& tp, int64_t b, int64_t n, Opmath<T> a, const 
   int64_t i = 0;
   if constexpr (kFull<T>) {
     using V = Vectorized<T>;
-    constexpr int64_t S = V::size();
     const V a_v(a);
-    auto vec = [&](int64_t j, int64_t cnt) {
-      noise_point(V::loadu(x + j, cnt), V::loadu(z + j, cnt), a_v).store(w + j, cnt);
+    auto vec = [&](int64_t j, int64_t cnt, auto nt) __attribute__((always_inline)) {
+      const V wv = noise_point(V::loadu(x + j, cnt), V::loadu(z + j, cnt), a_v);
+      if constexpr (decltype(nt)::value) stream_store(w + j, wv);
+      else wv.store(w + j, cnt);
     };
-    const int64_t nv = n - n % S;  // as in update(): the vector math covers nv either way
-    if (streams<T>(tp.numel)) {
-      const int64_t head = stream_head(w, nv);
-      if (head > 0) vec(0, head);
-      for (i = head; i + S <= nv; i += S)
-        stream_store(w + i, noise_point(V::loadu(x + i), V::loadu(z + i), a_v));
-      if (i < nv) vec(i, nv - i);
-      i = nv;
-    }
-    for (; i < nv; i += S) vec(i, S);
+    i = vector_pass(w, n, streams<T>(tp.numel), vec);
   }
   for (; i < n; ++i) w[i] = T(noise_point(C(x[i]), z[i], a));
 }
@@ -271,9 +252,8 @@ void extrap_adam_impl(const ExtrapPtrs* t, const Chunk* chunks, int64_t c0, int6
     int64_t i = 0;
     if constexpr (kFull<T>) {
       using V = Vectorized<T>;
-      constexpr int64_t S = V::size();
       const AdamCoefs<V> cv = adam_coefs<V, T>(coefs[ch.tensor], p);
-      auto vec = [&](int64_t j, int64_t cnt, auto nt) {
+      auto vec = [&](int64_t j, int64_t cnt, auto nt) __attribute__((always_inline)) {
         V xv = V::loadu(x + j, cnt), mv = V::loadu(m + j, cnt), vv = V::loadu(v + j, cnt), wv(T(0));
         extrap_adam_update(xv, mv, vv, wv, V::loadu(g + j, cnt), V::loadu(gk + j, cnt), cv, f);
         xv.store(x + j, cnt);
@@ -282,17 +262,7 @@ void extrap_adam_impl(const ExtrapPtrs* t, const Chunk* chunks, int64_t c0, int6
         if constexpr (decltype(nt)::value) stream_store(w + j, wv);
         else wv.store(w + j, cnt);
       };
-      // As in update(): streaming moves w's stores, not the split between the vector
-      // math (first nv elements) and the scalar loop (v's update differs between them).
-      const int64_t nv = n - n % S;
-      if (streams<T>(tp.numel)) {
-        const int64_t head = stream_head(w, nv);
-        if (head > 0) vec(0, head, std::false_type{});
-        for (i = head; i + S <= nv; i += S) vec(i, S, std::true_type{});
-        if (i < nv) vec(i, nv - i, std::false_type{});
-        i = nv;
-      }
-      for (; i < nv; i += S) vec(i, S, std::false_type{});
+      i = vector_pass(w, n, streams<T>(tp.numel), vec);
     }
     for (; i < n; ++i) {
       C xv = C(x[i]), mv = C(m[i]), vv = C(v[i]), wv = C(0);
