@@ -12,6 +12,7 @@
 // Included by csrc/cpu/*_kernel.cpp after kernel_dispatch.h.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <type_traits>
@@ -35,13 +36,14 @@ constexpr bool kCanStream = false;
 
 // The bytes of one output tensor from which its writes stream (LBK_CPU_STREAM_BYTES,
 // default 1 MiB). Measured on a 2-core EPYC (AVX512 loops, 1 MiB L2 per core, 32 MiB L3,
-// one thread, other jobs loading it): the ResNet-50 set (25.6M fp32, 94% of it in
-// tensors of >= 1 MiB) steps in 1.33-1.39x SGD(fused=True) streamed against 1.45-1.59x
-// plain, 1x25M 1.31-1.39x against 1.55-1.70x. A lone tensor stepped and then read back
-// (its w the whole working set, cached) loses 5-20% streamed from 64K to 1M elements
-// (e.g. 256K: 111-113 us against 101-103 us) and gains at 2M (1.7-1.9 ms against
-// 1.9-5.8 ms): below 1 MiB w stays cached for its next reader; the tensors that
-// dominate a large model's step are far over it.
+// 1 and 2 threads, bench/RESULTS.md): the ResNet-50 set (25.6M fp32, 94% of it in tensors
+// of >= 1 MiB) steps in 1.42-1.45x SGD(fused=True) streamed against 1.51-1.63x plain,
+// 1x25M in 1.32-1.40x against 1.57-1.66x. A lone tensor stepped and then read back (its
+// w the whole working set, cached; one thread) loses 5-20% streamed from 64K to 1M
+// elements (e.g. 256K: 111-113 us against 101-103 us) and gains at 2M (1.7-1.9 ms against
+// 1.9-5.8 ms): below 1 MiB w stays cached for its next reader; the tensors that dominate
+// a large model's step are far over it (8 MiB, where the lone tensor gains, would stream
+// only 36% of ResNet-50's parameters).
 inline int64_t stream_min_bytes() {
   static const int64_t bytes = [] {
     const char* env = std::getenv("LBK_CPU_STREAM_BYTES");
