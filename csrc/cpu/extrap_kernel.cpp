@@ -4,8 +4,10 @@
 //
 // One visit per element: the anchor update and the extrapolated point are written in the
 // same pass (past_grad reads x, buf, g, gk and writes x, buf, w: 28 bytes per fp32
-// element). The noise variants draw kBlock values at a time into a stack buffer and then
-// run the same vector loop; the filter variant needs the norm of each filter's new anchor
+// element). w is only written: in tensors over stream_min_bytes() its aligned vectors go
+// out through streaming stores (stream_store.h), else each line of w would first be read
+// for ownership (32 bytes moved per element). The noise variants draw kBlock values at a
+// time into a stack buffer and then run the same vector loop; the filter variant needs the norm of each filter's new anchor
 // and of its draw before writing w, so it takes two passes over each filter (the second
 // regenerates the draw, cheaper than storing it, and reads x back from cache).
 #include <algorithm>
@@ -15,6 +17,7 @@
 #include <lbkernels/philox.h>
 
 #include "kernel_dispatch.h"
+#include "stream_store.h"
 
 namespace lbkernels::cpu::CPU_CAPABILITY {
 namespace {
@@ -101,17 +104,21 @@ void update(const ExtrapPtrs& tp, int64_t b, int64_t n, const TensorCoefs& tc,
     const SgdCoefs<V> cv = sgd_coefs<V, T>(tc, p.sgd);
     const V elr_v(elr), a_v(a);
     V acc(T(0));
-    for (; i + S <= n; i += S) {
-      V xv = V::loadu(x + i), bv = hm ? V::loadu(buf + i) : V(T(0)), wv(T(0));
-      const V gv = V::loadu(g + i);
-      const V gkv = hl ? V::loadu(gk + i) : gv;
-      const V zv = z != nullptr ? V::loadu(z + i) : V(T(0));
+    // The `cnt` elements at j (a whole vector, or fewer around the streamed part), w
+    // streamed when `nt`.
+    auto vec = [&](int64_t j, int64_t cnt, auto nt) __attribute__((always_inline)) {
+      V xv = V::loadu(x + j, cnt), bv = hm ? V::loadu(buf + j, cnt) : V(T(0)), wv(T(0));
+      const V gv = V::loadu(g + j, cnt);
+      const V gkv = hl ? V::loadu(gk + j, cnt) : gv;
+      const V zv = z != nullptr ? V::loadu(z + j, cnt) : V(T(0));
       extrap_elem(xv, bv, wv, gv, gkv, zv, cv, elr_v, a_v, out, hs, hl, hm, nes);
-      xv.store(x + i);
-      if (hm) bv.store(buf + i);
-      if (out != Out::None) wv.store(w + i);
+      xv.store(x + j, cnt);
+      if (hm) bv.store(buf + j, cnt);
+      if constexpr (decltype(nt)::value) stream_store(w + j, wv);
+      else if (out != Out::None) wv.store(w + j, cnt);
       if (x2 != nullptr) acc = at::vec::fmadd(xv, xv, acc);
-    }
+    };
+    i = vector_pass(w, n, out != Out::None && streams<T>(tp.numel), vec);
     if (x2 != nullptr) {
       T lanes[S];
       acc.store(lanes);
@@ -143,8 +150,12 @@ void write_noise(const ExtrapPtrs& tp, int64_t b, int64_t n, Opmath<T> a, const 
   if constexpr (kFull<T>) {
     using V = Vectorized<T>;
     const V a_v(a);
-    for (; i + V::size() <= n; i += V::size())
-      noise_point(V::loadu(x + i), V::loadu(z + i), a_v).store(w + i);
+    auto vec = [&](int64_t j, int64_t cnt, auto nt) __attribute__((always_inline)) {
+      const V wv = noise_point(V::loadu(x + j, cnt), V::loadu(z + j, cnt), a_v);
+      if constexpr (decltype(nt)::value) stream_store(w + j, wv);
+      else wv.store(w + j, cnt);
+    };
+    i = vector_pass(w, n, streams<T>(tp.numel), vec);
   }
   for (; i < n; ++i) w[i] = T(noise_point(C(x[i]), z[i], a));
 }
@@ -210,6 +221,7 @@ void extrap_sgd_impl(const ExtrapPtrs* t, const Chunk* chunks, int64_t c0, int64
     }
     sgd_chunk<T>(tp, ch.begin, ch.end, tc, p);
   }
+  stream_fence();
 }
 
 template <typename V, typename C>
@@ -241,14 +253,16 @@ void extrap_adam_impl(const ExtrapPtrs* t, const Chunk* chunks, int64_t c0, int6
     if constexpr (kFull<T>) {
       using V = Vectorized<T>;
       const AdamCoefs<V> cv = adam_coefs<V, T>(coefs[ch.tensor], p);
-      for (; i + V::size() <= n; i += V::size()) {
-        V xv = V::loadu(x + i), mv = V::loadu(m + i), vv = V::loadu(v + i), wv(T(0));
-        extrap_adam_update(xv, mv, vv, wv, V::loadu(g + i), V::loadu(gk + i), cv, f);
-        xv.store(x + i);
-        mv.store(m + i);
-        vv.store(v + i);
-        wv.store(w + i);
-      }
+      auto vec = [&](int64_t j, int64_t cnt, auto nt) __attribute__((always_inline)) {
+        V xv = V::loadu(x + j, cnt), mv = V::loadu(m + j, cnt), vv = V::loadu(v + j, cnt), wv(T(0));
+        extrap_adam_update(xv, mv, vv, wv, V::loadu(g + j, cnt), V::loadu(gk + j, cnt), cv, f);
+        xv.store(x + j, cnt);
+        mv.store(m + j, cnt);
+        vv.store(v + j, cnt);
+        if constexpr (decltype(nt)::value) stream_store(w + j, wv);
+        else wv.store(w + j, cnt);
+      };
+      i = vector_pass(w, n, streams<T>(tp.numel), vec);
     }
     for (; i < n; ++i) {
       C xv = C(x[i]), mv = C(m[i]), vv = C(v[i]), wv = C(0);
@@ -259,6 +273,7 @@ void extrap_adam_impl(const ExtrapPtrs* t, const Chunk* chunks, int64_t c0, int6
       w[i] = T(wv);
     }
   }
+  stream_fence();
 }
 
 }  // namespace
