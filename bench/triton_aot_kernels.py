@@ -30,7 +30,8 @@ from pathlib import Path
 import torch
 import triton.language as tl
 
-from lbkernels.triton import average, extrap_adam, extrap_sgd, lamb, lars, noise, norms
+from lbkernels.triton import (average, extrap_adam, extrap_sgd, lamb, lars, mean_sum_squares,
+                              noise, norms)
 from lbkernels.triton import multi_tensor as mt
 from lbkernels.triton.math import ELEM, acc_types
 
@@ -325,6 +326,15 @@ def _worker_mean(dtype, c):
             {**_elem(dtype), "BLOCK": c["BLOCK"], "SOFT_BF16": False})
 
 
+def _mean_squares(dtype, c):
+    return ({"flat": f"*{ELEM[dtype]}", "table": TABLE, "partial": "*fp64"},
+            {**_elem(dtype), "BLOCK": c["BLOCK"], "SOFT_BF16": False})
+
+
+def _segment_sums(dtype, c):
+    return {"partial": "*fp64", "first": TABLE, "out": "*fp64"}, {}
+
+
 def kernel_name(fn) -> str:
     """module.name of a kernel, the module being the one that defines it."""
     return f"{fn.fn.__module__.rpartition('.')[2]}.{fn.__name__}"
@@ -383,6 +393,10 @@ def variants() -> list[Variant]:
     out += per_dtype(average, "_average", {"method": ("ema", "swa"), "HAS_SKIP": flags,
                                            **blocks}, _average)
     out += per_dtype(average, "_worker_mean", blocks, _worker_mean)
+    out += per_dtype(mean_sum_squares, "_mean_squares", blocks, _mean_squares)
+    # The per-segment sums read only float64 partials: one variant.
+    out += per_dtype(mean_sum_squares, "_segment_sums", {}, _segment_sums,
+                     dtypes=[next(iter(ELEM))])
     missing = launched_kernels() - {v.kernel for v in out}
     if missing:
         raise ValueError(f"launched kernels without variants in {__file__}: {sorted(missing)}")

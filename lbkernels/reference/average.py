@@ -101,15 +101,21 @@ def average_(
         count.add_(1 if skip is None else (~skip).to(count.device, count.dtype))
 
 
-def check_worker_mean_args(params, flat_sum, world_size) -> None:
-    """Every check of ``worker_mean_``, before any write (the C++ kernels make the same)."""
+def check_flat_sum(name: str, flat: torch.Tensor, world_size) -> None:
+    """``world_size`` and the flat buffer ``name`` of the ops that divide a sum over the
+    workers by it (``worker_mean_``, ``mean_sum_squares_``)."""
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
-    if flat_sum.layout != torch.strided or flat_sum.dim() != 1 or not flat_sum.is_contiguous():
-        raise TypeError(f"flat_sum must be a contiguous 1-D tensor, got shape "
-                        f"{tuple(flat_sum.shape)} and strides {flat_sum.stride()}")
-    if flat_sum.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"flat_sum has dtype {flat_sum.dtype}; expected a floating dtype")
+    if flat.layout != torch.strided or flat.dim() != 1 or not flat.is_contiguous():
+        raise TypeError(f"{name} must be a contiguous 1-D tensor, got shape "
+                        f"{tuple(flat.shape)} and strides {flat.stride()}")
+    if flat.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} has dtype {flat.dtype}; expected a floating dtype")
+
+
+def check_worker_mean_args(params, flat_sum, world_size) -> None:
+    """Every check of ``worker_mean_``, before any write (the C++ kernels make the same)."""
+    check_flat_sum("flat_sum", flat_sum, world_size)
     total = 0
     for i, p in enumerate(params):
         if p.layout != torch.strided:

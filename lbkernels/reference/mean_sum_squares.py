@@ -17,20 +17,13 @@ from __future__ import annotations
 
 import torch
 
-from .._validate import FLOAT_DTYPES
-from .average import average_dtype
+from .average import average_dtype, check_flat_sum
 
 
 def check_mean_sum_squares_args(flat, sizes, world_size, out) -> None:
     """Every check of ``mean_sum_squares_``, before any write (the C++ kernels make the
     same, in lbkernels/mean_sum_squares_args.h)."""
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}")
-    if flat.layout != torch.strided or flat.dim() != 1 or not flat.is_contiguous():
-        raise TypeError(f"flat must be a contiguous 1-D tensor, got shape {tuple(flat.shape)} "
-                        f"and strides {flat.stride()}")
-    if flat.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"flat has dtype {flat.dtype}; expected a floating dtype")
+    check_flat_sum("flat", flat, world_size)
     total = 0
     for j, n in enumerate(sizes):
         if n < 0:
