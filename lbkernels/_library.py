@@ -26,6 +26,9 @@ _lib = torch.library.Library(NAMESPACE, "DEF")
 # only mutate return nothing, in the style of torch._fused_sgd_.
 SCHEMAS = {
     "multi_tensor_l2norm": "(Tensor[] xs) -> Tensor",
+    # The out overload returns nothing: torch (2.13) cannot functionalize a custom op
+    # whose output aliases an input ("-> Tensor(a!)"), so it could not be compiled.
+    "multi_tensor_l2norm.out": "(Tensor[] xs, *, Tensor(a!) out) -> ()",
     "lars_sgd_": (
         "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
         "Tensor(c!)[] steps, bool[] exclude, *, float lr, Tensor? lr_tensor=None, "
@@ -75,6 +78,7 @@ SCHEMAS = {
 
 REFERENCE = {
     "multi_tensor_l2norm": _ref_lars.multi_tensor_l2norm,
+    "multi_tensor_l2norm.out": _ref_lars.multi_tensor_l2norm_out,
     "lars_sgd_": _ref_lars.lars_sgd_,
     "average_": _ref_average.average_,
     "worker_mean_": _ref_average.worker_mean_,
@@ -96,6 +100,14 @@ def _fake_inplace(*args, **kwargs):
 
 # Every op but the norm only mutates its arguments: its fake returns nothing.
 FAKE = {name: _fake_inplace for name in SCHEMAS} | {"multi_tensor_l2norm": _fake_l2norm}
+
+
+def op(name: str, namespace: str = NAMESPACE):
+    """``torch.ops.<namespace>.<name>``, where ``name`` may name an overload
+    (``"multi_tensor_l2norm.out"``)."""
+    base, _, overload = name.partition(".")
+    packet = getattr(getattr(torch.ops, namespace), base)
+    return getattr(packet, overload) if overload else packet
 
 
 @functools.cache

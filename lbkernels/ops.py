@@ -60,7 +60,7 @@ def resolve(name: str, impl: str, tensors: Sequence[torch.Tensor]) -> Callable:
         pick = _triton.auto_pick(name, device_type)
         if pick is not None:
             return pick
-    return getattr(torch.ops.lbkernels, name)
+    return _library.op(name)
 
 
 def _as_list(xs: Sequence) -> list:
@@ -68,9 +68,17 @@ def _as_list(xs: Sequence) -> list:
     return xs if type(xs) is list else list(xs)
 
 
-def multi_tensor_l2norm(xs: Tensors, *, impl: str = "auto") -> torch.Tensor:
-    """L2 norm of every tensor in ``xs``, as one fp32 tensor of ``len(xs)`` values."""
-    return resolve("multi_tensor_l2norm", impl, xs)(_as_list(xs))
+def multi_tensor_l2norm(xs: Tensors, *, out: torch.Tensor | None = None,
+                        impl: str = "auto") -> torch.Tensor:
+    """L2 norm of every tensor in ``xs``, as one fp32 tensor of ``len(xs)`` values.
+
+    ``out``: written instead of a new tensor (the ``.out`` overload) and returned: a
+    contiguous float32 tensor of shape ``(len(xs),)`` on the device of ``xs``, checked
+    before it is written."""
+    if out is None:
+        return resolve("multi_tensor_l2norm", impl, xs)(_as_list(xs))
+    resolve("multi_tensor_l2norm.out", impl, xs or [out])(_as_list(xs), out=out)
+    return out
 
 
 def _scalar_arg(x: float | torch.Tensor) -> tuple[float, torch.Tensor | None]:

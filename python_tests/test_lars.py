@@ -116,6 +116,34 @@ def test_multi_tensor_l2norm(impl, device):
     torch.testing.assert_close(got.cpu(), exp, rtol=2e-6, atol=0)
 
 
+@pytest.mark.parametrize("impl,device", BACKENDS + [pytest.param("reference", "cpu", id="reference-cpu")])
+def test_multi_tensor_l2norm_out(impl, device):
+    """The .out overload writes what the functional op returns into the given tensor,
+    and refuses a bad out (naming it) before it writes anything."""
+    g = torch.Generator().manual_seed(4)
+    xs = [torch.randn(s, generator=g).to(device) for s in shapes_for(impl, mixed=True)]
+    xs.append(torch.randn(6, 5, generator=g).to(device).t())  # non-contiguous
+    xs.append(torch.randn(40, generator=g, dtype=torch.float64).to(device))
+    xs.append(torch.randn(40, generator=g).to(device, torch.bfloat16))
+    out = torch.full((len(xs),), float("nan"), device=device)
+    ptr, version = out.data_ptr(), out._version
+    assert ops.multi_tensor_l2norm(xs, out=out, impl=impl) is out
+    exp = ops.multi_tensor_l2norm([x.cpu() for x in xs], impl="reference")
+    torch.testing.assert_close(out.cpu(), exp, rtol=2e-6, atol=0)
+    assert out.data_ptr() == ptr and out._version > version  # written in place, as a write
+    assert torch.equal(out, ops.multi_tensor_l2norm(xs, impl=impl))  # the same sums
+    empty = torch.empty(0, device=device)
+    assert ops.multi_tensor_l2norm([], out=empty, impl=impl) is empty
+    bad = [(torch.zeros(len(xs) + 1, device=device), ValueError, "out must have shape"),
+           (torch.zeros(len(xs), dtype=torch.float64, device=device), TypeError, "out must be a dense float32"),
+           (torch.zeros(2 * len(xs), device=device)[::2], ValueError, "out must be contiguous"),
+           (torch.zeros(1, len(xs), device=device), ValueError, "out must have shape")]
+    for b, error, message in bad:
+        with pytest.raises(error, match=message):
+            ops.multi_tensor_l2norm(xs, out=b, impl=impl)
+        assert not b.any()  # nothing written
+
+
 @pytest.mark.parametrize("impl,device", BACKENDS)
 def test_mixed_dtypes_and_non_contiguous_in_one_call(impl, device):
     g = torch.Generator().manual_seed(5)

@@ -42,6 +42,12 @@ def _l2norm(dev):
     return [((_randn(SHAPES, 0, dev),), {}), (([],), {})]
 
 
+def _l2norm_out(dev):
+    xs = _randn(SHAPES, 0, dev) + _randn([(5,)], 9, dev, torch.float64)
+    return [((xs,), dict(out=torch.full((4,), -1.0, device=dev))),
+            (([],), dict(out=torch.empty(0, device=dev)))]
+
+
 def _lars(dev):
     ps, grads = _randn(SHAPES, 1, dev), _randn(SHAPES, 2, dev)
     bufs = [torch.zeros_like(p) for p in ps]
@@ -153,6 +159,7 @@ def _lamb(dev):
 
 SAMPLES = {
     "multi_tensor_l2norm": _l2norm,
+    "multi_tensor_l2norm.out": _l2norm_out,
     "lars_sgd_": _lars,
     "average_": _average,
     "worker_mean_": _worker_mean,
@@ -164,17 +171,19 @@ SAMPLES = {
 
 
 def _op(name: str, impl: str, device: str):
+    # opcheck takes one overload: "multi_tensor_l2norm" has two (its default and .out).
+    overload = name if "." in name else name + ".default"
     if impl == "reference":
-        return getattr(torch.ops.lbkernels_reference, name)
+        return _library.op(overload, "lbkernels_reference")
     if impl == "native":
         if not _library.has_native_kernel(name, device):
             pytest.fail(f"the compiled library serves lars_sgd_ on {device} but not {name}")
-        return getattr(torch.ops.lbkernels, name)
+        return _library.op(overload)
     # get_op defines the Triton ops on first use; each has its main op's schema.
     from lbkernels import triton as lbk_triton
 
     lbk_triton.get_op(name, device)
-    return getattr(torch.ops.lbkernels, "triton_" + name)
+    return _library.op("triton_" + overload)
 
 
 @pytest.mark.parametrize("impl,device", BACKENDS)

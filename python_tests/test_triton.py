@@ -206,6 +206,18 @@ def test_l2norm_mixed_dtypes_and_empty_list(device):
     assert ops.multi_tensor_l2norm([], impl="triton").shape == (0,)
 
 
+def test_l2norm_out_matches_reference(device):
+    """The .out overload on the Triton kernels: the reference's norms, written in place."""
+    xs = randn(SHAPES, 7, torch.float32, device) + [torch.randn(9, device=device, dtype=torch.float64)]
+    out = torch.full((len(xs),), float("nan"), device=device)
+    assert ops.multi_tensor_l2norm(xs, out=out, impl="triton") is out
+    torch.testing.assert_close(out.cpu(), ref.multi_tensor_l2norm(xs).cpu(), rtol=2e-6, atol=0)
+    bad = torch.zeros(len(xs), dtype=torch.float64, device=device)
+    with pytest.raises(TypeError, match="out must be a dense float32"):
+        ops.multi_tensor_l2norm(xs, out=bad, impl="triton")
+    assert not bad.any()
+
+
 def test_table_cache_follows_storage(device):
     """A table is reused while the tensors keep their storage and rebuilt when it moves."""
     from lbkernels.triton import multi_tensor

@@ -29,10 +29,11 @@ const char* capability_name() { return kernels().name; }
 
 namespace {
 
-at::Tensor multi_tensor_l2norm_cpu(at::TensorList xs) {
+// Writes into out (checked first): the step of an optimizer that keeps out allocates nothing.
+void multi_tensor_l2norm_out_cpu(at::TensorList xs, at::Tensor out) {
   check_list(xs, "xs", c10::DeviceType::CPU);
+  check_l2norm_out(xs, out);
   const int64_t n = static_cast<int64_t>(xs.size());
-  at::Tensor out = at::empty({n}, at::TensorOptions().dtype(at::kFloat));
   std::vector<double> sums(static_cast<size_t>(n), 0.0);
   for (const auto& [dtype, index] : group_by_dtype(xs)) {
     Staging staging;
@@ -52,6 +53,13 @@ at::Tensor multi_tensor_l2norm_cpu(at::TensorList xs) {
   }
   float* o = out.mutable_data_ptr<float>();
   for (int64_t i = 0; i < n; ++i) o[i] = static_cast<float>(std::sqrt(sums[i]));
+  bump_version(out);
+}
+
+at::Tensor multi_tensor_l2norm_cpu(at::TensorList xs) {
+  at::Tensor out =
+      at::empty({static_cast<int64_t>(xs.size())}, at::TensorOptions().dtype(at::kFloat));
+  multi_tensor_l2norm_out_cpu(xs, out);
   return out;
 }
 
@@ -168,6 +176,7 @@ void lars_sgd_cpu(const LarsSgdArgs& a) {
 
 TORCH_LIBRARY_IMPL(lbkernels, CPU, m) {
   m.impl("multi_tensor_l2norm", &multi_tensor_l2norm_cpu);
+  m.impl("multi_tensor_l2norm.out", &multi_tensor_l2norm_out_cpu);
   m.impl("lars_sgd_", &lars_sgd_op<lars_sgd_cpu, c10::DeviceType::CPU>);
 }
 

@@ -37,12 +37,14 @@ void mark_w_norm_keys(const LarsSgdArgs& a) {
     if (!a.exclude.get(i)) mark_w_norm_written(a, i);
 }
 
-at::Tensor multi_tensor_l2norm_cuda(at::TensorList xs) {
+// Writes into out (checked first); the chunks' partial sums are still one scratch tensor
+// per dtype (16 bytes per 64K-element chunk), from the caching allocator.
+void multi_tensor_l2norm_out_cuda(at::TensorList xs, at::Tensor out) {
   check_list(xs, "xs", c10::DeviceType::CUDA);
-  if (xs.empty()) return at::empty({0}, at::TensorOptions().dtype(at::kFloat));
+  check_l2norm_out(xs, out);
+  if (xs.empty()) return;
   const c10::cuda::CUDAGuard guard(xs[0].device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor out = at::empty({static_cast<int64_t>(xs.size())}, xs[0].options().dtype(at::kFloat));
   for (const auto& [dtype, index] : group_by_dtype(xs)) {
     Staging staging;
     std::vector<TensorArgs<1>> chunks, tensors;
@@ -67,6 +69,14 @@ at::Tensor multi_tensor_l2norm_cuda(at::TensorList xs) {
                                            Norms<T>{p, out.mutable_data_ptr<float>()}));
     });
   }
+  bump_version(out);
+}
+
+at::Tensor multi_tensor_l2norm_cuda(at::TensorList xs) {
+  const at::TensorOptions options = xs.empty() ? at::TensorOptions().dtype(at::kFloat)
+                                               : xs[0].options().dtype(at::kFloat);
+  at::Tensor out = at::empty({static_cast<int64_t>(xs.size())}, options);
+  multi_tensor_l2norm_out_cuda(xs, out);
   return out;
 }
 
@@ -173,6 +183,7 @@ void lars_sgd_cuda(const LarsSgdArgs& a) {
 
 TORCH_LIBRARY_IMPL(lbkernels, CUDA, m) {
   m.impl("multi_tensor_l2norm", &multi_tensor_l2norm_cuda);
+  m.impl("multi_tensor_l2norm.out", &multi_tensor_l2norm_out_cuda);
   m.impl("lars_sgd_", &lars_sgd_op<lars_sgd_cuda, c10::DeviceType::CUDA>);
 }
 

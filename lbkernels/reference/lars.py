@@ -19,23 +19,41 @@ def opmath_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def check_l2norm_args(xs) -> None:
-    """Every check of ``multi_tensor_l2norm``."""
+def check_l2norm_args(xs, out: torch.Tensor | None = None) -> None:
+    """Every check of ``multi_tensor_l2norm`` and, with ``out``, of its ``.out`` overload
+    (the messages of csrc/include/lbkernels/host.h check_l2norm_out)."""
     device = xs[0].device if xs else None
     for i, x in enumerate(xs):
         if x.device != device:
             raise ValueError(f"xs[{i}] is on {x.device} but xs[0] is on {device}")
         if x.dtype not in FLOAT_DTYPES or x.layout != torch.strided:
             raise TypeError(f"xs[{i}] must be a dense floating-point tensor, got {x.dtype} {x.layout}")
+    if out is None:
+        return
+    if out.layout != torch.strided or out.dtype != torch.float32:
+        raise TypeError(f"out must be a dense float32 tensor, got {out.dtype} {out.layout}")
+    if out.dim() != 1 or out.shape[0] != len(xs):
+        raise ValueError(f"out must have shape (len(xs),) = ({len(xs)},), got {tuple(out.shape)}")
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous")
+    if xs and out.device != device:
+        raise ValueError(f"out is on {out.device} but xs[0] is on {device}")
 
 
 def multi_tensor_l2norm(xs: list[torch.Tensor]) -> torch.Tensor:
     """Per-tensor L2 norms as one fp32 tensor (accumulated in fp64 for fp64 inputs)."""
-    check_l2norm_args(xs)
-    if not xs:
-        return torch.empty(0, dtype=torch.float32)
-    norms = [torch.linalg.vector_norm(x, dtype=opmath_dtype(x.dtype)).float() for x in xs]
-    return torch.stack(norms)
+    out = torch.empty(len(xs), dtype=torch.float32, device=xs[0].device if xs else None)
+    multi_tensor_l2norm_out(xs, out=out)
+    return out
+
+
+def multi_tensor_l2norm_out(xs: list[torch.Tensor], *, out: torch.Tensor) -> None:
+    """``multi_tensor_l2norm`` written into ``out`` (float32, shape ``(len(xs),)``, on xs'
+    device, contiguous), checked before it is written."""
+    check_l2norm_args(xs, out)
+    if xs:
+        norms = [torch.linalg.vector_norm(x, dtype=opmath_dtype(x.dtype)).float() for x in xs]
+        torch.stack(norms, out=out)
 
 
 def trust_ratio(

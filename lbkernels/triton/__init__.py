@@ -30,9 +30,11 @@ from .multi_tensor import available, interpreting  # noqa: F401  (the backend's 
 
 # Op name -> the module of this package whose function of the same name launches its
 # kernels. Imported on first use: the kernels must be defined after TRITON_INTERPRET is
-# read, and Triton is optional. A new algorithm adds its line here and its own module.
+# read, and Triton is optional. A new algorithm adds its line here and its own module. An
+# overload ("name.out") is launched by the function "name_out".
 OPS = {
     "multi_tensor_l2norm": "norms",
+    "multi_tensor_l2norm.out": "norms",
     "lars_sgd_": "lars",
     "average_": "average",
     "worker_mean_": "average",
@@ -55,7 +57,8 @@ def _define_ops() -> None:
 
     from .. import _library
 
-    launchers = {name: getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    launchers = {name: getattr(importlib.import_module(f"{__name__}.{module}"),
+                               name.replace(".", "_"))
                  for name, module in OPS.items()}
     lib = torch.library.Library(_library.NAMESPACE, "FRAGMENT")
     _library.define_ops(lib, launchers, prefix=PREFIX)
@@ -70,9 +73,9 @@ def get_op(name: str, device_type: str) -> Callable:
     if name not in OPS:
         raise RuntimeError(f"impl='triton': no Triton kernel for {name}; have {sorted(OPS)}")
     _define_ops()
-    import torch
+    from .. import _library
 
-    return getattr(torch.ops.lbkernels, PREFIX + name)
+    return _library.op(PREFIX + name)
 
 
 def read_auto_pick(path: Path) -> dict[str, str]:

@@ -240,18 +240,24 @@ def _chunk_sums(xs: list[torch.Tensor], index: list[int], staging: mt.Staging,
 
 def multi_tensor_l2norm(xs: list[torch.Tensor]) -> torch.Tensor:
     """Per-tensor L2 norms (fp32 result; fp64 accumulation for fp64 tensors)."""
-    check_l2norm_args(xs)
+    out = torch.empty(len(xs), dtype=torch.float32, device=xs[0].device if xs else None)
+    multi_tensor_l2norm_out(xs, out=out)
+    return out
+
+
+def multi_tensor_l2norm_out(xs: list[torch.Tensor], *, out: torch.Tensor) -> None:
+    """``multi_tensor_l2norm`` written into ``out``, checked before it is written."""
+    check_l2norm_args(xs, out)
     if not xs:
-        return torch.empty(0, dtype=torch.float32)
+        return
     device = xs[0].device
     mt.check_runnable(device)
-    out = torch.empty(len(xs), dtype=torch.float32, device=device)
     staging = mt.Staging()
     for dtype, index in mt.group_by_dtype(xs).items():
         tab, partial = _chunk_sums(xs, index, staging, device)
         _norms[(tab.n_tensors,)](tab.data, tab.n_chunks, tab.n_tensors, partial, out,
                                  ACC=acc_types(dtype)[1], RBLOCK=mt.RBLOCK, num_warps=mt.NUM_WARPS)
-    return out
+    mt.bump_versions([out])
 
 
 def total_sum_squares(xs: list[torch.Tensor], staging: mt.Staging) -> torch.Tensor:

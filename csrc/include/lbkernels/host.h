@@ -36,6 +36,22 @@ inline void check_list(at::TensorList xs, const char* name, c10::DeviceType devi
   }
 }
 
+// The out argument of multi_tensor_l2norm.out: a contiguous float32 tensor of shape
+// (len(xs),) on xs' device; the same checks and messages as the reference's
+// check_l2norm_args (lbkernels/reference/lars.py), before anything is written.
+inline void check_l2norm_out(at::TensorList xs, const at::Tensor& out) {
+  TORCH_CHECK_TYPE(out.layout() == c10::kStrided && out.scalar_type() == c10::kFloat,
+                   "out must be a dense float32 tensor, got ", out.scalar_type(), " ",
+                   out.layout());
+  const auto n = static_cast<int64_t>(xs.size());
+  TORCH_CHECK_VALUE(out.dim() == 1 && out.size(0) == n, "out must have shape (len(xs),) = (",
+                    n, ",), got ", out.sizes());
+  TORCH_CHECK_VALUE(out.is_contiguous(), "out must be contiguous");
+  if (!xs.empty())
+    TORCH_CHECK_VALUE(out.device() == xs[0].device(), "out is on ", out.device(),
+                      " but xs[0] is on ", xs[0].device());
+}
+
 // `xs` aligned with `params`: same length, and per element the same device, dtype, shape.
 inline void check_aligned(at::TensorList params, at::TensorList xs, const char* name) {
   TORCH_CHECK_VALUE(xs.size() == params.size(), name, " has ", xs.size(),
