@@ -46,7 +46,9 @@ class LAMB(FusedOptimizer):
     ``max_grad_norm`` the global norm is computed once per step on the device
     (``ops.multi_tensor_l2norm`` per device, combined there) and handed to every op; when
     one op steps every gradient (one group on one device, fp32/fp64 grads, unsharded),
-    that op computes it itself (the same norm up to rounding, nothing allocated).
+    that op computes it itself (the same norm up to rounding, nothing allocated). Several
+    groups on one device (fp32/16-bit grads, unsharded) also allocate nothing after the
+    first step: the norms go into two tensors kept by the optimizer (``.out`` overload).
 
     Sharded parameters (DTensors of FSDP2's ``fully_shard``, 1-D or HSDP mesh) step their
     local shards in two calls of the op: the moments, which leave each shard's sums of
@@ -154,6 +156,22 @@ class LAMB(FusedOptimizer):
     def _after_step(self, stepped: bool) -> None:
         self._grad_norms = None  # the next step's gradients are new
 
+    def _invalidate(self) -> None:
+        super()._invalidate()
+        # device -> (per-tensor gradient norms (n,), global norm ()): the outputs of the
+        # global gradient norm, made at the first step and reused (nothing allocated per
+        # step); dropped with the param set (also on load_state_dict and unpickling).
+        self._norm_out: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _norm_buffers(self, device: torch.device, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kept (per-tensor norms, global norm) outputs of ``device`` for ``n`` grads;
+        new ones when the count of grads there changed (a param without grad this step)."""
+        kept = self._norm_out.get(device)
+        if kept is None or kept[0].numel() != n:
+            kept = self._norm_out[device] = (torch.empty(n, dtype=torch.float32, device=device),
+                                             torch.empty((), dtype=torch.float32, device=device))
+        return kept
+
     def _global_grad_norm(self, device: torch.device, impl: str) -> torch.Tensor:
         """The L2 norm of every gradient of every group (as GradScaler left them: the op
         divides by grad_scale), on ``device``: one ``multi_tensor_l2norm`` per device at
@@ -171,12 +189,15 @@ class LAMB(FusedOptimizer):
                         grads.append(p.grad)
             # multi_tensor_l2norm returns fp32: for an fp64 model that rounding (~6e-8
             # relative) would be the step's largest error, so fp64 grads keep fp64 norms.
+            # The fp64 path allocates its norms (n scalars of _foreach_norm, their stack).
             per_device = []
-            for _, gs in by_device.values():
+            for device_of, (_, gs) in by_device.items():
                 gs = _sharded.locals_of(gs)
                 per_device.append(torch.stack(torch._foreach_norm(gs))
                                   if all(g.dtype == torch.float64 for g in gs)
-                                  else ops.multi_tensor_l2norm(gs, impl=impl))
+                                  else ops.multi_tensor_l2norm(
+                                      gs, out=self._norm_buffers(device_of, len(gs))[0],
+                                      impl=impl))
             if any(_sharded.is_sharded(p) for params, _ in by_device.values() for p in params):
                 squares = [n.square().view(1, -1) for n in per_device]
                 _sharded.sum_sharded_columns([(params, sq) for (params, _), sq in
@@ -187,7 +208,12 @@ class LAMB(FusedOptimizer):
             parts = norms["per_device"]
             # timm's global norm: the norm of the per-tensor norms.
             stacked = parts[0] if len(parts) == 1 else torch.cat([n.to(device) for n in parts])
-            norms[device] = torch.linalg.vector_norm(stacked.to(device))
+            stacked = stacked.to(device)
+            # One device, fp32 norms: into the kept scalar (several devices, fp64 or
+            # sharded grads allocate their combined norms).
+            kept = self._norm_out.get(device)
+            out = kept[1] if kept is not None and kept[0] is stacked else None
+            norms[device] = torch.linalg.vector_norm(stacked, out=out)
         return norms[device]
 
     def _adapts(self, group: dict) -> bool:
@@ -201,9 +227,9 @@ class LAMB(FusedOptimizer):
         (docs/algorithms.md section 7). Plain buckets step in one call."""
         buckets = list(iter_buckets(work))
         # One op over every gradient of the optimizer computes the global norm itself, in
-        # its own pass and without a tensor (0 bytes allocated per step; with
-        # multi_tensor_l2norm, 8 bytes per tensor, 1292 on ResNet-50's 161). 16-bit grads
-        # keep the optimizer's fp32 norm: the op's would be rounded to their dtype.
+        # its own pass and without a tensor (0 bytes allocated per step, as the kept
+        # buffers of several groups). 16-bit grads keep the optimizer's fp32 norm: the
+        # op's would be rounded to their dtype.
         own_norm = (len(buckets) == 1 and not buckets[0][2].sharded
                     and all(g.dtype in (torch.float32, torch.float64) for g in buckets[0][3]))
         staged = []
