@@ -15,7 +15,7 @@ import torch
 
 from bench import gpu_table
 from bench.gpu_proof.__main__ import run_with_limit
-from lbkernels import ops
+from lbkernels import _library, ops
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
@@ -113,4 +113,4 @@ def test_the_shipped_table_keeps_native_everywhere():
 
     for name in lbk_triton.OPS:
         assert lbk_triton.auto_pick(name, "cuda") is None
-        assert ops.resolve(name, "auto", CUDA_TENSORS) is getattr(torch.ops.lbkernels, name)
+        assert ops.resolve(name, "auto", CUDA_TENSORS) is _library.op(name)
