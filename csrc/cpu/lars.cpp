@@ -63,6 +63,18 @@ at::Tensor multi_tensor_l2norm_cpu(at::TensorList xs) {
   return out;
 }
 
+// The per-call tables of lars_sgd_cpu, one set per thread, reused: their capacity stays,
+// so a step allocates none of them (2000 tensors need ~300 KiB: 64 B of TensorCoefs,
+// 40 B of TensorPtrs, 24 B of Chunk and 4 doubles per tensor, each table above glibc's
+// mmap threshold when MALLOC_MMAP_THRESHOLD_=65536, i.e. a fresh mapping and its page
+// faults every call). They hold raw pointers and numbers only, never a tensor.
+struct LarsTables {
+  std::vector<TensorPtrs> ptrs, norm_ptrs;
+  std::vector<TensorCoefs> coefs;
+  std::vector<Chunk> whole, chunks, norm_chunks;
+  std::vector<double> whole_w2, partial, sum_w2, sum_g2, chunk_w2, new_w2;
+};
+
 void lars_sgd_cpu(const LarsSgdArgs& a) {
   if (a.found_inf.has_value() && a.found_inf->item<double>() != 0.0) return;
   const bool has_momentum = a.has_momentum();
@@ -96,12 +108,15 @@ void lars_sgd_cpu(const LarsSgdArgs& a) {
     mark_w_norm_written(a, i);
   };
 
+  thread_local LarsTables t;
   for (const auto& [dtype, index] : group_by_dtype(a.params)) {
-    FlatLists flat(a.params, a.grads, bufs, index);
+    FlatLists flat(t.ptrs, a.params, a.grads, bufs, index);
     if (averaging) flat.add_averages(a.averages, index);
     const int64_t n = static_cast<int64_t>(index.size());
-    std::vector<TensorCoefs> coefs(n);
-    std::vector<Chunk> whole, chunks, norm_chunks;
+    std::vector<TensorCoefs>& coefs = t.coefs;
+    coefs.assign(n, TensorCoefs{});
+    std::vector<Chunk>&whole = t.whole, &chunks = t.chunks, &norm_chunks = t.norm_chunks;
+    whole.clear();
     for (int64_t k = 0; k < n; ++k) {
       const int64_t i = index[k];
       coefs[k].excluded = a.exclude.get(i);
@@ -113,20 +128,9 @@ void lars_sgd_cpu(const LarsSgdArgs& a) {
       coefs[k].first = has_momentum && !a.steps.empty() && *a.steps[i].const_data_ptr<float>() == 0.f;
       if (flat.ptrs[k].numel <= kChunk) whole.push_back({k, 0, flat.ptrs[k].numel});
     }
-    // The norm pass's view: w or g null where norm_sq or the cache gives that norm (not
-    // read for it).
-    const bool some_given = a.norm_sq.has_value() || cache;
-    std::vector<TensorPtrs> norm_ptrs;
-    if (some_given) {
-      norm_ptrs = flat.ptrs;
-      for (int64_t k = 0; k < n; ++k) {
-        if (coefs[k].given_w2 >= 0) norm_ptrs[k].w = nullptr;
-        if (coefs[k].given_g2 >= 0) norm_ptrs[k].g = nullptr;
-      }
-    }
-    const TensorPtrs* norm_view = some_given ? norm_ptrs.data() : flat.ptrs.data();
     // Small tensors: one region, each tensor visited once by one thread.
-    std::vector<double> whole_w2(cache ? whole.size() : 0);
+    std::vector<double>& whole_w2 = t.whole_w2;
+    whole_w2.assign(cache ? whole.size() : 0, 0.0);
     double* whole_out = cache ? whole_w2.data() : nullptr;
     parallel_chunks(static_cast<int64_t>(whole.size()), [&](int64_t c0, int64_t c1) {
       K.lars_whole(dtype, flat.ptrs.data(), whole.data(), c0, c1, coefs.data(), lp, sp, whole_out);
@@ -135,13 +139,32 @@ void lars_sgd_cpu(const LarsSgdArgs& a) {
       if (coefs[whole[c].tensor].sum_new_w2) store_w2(index[whole[c].tensor], whole_w2[c]);
     // Large tensors: blocks that fit the last-level cache, two sweeps each.
     const int64_t elem = c10::elementSize(dtype);
-    std::vector<double> partial, sum_w2(n), sum_g2(n), chunk_w2, new_w2(cache ? n : 0);
+    std::vector<double>&partial = t.partial, &sum_w2 = t.sum_w2, &sum_g2 = t.sum_g2,
+                        &chunk_w2 = t.chunk_w2, &new_w2 = t.new_w2;
+    sum_w2.assign(n, 0.0);
+    sum_g2.assign(n, 0.0);
+    new_w2.assign(cache ? n : 0, 0.0);
+    chunk_w2.clear();
+    // The norm pass's view, made when a block first needs it (never for small tensors
+    // only): w or g null where norm_sq or the cache gives that norm (not read for it).
+    const bool some_given = a.norm_sq.has_value() || cache;
+    const TensorPtrs* norm_view = nullptr;
     int64_t k = 0;
     while (k < n) {
       // A tensor whose norms are both given (norm_sq, cache) or not needed gets no norm chunks.
       const int64_t k_end = next_block(flat.ptrs, k, 2 * elem,
                                        [&](int64_t j) { return !coefs[j].needs_norms(); }, chunks,
                                        norm_chunks);
+      if (!norm_chunks.empty() && norm_view == nullptr) {
+        if (some_given) {
+          t.norm_ptrs.assign(flat.ptrs.begin(), flat.ptrs.end());
+          for (int64_t j = 0; j < n; ++j) {
+            if (coefs[j].given_w2 >= 0) t.norm_ptrs[j].w = nullptr;
+            if (coefs[j].given_g2 >= 0) t.norm_ptrs[j].g = nullptr;
+          }
+        }
+        norm_view = some_given ? t.norm_ptrs.data() : flat.ptrs.data();
+      }
       if (!norm_chunks.empty()) {
         partial.assign(2 * norm_chunks.size(), 0.0);
         parallel_chunks(static_cast<int64_t>(norm_chunks.size()), [&](int64_t c0, int64_t c1) {

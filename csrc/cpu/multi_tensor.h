@@ -52,35 +52,54 @@ inline const KernelTable& kernels() {
 
 // Flat pointers of the tensors `index` of (w, g, buf), staged (lbkernels/host.h) where
 // the loops cannot walk them in lock step with w. Parameters and their grads normally
-// share strides, so the fast path allocates nothing.
+// share strides, so the fast path allocates nothing and copies no tensor handle (a copy
+// is an atomic refcount update: two per tensor of a 2000-tensor call). The pointers go
+// into `ptrs`, the caller's table (reused across calls: its capacity stays).
 class FlatLists {
  public:
-  FlatLists(at::TensorList w, at::TensorList g, at::TensorList buf,
-            const std::vector<int64_t>& index) {
+  FlatLists(std::vector<TensorPtrs>& ptrs, at::TensorList w, at::TensorList g,
+            at::TensorList buf, const std::vector<int64_t>& index)
+      : ptrs(ptrs), w_(w) {
+    ptrs.clear();
     ptrs.reserve(index.size());
-    for (int64_t i : index) {
-      const at::Tensor wv = staging_.lead(w[i], true);
-      const at::Tensor gv = staging_.follow(g[i], wv, false);
-      void* bp = buf.empty() ? nullptr : staging_.follow(buf[i], wv, true).data_ptr();
+    for (size_t k = 0; k < index.size(); ++k) {
+      const int64_t i = index[k];
+      const at::Tensor& wi = w[i];
+      const at::Tensor& gi = g[i];
+      const at::Tensor* bi = buf.empty() ? nullptr : &buf[i];
+      if (wi.is_non_overlapping_and_dense() && Staging::walkable_with(gi, wi) &&
+          (bi == nullptr || Staging::walkable_with(*bi, wi))) {
+        ptrs.push_back(TensorPtrs{wi.data_ptr(), gi.const_data_ptr(),
+                                  bi == nullptr ? nullptr : bi->data_ptr(), wi.numel()});
+        continue;
+      }
+      const at::Tensor wv = staging_.lead(wi, true);
+      const at::Tensor gv = staging_.follow(gi, wv, false);
+      void* bp = bi == nullptr ? nullptr : staging_.follow(*bi, wv, true).data_ptr();
       ptrs.push_back(TensorPtrs{wv.data_ptr(), gv.const_data_ptr(), bp, wv.numel()});
-      leads_.push_back(wv);
+      staged_leads_.emplace_back(k, wv);
     }
   }
 
   // The averages of lars_sgd_'s folded averaging (TensorPtrs.avg), aligned with `index`
   // as in the constructor, in w's layout and their own dtype.
   void add_averages(at::TensorList avg, const std::vector<int64_t>& index) {
-    for (size_t k = 0; k < index.size(); ++k)
-      ptrs[k].avg = staging_.follow_as(avg[index[k]], leads_[k], true).data_ptr();
+    size_t s = 0;  // the next staged lead (staged_leads_ is in k order)
+    for (size_t k = 0; k < index.size(); ++k) {
+      const bool staged = s < staged_leads_.size() && staged_leads_[s].first == k;
+      const at::Tensor& lead = staged ? staged_leads_[s++].second : w_[index[k]];
+      ptrs[k].avg = staging_.follow_as(avg[index[k]], lead, true).data_ptr();
+    }
   }
 
   void write_back() { staging_.write_back(); }
 
-  std::vector<TensorPtrs> ptrs;
+  std::vector<TensorPtrs>& ptrs;
 
  private:
+  at::TensorList w_;
   Staging staging_;
-  std::vector<at::Tensor> leads_;  // the walked view of each w
+  std::vector<std::pair<size_t, at::Tensor>> staged_leads_;  // (k, walked view) of staged w
 };
 
 // The weight of the new snapshot in one averaging update (average_, and lars_sgd_'s folded

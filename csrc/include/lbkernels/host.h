@@ -180,10 +180,12 @@ class Staging {
     for (auto& [orig, tmp] : pending_) orig.copy_(tmp);
   }
 
- private:
+  // Whether follow(x, lead) returns x itself (no temporary).
   static bool walkable_with(const at::Tensor& x, const at::Tensor& lead) {
     return x.is_non_overlapping_and_dense() && x.strides() == lead.strides();
   }
+
+ private:
   at::Tensor stage(const at::Tensor& orig, at::Tensor tmp, bool written) {
     keep_.push_back(tmp);
     if (written) pending_.emplace_back(orig, tmp);
