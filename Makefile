@@ -36,7 +36,7 @@ install: deps
 TEST_JOBS ?= 2
 PYTEST := OMP_NUM_THREADS=1 $(PYTHON) -m pytest -q -n $(TEST_JOBS) --dist worksteal
 
-# The whole suite, with its 15 slowest tests listed (5.5-6 min on 2 cores: docs/results.md).
+# The whole suite, with its 15 slowest tests listed (6.5 min on 2 cores with warm build caches, 11 cold: docs/results.md).
 test: install
 	$(PYTEST) --durations=15 python_tests
 
