@@ -91,8 +91,8 @@ void worker_mean_cuda(at::TensorList params, const at::Tensor& flat_sum, int64_t
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lbkernels, CUDA, m) {
-  m.impl("average_", &average_cuda);
-  m.impl("worker_mean_", &worker_mean_cuda);
+  m.impl("average_", &average_op<average_cuda>);
+  m.impl("worker_mean_", &worker_mean_op<worker_mean_cuda>);
 }
 
 }  // namespace lbkernels::cuda
