@@ -193,3 +193,28 @@ def test_op_bumps_version_counters(device):
     versions = [p._version for p in run.params]
     run.step(_op(device), 0)
     assert all(p._version > v for p, v in zip(run.params, versions))
+
+
+def test_other_ops_bump_what_they_write(device):
+    """extrap_sgd_, extrap_adam_ and lamb_ on Triton count as in-place writes of the
+    params (and of every state tensor they write): a LARS step on the same params after
+    them recomputes ||w|| instead of serving a cached norm of the old weights."""
+    shapes = [(5,), (3, 4)]
+
+    params, anchors, bufs, grads = (randn(shapes, k, torch.float32, device) for k in range(4))
+    steps = [torch.zeros((), device=device) for _ in shapes]
+    calls = {
+        "extrap_sgd_": ((params, anchors, bufs, grads, [], [False] * 2),
+                        dict(lr=0.1, momentum=0.9), [params, anchors, bufs]),
+        "extrap_adam_": ((params, anchors, [torch.zeros_like(p) for p in params],
+                          [torch.zeros_like(p) for p in params], steps, grads, []),
+                         dict(lr=0.1), [params, anchors, steps]),
+        "lamb_": ((params, grads, [torch.zeros_like(p) for p in params],
+                   [torch.zeros_like(p) for p in params], steps, [False] * 2),
+                  dict(lr=0.1), [params, steps]),
+    }
+    for name, (args, kw, written) in calls.items():
+        before = [[t._version for t in ts] for ts in written]
+        lbk_triton.get_op(name, device)(*args, **kw)
+        after = [[t._version for t in ts] for ts in written]
+        assert all(a > b for bs, as_ in zip(before, after) for b, a in zip(bs, as_)), name

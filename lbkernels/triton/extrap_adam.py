@@ -165,3 +165,5 @@ def extrap_adam_(params, anchors, exp_avgs, exp_avg_sqs, steps, grads, local_gra
                 HAS_SKIP=found_inf is not None, SOFT_BF16=soft_bf16(dtype),
                 num_warps=mt.NUM_WARPS)
     staging.write_back()
+    # Written through raw addresses: bumped as torch's in-place ops (and the native op) do.
+    mt.bump_versions([*params, *anchors, *exp_avgs, *exp_avg_sqs, *steps])

@@ -171,3 +171,6 @@ def extrap_sgd_(params, anchors, momentum_buffers, grads, local_grads, exclude, 
                 ELEM=ELEM[dtype], ACC=acc, BLOCK=block, HAS_SKIP=has_skip,
                 SOFT_BF16=soft_bf16(dtype), num_warps=mt.NUM_WARPS)
     staging.write_back()
+    # Written through raw addresses: bumped as torch's in-place ops (and the native op) do,
+    # also on a skipped step (lars_sgd_'s norm cache keys on the params' versions).
+    mt.bump_versions([*params, *anchors, *(momentum_buffers if has_momentum else [])])
