@@ -14,20 +14,6 @@
 
 namespace lbkernels {
 
-// Every op bumps the version counter of each tensor it mutates, once per call, after its
-// kernel (also on a skipped step, as torch's fused optimizers), as torch's in-place ops
-// do: autograd then sees the change, and so does lars_sgd_'s norm cache (w_norm_key).
-// Inference tensors have no counter.
-inline void bump_version(const at::Tensor& t) {
-  if (t.defined() && !t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
-}
-inline void bump_version(const std::optional<at::Tensor>& t) {
-  if (t.has_value()) bump_version(*t);
-}
-inline void bump_versions(at::TensorList ts) {
-  for (const at::Tensor& t : ts) bump_version(t);
-}
-
 // `averages` of `params` (one per param, in opmath_dtype of the param's dtype), with the
 // count and method of the update. count_name / method_name are the arguments' names in
 // the caller's schema (average_count / average_method when folded into lars_sgd_).

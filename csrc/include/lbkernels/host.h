@@ -195,4 +195,18 @@ class Staging {
   std::vector<at::Tensor> keep_;
 };
 
+// Every op bumps the version counter of each tensor it mutates, once per call, after its
+// kernel (also on a skipped step, as torch's fused optimizers), as torch's in-place ops
+// do: autograd then sees the change, and so does lars_sgd_'s norm cache (w_norm_key).
+// Inference tensors have no counter.
+inline void bump_version(const at::Tensor& t) {
+  if (t.defined() && !t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+}
+inline void bump_version(const std::optional<at::Tensor>& t) {
+  if (t.has_value()) bump_version(*t);
+}
+inline void bump_versions(at::TensorList ts) {
+  for (const at::Tensor& t : ts) bump_version(t);
+}
+
 }  // namespace lbkernels

@@ -41,11 +41,15 @@ inline void check_mean_sum_squares_args(const at::Tensor& flat, c10::IntArrayRef
                     " but flat is on ", flat.device());
 }
 
-// What an in-place torch op does to the tensors it writes: a new version, so that a
-// reader that recorded the old one (lbkernels.distributed.grad_norms) sees the write.
-// Inference tensors have no version counter.
-inline void bump_version(const at::Tensor& t) {
-  if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+// The registered kernel of one device type: Kernel (which checks its arguments), then
+// the version bumps of what it wrote, so that a reader that recorded the old versions
+// (lbkernels.distributed.grad_norms) sees the write.
+template <void (*Kernel)(const at::Tensor&, at::IntArrayRef, int64_t, const at::Tensor&)>
+void mean_sum_squares_op(const at::Tensor& flat, at::IntArrayRef sizes, int64_t world_size,
+                         const at::Tensor& out) {
+  Kernel(flat, sizes, world_size, out);
+  bump_version(flat);
+  bump_version(out);
 }
 
 }  // namespace lbkernels
