@@ -100,7 +100,7 @@ class HookAveraging:
         self.buckets = bucketed(params)
         self.opt = LARS(groups(params), lr=HP["lr"], momentum=HP["momentum"], impl="native")
         self.norms = GradNorms(len(params), params[0].device)
-        self.opt.grad_norms = self.norms  # what grad_norms.attach sets
+        self.opt.take_grad_norms(self.norms)  # as grad_norms.attach does
 
     def step(self) -> None:
         for b in self.buckets:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lbkernels
-from lbkernels import ops
+from lbkernels import _library, ops
 from helpers import compiled_backend_params, optim_backend_params
 from lbkernels.optim import LARS, lars_param_groups
 
@@ -257,3 +257,59 @@ def test_momentum_buffers_share_one_allocation_per_dtype():
     assert all(b.shape == p.shape for b, p in zip(bufs, m.parameters()))
     tb = opt.state[t]["momentum_buffer"]
     assert tb.stride() == t.stride() and tb.untyped_storage().data_ptr() != bufs[0].untyped_storage().data_ptr()
+
+
+class _GivenGradNorms:
+    """A gradient-norm source (``take_grad_norms``) that claims ``||g||^2 = value`` for
+    every param of an adapting bucket, and records what it was asked."""
+
+    def __init__(self, value):
+        self.value, self.calls = value, []
+
+    def norm_sq(self, params, grads, adapts, grad_scale, found_inf):
+        self.calls.append((len(params), adapts))
+        if self.value is None or not adapts:
+            return None
+        return torch.tensor([[-1.0] * len(params), [self.value] * len(params)], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("impl", ["reference", "native"])
+def test_take_grad_norms_source_is_what_the_step_uses(impl):
+    if impl == "native" and not _library.has_native_kernel("lars_sgd_", "cpu"):
+        pytest.skip(f"compiled kernels not loaded: {lbkernels.native_unavailable_reason}")
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+
+    def step(source):
+        ps = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        for q, p in zip(ps, params):
+            q.grad = p.grad.clone()
+        opt = LARS(ps, lr=0.1, momentum=0.9, weight_decay=1e-4, impl=impl)
+        opt.take_grad_norms(source)
+        opt.step()
+        return ps
+
+    plain = step(None)
+    true = _GivenGradNorms(None)  # asked, but knows nothing: the op computes ||g||
+    assert all(torch.equal(a, b) for a, b in zip(step(true), plain))
+    assert true.calls == [(3, True)]
+    exact = sum(p.grad.double().square().sum() for p in params[:1]).item()
+    # Every param told ||g||^2 of params[0]: only params[0] keeps its update.
+    told = step(_GivenGradNorms(exact))
+    assert torch.equal(told[0], plain[0])
+    assert not torch.equal(told[1], plain[1])
+
+
+def test_take_grad_norms_refused_where_the_op_takes_none_and_not_kept_by_copies():
+    from lbkernels.optim import LAMB
+    p = torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(TypeError, match="LAMB takes no gradient norms"):
+        LAMB([p]).take_grad_norms(_GivenGradNorms(1.0))
+    opt = LARS([p], lr=0.1)
+    opt.take_grad_norms(_GivenGradNorms(1.0))
+    # A copy (or an unpickled optimizer) is not attached to the hook that fed the original.
+    assert copy.deepcopy(opt)._grad_norm_source is None
+    opt.take_grad_norms(None)
+    assert opt._grad_norm_source is None

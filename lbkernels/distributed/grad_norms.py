@@ -37,8 +37,7 @@ import torch
 import torch.distributed as dist
 
 from .. import ops
-from ..optim import LARS, ShiftedMomentumSGD
-from ..optim._base import capturing
+from ..optim._base import FusedOptimizer, capturing
 
 
 class _Slot:
@@ -188,8 +187,9 @@ def attach(ddp_model: torch.nn.parallel.DistributedDataParallel, optimizer: torc
     averaging) and let ``optimizer`` take the gradient norms from it. Call once, before
     the first backward. ``impl`` picks the op's backend (``lbkernels.ops``).
 
-    Only :class:`~lbkernels.optim.LARS` and :class:`~lbkernels.optim.ShiftedMomentumSGD`
-    use the norms, in their groups that adapt (LARS trust ratios); any other optimizer
+    Only the optimizers with ``takes_grad_norms`` (:class:`~lbkernels.optim.LARS`,
+    :class:`~lbkernels.optim.ShiftedMomentumSGD`) use the norms, in their groups that
+    adapt (LARS trust ratios), through ``take_grad_norms``; any other optimizer
     still gets the averaged gradients, and the sums are not read. Create ``ddp_model``
     with ``gradient_as_bucket_view=True``: without it no sum is ever fresh, and the step
     computes every ``||g||`` itself."""
@@ -200,6 +200,6 @@ def attach(ddp_model: torch.nn.parallel.DistributedDataParallel, optimizer: torc
         raise ValueError("ddp_model has no trainable parameters")
     state = GradNorms(len(trained), trained[0].device, ddp_model.process_group, impl)
     ddp_model.register_comm_hook(state, grad_norms_hook)
-    if isinstance(optimizer, (LARS, ShiftedMomentumSGD)):
-        optimizer.grad_norms = state
+    if isinstance(optimizer, FusedOptimizer) and optimizer.takes_grad_norms:
+        optimizer.take_grad_norms(state)
     return state

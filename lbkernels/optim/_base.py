@@ -19,7 +19,7 @@ from torch.optim import Optimizer
 from .. import ops
 from .._validate import FLOAT_DTYPES, check_bool, check_grads, check_number, metadata, same_metadata
 from .. import _sharded
-from ._bucket import Bucket, iter_buckets, norm_arguments  # noqa: F401  (re-exported)
+from ._bucket import Bucket, GradNormSource, iter_buckets, norm_arguments  # noqa: F401  (re-exported)
 
 # The hyper-parameters the ops take as one-element tensors (compiled / captured steps).
 TENSOR_HYPERPARAMETERS = ("lr", "extrap_lr")
@@ -89,9 +89,25 @@ class FusedOptimizer(Optimizer):
     # Why this class refuses DTensor (sharded) parameters; None: it takes them.
     _sharded_refusal: str | None = None
 
+    # The group key that excludes a group from trust ratios, for a rule with the
+    # adapt-when-decayed default of timm's Lars (``_adapts``); None: no layer norms.
+    _exclude_key: str | None = None
+    # Whether the step hands ``||g||^2`` from a :class:`GradNormSource` to its op.
+    takes_grad_norms = False
+
     def __init__(self, params: Any, defaults: dict[str, Any]):
         ops.check_impl(defaults.get("impl", "auto"))
+        self._grad_norm_source: GradNormSource | None = None
         super().__init__(params, defaults)
+
+    def take_grad_norms(self, source: GradNormSource | None) -> None:
+        """Take each bucket's ``||g||^2`` from ``source`` (``lbkernels.distributed.
+        grad_norms.attach`` passes its DDP hook's state) instead of reading ``g`` for it;
+        None stops. Only the optimizers whose op takes them (``takes_grad_norms``: LARS,
+        ShiftedMomentumSGD) accept a source; the others raise TypeError."""
+        if source is not None and not self.takes_grad_norms:
+            raise TypeError(f"{type(self).__name__} takes no gradient norms")
+        self._grad_norm_source = source
 
     # -- subclass interface -------------------------------------------------------------
     def _check_group(self, group: dict, values: bool = True) -> None:
@@ -113,8 +129,11 @@ class FusedOptimizer(Optimizer):
 
     def _adapts(self, group: dict) -> bool:
         """Whether the op computes layer norms (trust ratios) for this group's params: their
-        norms are then reduced across shards before the step (sharded params only)."""
-        return False
+        norms are then reduced across shards before the step (sharded params only). With
+        ``_exclude_key``: unless the group is excluded, and then only with weight decay
+        unless ``always_adapt`` (timm's rule)."""
+        key = self._exclude_key
+        return key is not None and not group[key] and (group["always_adapt"] or group["weight_decay"] != 0)
 
     # -- torch.optim.Optimizer ----------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
@@ -205,6 +224,7 @@ class FusedOptimizer(Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._invalidate()
+        self.__dict__.setdefault("_grad_norm_source", None)  # a hook is not part of the state
 
     def _invalidate(self) -> None:
         self._buckets: dict[tuple, tuple[list[bool], list[Bucket]]] = {}
@@ -317,8 +337,8 @@ class FusedOptimizer(Optimizer):
         """One ``_step_bucket`` per (group, bucket) of ``work``; a sharded bucket steps its
         local shards, with the layer norms its rule needs reduced over the shards first."""
         norms = self._sharded_norms(work)
-        # ||g||^2 from DDP's averaging pass (lbkernels.distributed.grad_norms.attach).
-        grad_norms = getattr(self, "grad_norms", None)
+        # ||g||^2 from DDP's averaging pass (take_grad_norms).
+        grad_norms = self._grad_norm_source
         for group, grads, bucket, bgrads in iter_buckets(work):
             if bucket.sharded:
                 bgrads = _sharded.locals_of(bgrads)

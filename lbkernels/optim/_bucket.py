@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from .. import _sharded
+
+
+class GradNormSource(Protocol):
+    """What :meth:`FusedOptimizer.take_grad_norms` takes: the ``norm_sq`` argument of a
+    bucket's op, computed outside the step (``lbkernels.distributed.grad_norms.GradNorms``)."""
+
+    def norm_sq(self, params: list[torch.Tensor], grads: list, adapts: bool,
+                grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> torch.Tensor | None:
+        """Row 0 / row 1: ``||w||^2`` / ``||g||^2`` of each param (-1: not known, the op
+        computes it), or None when none is known."""
 
 
 class Bucket:

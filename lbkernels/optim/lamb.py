@@ -103,6 +103,8 @@ class LAMB(FusedOptimizer):
         impl: ``"auto"``, ``"reference"``, ``"native"`` or ``"triton"`` (see ``lbkernels.ops``).
     """
 
+    _exclude_key = "lamb_exclude"
+
     def __init__(
         self,
         params: Any,
@@ -215,9 +217,6 @@ class LAMB(FusedOptimizer):
             out = kept[1] if kept is not None and kept[0] is stacked else None
             norms[device] = torch.linalg.vector_norm(stacked, out=out)
         return norms[device]
-
-    def _adapts(self, group: dict) -> bool:
-        return not group["lamb_exclude"] and (group["always_adapt"] or group["weight_decay"] != 0)
 
     def _step_buckets(self, work: list, grad_scale: torch.Tensor | None,
                       found_inf: torch.Tensor | None) -> None:

@@ -76,6 +76,9 @@ class LARS(FusedOptimizer):
         impl: ``"auto"``, ``"reference"``, ``"native"`` or ``"triton"`` (see ``lbkernels.ops``).
     """
 
+    _exclude_key = "lars_exclude"
+    takes_grad_norms = True
+
     def __init__(
         self,
         params: Any,
@@ -139,9 +142,6 @@ class LARS(FusedOptimizer):
         if st.get("momentum_buffer") is None:
             st.pop("momentum_buffer", None)
             st.pop("step", None)
-
-    def _adapts(self, group: dict) -> bool:
-        return not group["lars_exclude"] and (group["always_adapt"] or group["weight_decay"] != 0)
 
     def _step_bucket(self, group: dict, bucket: Bucket, grads: list[torch.Tensor],
                      grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> None:

@@ -69,6 +69,8 @@ class ShiftedMomentumSGD(FusedOptimizer):
         impl: ``"auto"``, ``"reference"``, ``"native"`` or ``"triton"`` (see ``lbkernels.ops``).
     """
 
+    takes_grad_norms = True
+
     def __init__(
         self,
         params: Any,
