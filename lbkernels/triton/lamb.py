@@ -114,11 +114,20 @@ def _bias(step_ptr, beta1: tl.float64, beta2: tl.float64, ACC: tl.constexpr,
 
 
 @triton.jit
-def _constants(beta1, beta2, one_minus_beta1, one_minus_beta2, ACC: tl.constexpr,
-               APEX: tl.constexpr, GRAD_AVG: tl.constexpr):
-    """(b1, b3, b2, c2) in ACC: apex rounds b1 and b2 first and takes b3 = 1 - b1 and
-    c2 = 1 - b2 in ACC; timm rounds the fp64 differences, and its lerp's b1 is
-    1 - b3 in ACC (torch.lerp's 1 - weight). b3 = 1 without grad averaging."""
+def _chunk_lists(table, n_chunks, c, ELEM: tl.constexpr):
+    """(elements, tensor, w, g, m, v pointers) of chunk c of the table's four lists."""
+    n, t, _ = chunk_rows(table, 4, n_chunks, c)
+    return (n, t, list_ptr(table, 0, n_chunks, c, ELEM), list_ptr(table, 1, n_chunks, c, ELEM),
+            list_ptr(table, 2, n_chunks, c, ELEM), list_ptr(table, 3, n_chunks, c, ELEM))
+
+
+@triton.jit
+def _constants(beta1, beta2, one_minus_beta1, one_minus_beta2, scale_ptr, clip_ptr,
+               ACC: tl.constexpr, APEX: tl.constexpr, GRAD_AVG: tl.constexpr,
+               HAS_SCALE: tl.constexpr, HAS_CLIP: tl.constexpr):
+    """(b1, b3, b2, c2, grad scale, clip divisor) in ACC: apex rounds b1 and b2 first and
+    takes b3 = 1 - b1 and c2 = 1 - b2 in ACC; timm rounds the fp64 differences, and its
+    lerp's b1 is 1 - b3 in ACC (torch.lerp's 1 - weight). b3 = 1 without grad averaging."""
     b1 = tl.full([], beta1, ACC)
     b2 = tl.full([], beta2, ACC)
     if APEX:
@@ -131,7 +140,7 @@ def _constants(beta1, beta2, one_minus_beta1, one_minus_beta2, ACC: tl.constexpr
             b1 = 1.0 - b3
     if not GRAD_AVG:
         b3 = tl.full([], 1.0, ACC)
-    return b1, b3, b2, c2
+    return b1, b3, b2, c2, scalar(1.0, scale_ptr, HAS_SCALE, ACC), scalar(1.0, clip_ptr, HAS_CLIP, ACC)
 
 
 @triton.jit
@@ -145,19 +154,14 @@ def _lamb_moments(table, n_chunks, n_tensors, partial, clip_ptr, scale_ptr, skip
                   STORE: tl.constexpr, HAS_SKIP: tl.constexpr, SOFT_BF16: tl.constexpr):
     c = tl.program_id(0)
     if proceed(skip_ptr, HAS_SKIP):
-        n, t, _ = chunk_rows(table, 4, n_chunks, c)
-        w_ptr = list_ptr(table, 0, n_chunks, c, ELEM)
-        g_ptr = list_ptr(table, 1, n_chunks, c, ELEM)
-        m_ptr = list_ptr(table, 2, n_chunks, c, ELEM)
-        v_ptr = list_ptr(table, 3, n_chunks, c, ELEM)
+        n, t, w_ptr, g_ptr, m_ptr, v_ptr = _chunk_lists(table, n_chunks, c, ELEM)
         rows = table + TENSOR_ROWS * n_chunks
         step_ptr = tl.load(rows + 2 * n_tensors + t).to(tl.pointer_type(tl.float32))
         included = tl.load(rows + 3 * n_tensors + t) == 0
         bc1, bc2 = _bias(step_ptr, beta1, beta2, ACC, BIAS, APEX)
-        b1, b3, b2, c2 = _constants(beta1, beta2, one_minus_beta1, one_minus_beta2, ACC, APEX,
-                                    GRAD_AVG)
-        scale = scalar(1.0, scale_ptr, HAS_SCALE, ACC)
-        clip = scalar(1.0, clip_ptr, HAS_CLIP, ACC)
+        b1, b3, b2, c2, scale, clip = _constants(beta1, beta2, one_minus_beta1, one_minus_beta2,
+                                                 scale_ptr, clip_ptr, ACC, APEX, GRAD_AVG,
+                                                 HAS_SCALE, HAS_CLIP)
         eps_v = tl.full([], eps, ACC)
         wd = tl.full([], weight_decay, ACC)
         acc_w = tl.zeros([BLOCK], dtype=ACC)
@@ -236,18 +240,13 @@ def _lamb_update(table, n_chunks, n_tensors, coefs, lr: tl.float64, lr_ptr, clip
                  HAS_AVG: tl.constexpr, AVG: tl.constexpr, SWA: tl.constexpr):
     c = tl.program_id(0)
     if proceed(skip_ptr, HAS_SKIP):
-        n, t, _ = chunk_rows(table, 4, n_chunks, c)
-        w_ptr = list_ptr(table, 0, n_chunks, c, ELEM)
-        g_ptr = list_ptr(table, 1, n_chunks, c, ELEM)
-        m_ptr = list_ptr(table, 2, n_chunks, c, ELEM)
-        v_ptr = list_ptr(table, 3, n_chunks, c, ELEM)
+        n, t, w_ptr, g_ptr, m_ptr, v_ptr = _chunk_lists(table, n_chunks, c, ELEM)
         r = tl.load(coefs + t)
         bc1 = tl.load(coefs + n_tensors + t)
         bc2 = tl.load(coefs + 2 * n_tensors + t)
-        b1, b3, b2, c2 = _constants(beta1, beta2, one_minus_beta1, one_minus_beta2, ACC, APEX,
-                                    GRAD_AVG)
-        scale = scalar(1.0, scale_ptr, HAS_SCALE, ACC)
-        clip = scalar(1.0, clip_ptr, HAS_CLIP, ACC)
+        b1, b3, b2, c2, scale, clip = _constants(beta1, beta2, one_minus_beta1, one_minus_beta2,
+                                                 scale_ptr, clip_ptr, ACC, APEX, GRAD_AVG,
+                                                 HAS_SCALE, HAS_CLIP)
         lr_v = scalar(lr, lr_ptr, HAS_LR_TENSOR, ACC)
         lr_r = lr_v * r  # apex's step size
         eps_v = tl.full([], eps, ACC)
