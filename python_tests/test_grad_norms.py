@@ -175,3 +175,21 @@ def test_hook_op_and_step_allocate_nothing_after_the_first():
     assert sum(e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0) == 0
     adapted = next(iter(work.opt._buckets.values()))[1][0]  # group 0: the weights, adapted
     assert adapted.norm_sq is not None and (adapted.norm_sq[1] >= 0).all()
+
+
+def test_fills_stay_bounded_when_bucket_lists_keep_changing():
+    """An optimizer rebuilds its bucket lists when the set of params with grads changes:
+    GradNorms keeps at most _MAX_FILLS of their fills (and the lists they hold), and
+    a list seen again after its fill was dropped gets the same norms."""
+    work = HookAveraging(make_params([(16, 8)] * 3 + [(5,)]))
+    for b in work.buckets:
+        work.norms.reduced(b.index(), work.norms.layout(b), b.buffer(), 1)
+    params = work.buckets[0].parameters()
+    grads = [p.grad for p in params]
+    first = list(params)
+    expected = work.norms.norm_sq(first, grads, True, None, None).clone()
+    assert (expected[1] >= 0).all()
+    for _ in range(3 * grad_norms._MAX_FILLS):
+        assert torch.equal(work.norms.norm_sq(list(params), grads, True, None, None), expected)
+    assert len(work.norms._fills) == grad_norms._MAX_FILLS
+    assert torch.equal(work.norms.norm_sq(first, grads, True, None, None), expected)

@@ -33,6 +33,8 @@ overflows; for other sizes they differ by fp32 rounding.
 """
 
 # No ``from __future__ import annotations``: DDP checks the hook's annotations as objects.
+from collections import OrderedDict
+
 import torch
 import torch.distributed as dist
 
@@ -72,6 +74,11 @@ class _Fill:
         self.index, self.norm_sq = index, norm_sq
 
 
+# Optimizer bucket lists whose fill GradNorms keeps (a model's optimizer has one per
+# param group and device; more only while the set of params with grads keeps changing).
+_MAX_FILLS = 64
+
+
 class GradNorms:
     """The state of :func:`grad_norms_hook`: every param's ``sum(g^2)`` of the averaged
     gradient (float64, in ``sums``), where each lives, and the buckets' versions.
@@ -93,7 +100,10 @@ class GradNorms:
         self._layouts: dict[int, _Layout] = {}
         self._versions: list[int] = []   # per bucket: the buffer's version after the op
         self._slots: dict[int, _Slot] = {}   # id(param) -> _Slot
-        self._fills: dict[int, _Fill] = {}   # id(optimizer bucket's params list) -> _Fill
+        # id(optimizer bucket's params list) -> _Fill, most recently used last. An
+        # optimizer rebuilds its bucket lists when the set of params with grads changes;
+        # the oldest entries (and the lists they keep alive) go beyond _MAX_FILLS.
+        self._fills: OrderedDict[int, _Fill] = OrderedDict()
 
     # -- the hook side ----------------------------------------------------------------
     def layout(self, bucket: dist.GradBucket) -> _Layout:
@@ -146,6 +156,8 @@ class GradNorms:
         fill = self._fills.get(id(params))
         if fill is None or fill.params is not params or fill.generation != self.generation:
             fill = self._fill(params)
+        else:
+            self._fills.move_to_end(id(params))
         versions = self._versions
         stale = [k for k, (s, g) in enumerate(zip(fill.slots, grads))
                  if s is None or g is None or g.data_ptr() != s.grad_ptr
@@ -165,7 +177,10 @@ class GradNorms:
                              device=device)
         norm_sq = torch.full((2, len(params)), -1.0, dtype=torch.float64, device=device)
         fill = _Fill(params, self.generation, slots, index, norm_sq)
+        self._fills.pop(id(params), None)
         self._fills[id(params)] = fill
+        while len(self._fills) > _MAX_FILLS:
+            self._fills.popitem(last=False)
         return fill
 
 
