@@ -87,15 +87,15 @@ def check_options(args: argparse.Namespace, world_size: int, state: dict | None)
 
 
 # -- DTensors as their local shards and back --------------------------------------------------
-def local(obj: Any) -> Any:
+def local_copies(obj: Any) -> Any:
     """``obj`` with every DTensor replaced by a copy of its local shard (a copy: the shard
     may be a view of a larger padded buffer, all of which torch.save would write)."""
     if isinstance(obj, DTensor):
         return obj.to_local().detach().clone()
     if isinstance(obj, dict):
-        return {k: local(v) for k, v in obj.items()}
+        return {k: local_copies(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(local(v) for v in obj)
+        return type(obj)(local_copies(v) for v in obj)
     return obj
 
 
@@ -152,7 +152,7 @@ def save(out_dir: Path, main_path: Path, state: dict[str, Any], rank: int, world
     """Write save number ``generation`` of the run: this process's shard file, then (the
     first process, once every process has written its own) ``main_path``; then delete
     this process's shard files of other saves. Every process calls it."""
-    own = local({k: state[k] for k in _OWN})
+    own = local_copies({k: state[k] for k in _OWN})
     out_dir.mkdir(parents=True, exist_ok=True)
     path = _shard_path(out_dir, rank, generation)
     digest = checkpoint.save(path, own)
