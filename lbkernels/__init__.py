@@ -41,6 +41,7 @@ def _load_compiled() -> tuple[str | None, bool]:
 
 native_unavailable_reason, _faulty = _load_compiled()
 _library.read_native_kernels()
+_library.define_held_ops()
 if _faulty:
     warnings.warn(
         f"lbkernels: {native_unavailable_reason}; the pure-PyTorch reference kernels are used.",

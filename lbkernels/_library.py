@@ -170,6 +170,40 @@ def has_native_kernel(name: str, device_type: str) -> bool:
     return False
 
 
+# Ops of the compiled library that take an ``lbkernels.HeldLists`` (csrc/cpu/held_lists.cpp)
+# and one ``bool exclude`` in place of the leading lists and the per-param ``exclude`` of
+# another op, which they call with everything else as given: name -> (that op, the
+# arguments replaced). Their schemas are derived from that op's, and defined once the
+# library (which registers the class) is loaded.
+HELD = {"lars_sgd_held_": ("lars_sgd_", "Tensor(a!)[] params, Tensor[] grads, "
+                                        "Tensor(b!)[] momentum_buffers, Tensor(c!)[] steps, "
+                                        "bool[] exclude, ")}
+HELD_OPS: set[str] = set()  # the held ops defined
+
+
+def define_held_ops() -> None:
+    """Defines every op of ``HELD`` whose compiled kernel is registered."""
+    for name, (target, replaced) in HELD.items():
+        try:  # raises when nothing (no compiled library) registered the name
+            registered = torch._C._dispatch_has_kernel_for_dispatch_key(
+                f"{NAMESPACE}::{name}", "CompositeImplicitAutograd")
+        except RuntimeError:
+            registered = False
+        if name in HELD_OPS or not registered:
+            continue
+        schema = SCHEMAS[target]
+        assert schema.startswith("(" + replaced), (name, target)
+        _lib.define(f"{name}(__torch__.torch.classes.{NAMESPACE}.HeldLists lists, bool exclude, "
+                    f"{schema[1 + len(replaced):]}")
+        HELD_OPS.add(name)
+
+
+def held_lists(params: list[torch.Tensor], lists: list[list[torch.Tensor]]):
+    """An ``lbkernels.HeldLists`` of ``params`` and the per-param ``lists`` that follow
+    params and grads in the target op's arguments (each empty or one tensor per param)."""
+    return torch.classes.lbkernels.HeldLists(params, lists)
+
+
 def read_native_kernels() -> None:
     """Records in ``NATIVE`` every kernel of the compiled library, once it is loaded."""
     for name in SCHEMAS:

@@ -148,6 +148,22 @@ def lars_sgd_(params: Tensors, grads: Tensors, momentum_buffers: Tensors, steps:
     )
 
 
+def lars_sgd_held_(held, exclude: bool, *, lr: float | torch.Tensor, impl: str = "auto",
+                   **options) -> None:
+    """:func:`lars_sgd_` over the params, grads, momentum buffers and step counters that
+    ``held`` holds, with ``exclude`` for every param: ``held`` is an ``lbkernels.HeldLists``
+    (``_library.held_lists(params, [momentum_buffers, steps])``) whose ``gather_grads()``
+    has just returned True. The same op runs with the same checks; the lists are not
+    converted from Python, and the grads were gathered in C++ (docs/algorithms.md section
+    1.2). Compiled library only (``_library.HELD_OPS``), eager steps only: its schema does
+    not show what it writes. ``impl``: "auto" or "native"."""
+    if check_impl(impl) not in ("auto", "native"):
+        raise ValueError(f"lars_sgd_held_ runs the compiled op only, got impl={impl!r}")
+    _check_options("lars_sgd_", options)
+    lr_value, lr_tensor = _scalar_arg(lr)
+    _library.op("lars_sgd_held_")(held, bool(exclude), lr=lr_value, lr_tensor=lr_tensor, **options)
+
+
 def average_(averages: Tensors, params: Tensors, count: torch.Tensor | None = None, *,
              impl: str = "auto", **options) -> None:
     """One fused weight-averaging update in place (docs/algorithms.md section 4).

@@ -17,43 +17,11 @@ import torch
 from torch.optim import Optimizer
 
 from .. import ops
-from .._validate import FLOAT_DTYPES, check_bool, check_grads, check_number, metadata, same_metadata
+from .._validate import FLOAT_DTYPES, check_grads, metadata, same_metadata
 from .. import _sharded
 from ._bucket import Bucket, GradNormSource, iter_buckets, norm_arguments  # noqa: F401  (re-exported)
-
-# The hyper-parameters the ops take as one-element tensors (compiled / captured steps).
-TENSOR_HYPERPARAMETERS = ("lr", "extrap_lr")
-
-
-def check_numbers(group: dict, *names: str, positive: tuple[str, ...] = (), values: bool = True) -> None:
-    """Each of ``names`` is a finite number >= 0 (> 0 for those in ``positive``); ``lr`` and
-    ``extrap_lr`` may be one-element tensors, whose values are read only with ``values``
-    (never inside a step: a host sync)."""
-    for name in names:
-        check_number(name, group[name], positive=name in positive,
-                     tensor=name in TENSOR_HYPERPARAMETERS, read_tensor=values)
-
-
-def check_betas(group: dict) -> None:
-    """``group["betas"]`` is a pair of numbers in [0, 1) (Adam's moment decays)."""
-    betas = group["betas"]
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"betas must be a pair of floats, got {betas!r}")
-    for i, b in enumerate(betas):
-        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0.0 <= b < 1.0:
-            raise ValueError(f"Invalid betas[{i}]: {b!r} (must be in [0, 1))")
-
-
-def check_bools(group: dict, *names: str) -> None:
-    for name in names:
-        check_bool(name, group[name])
-
-
-def group_args(group: dict, *names: str) -> dict[str, Any]:
-    """The hyper-parameters ``names`` of ``group``, and its ``impl``, as keyword arguments
-    of its op (each optimizer's hyper-parameters are named as the op's arguments)."""
-    return {name: group[name] for name in (*names, "impl")}
-
+from ._group import (check_betas, check_bools, check_numbers,  # noqa: F401  (re-exported)
+                     check_state_value, group_args)
 
 def capturing() -> bool:
     """Whether a CUDA graph is being captured on the current stream (False without CUDA).
@@ -94,6 +62,9 @@ class FusedOptimizer(Optimizer):
     _exclude_key: str | None = None
     # Whether the step hands ``||g||^2`` from a :class:`GradNormSource` to its op.
     takes_grad_norms = False
+    # Whether ``_step_bucket`` gives buckets a ``held`` and steps them through it when
+    # ``grads`` is None (``_held_work``).
+    _holds_lists = False
 
     def __init__(self, params: Any, defaults: dict[str, Any]):
         ops.check_impl(defaults.get("impl", "auto"))
@@ -216,7 +187,7 @@ class FusedOptimizer(Optimizer):
             if not isinstance(st, dict):
                 raise ValueError(f"{where} must be a dict, got {type(st).__name__}")
             for name, value in st.items():
-                _check_state_value(f"{where}[{name!r}]", kinds.get(name), value, owner[key], me)
+                check_state_value(f"{where}[{name!r}]", kinds.get(name), value, owner[key], me)
 
     def _upgrade_state(self, group: dict, p: torch.Tensor, st: dict) -> None:
         """Adapt state loaded from another optimizer (e.g. torch.optim.SGD)."""
@@ -326,11 +297,46 @@ class FusedOptimizer(Optimizer):
             self._check_step()
             grad_scale = getattr(self, "grad_scale", None)
             found_inf = getattr(self, "found_inf", None)
-            self._step_buckets(self._checked_work(), grad_scale, found_inf)
+            held = self._held_work()
+            try:
+                self._step_buckets(held or self._checked_work(), grad_scale, found_inf)
+            finally:
+                for _, _, buckets in held or ():
+                    for bucket in buckets:
+                        bucket.held.release()
             stepped = True
         finally:
             self._after_step(stepped)
         return loss
+
+    def _held_work(self) -> list | None:
+        """The work of a step whose every bucket holds its lists (``Bucket.held``, made by
+        the subclass's ``_step_bucket``) and whose params all have grads of their dtype,
+        shape and device, gathered in C++ (grads None in the work: the buckets' HeldLists
+        have them); None otherwise, with nothing gathered. Reads no ``p.grad`` in Python:
+        on 2000 small tensors whose metadata the backward evicted, that alone takes ~1 ms
+        (docs/algorithms.md section 1.2)."""
+        if (not self._holds_lists or self._grad_norm_source is not None
+                or torch.compiler.is_compiling() or capturing()):
+            return None
+        work = []
+        for g, group in enumerate(self.param_groups):
+            if not group["params"]:
+                continue
+            self._recheck_group(g, group)
+            entry = self._cache_entry(group, [True] * len(group["params"]), self._state_spec(group))
+            if entry is None or any(bucket.held is None for bucket in entry[1]):
+                return None
+            work.append((group, None, entry[1]))
+        gathered = []
+        for _, _, buckets in work:
+            for bucket in buckets:
+                if not bucket.held.gather_grads():
+                    for held in gathered:
+                        held.release()
+                    return None
+                gathered.append(bucket.held)
+        return work
 
     def _step_buckets(self, work: list, grad_scale: torch.Tensor | None,
                       found_inf: torch.Tensor | None) -> None:
@@ -424,25 +430,3 @@ class FusedOptimizer(Optimizer):
         except (TypeError, ValueError) as e:
             raise type(e)(f"param group {g}: {e}") from None
         self._checked[id(group)] = (group, values)
-
-
-def _check_state_value(where: str, kind: str | None, value: Any, p: torch.Tensor, me: str) -> None:
-    if kind is None:
-        raise ValueError(f"{where}: {me} keeps no such state (a checkpoint of another optimizer?)")
-    if value is None:
-        return  # torch.optim.SGD's momentum_buffer without momentum
-    if kind == "param":
-        if not (isinstance(value, torch.Tensor) and value.is_floating_point() and value.shape == p.shape):
-            got = (f"a {value.dtype} tensor of shape {tuple(value.shape)}"
-                   if isinstance(value, torch.Tensor) else type(value).__name__)
-            raise ValueError(f"{where} is {got}; expected a floating-point tensor of the "
-                             f"param's shape {tuple(p.shape)}")
-        return
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1 or value.is_complex():
-            raise ValueError(f"{where} must hold one real number, got shape {tuple(value.shape)}")
-        value = value.item()
-    try:
-        check_number(where, value)
-    except TypeError as e:
-        raise ValueError(str(e)) from None

@@ -6,7 +6,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .. import _sharded
+from .. import _library, _sharded
 
 
 class GradNormSource(Protocol):
@@ -29,7 +29,7 @@ class Bucket:
     made on first use and dropped with the bucket.
     """
 
-    __slots__ = ("index", "params", "state", "sharded", "norm_sq", "w_norm")
+    __slots__ = ("index", "params", "state", "sharded", "norm_sq", "w_norm", "held")
 
     def __init__(self, index: list[int] | None, params: list[torch.Tensor],
                  state: dict[str, list[torch.Tensor]], norm_sq: torch.Tensor | None = None,
@@ -38,6 +38,7 @@ class Bucket:
         self.params = params
         self.state = state
         self.sharded = any(_sharded.is_sharded(p) for p in params) if sharded is None else sharded
+        self.held = None  # an lbkernels.HeldLists of params and state, where the optimizer made one
         self.norm_sq = norm_sq
         self.w_norm: dict[str, torch.Tensor] | None = None
 
@@ -53,6 +54,21 @@ def iter_buckets(work: list):
     for group, grads, buckets in work:
         for bucket in buckets:
             yield group, grads, bucket, grads if bucket.index is None else [grads[i] for i in bucket.index]
+
+
+def hold(bucket: Bucket, op: str, lists: list[list[torch.Tensor]], impl: str) -> None:
+    """Gives ``bucket`` its ``held``: an ``lbkernels.HeldLists`` of its params and of
+    ``lists`` (the per-param lists that follow params and grads in ``op``'s arguments),
+    so that its next steps run ``op``'s held op without converting those lists from
+    Python (docs/algorithms.md section 1.2). Only where that op is the compiled library's
+    on the CPU (the held op forwards to it; not yet run on a GPU), for a bucket of every
+    param of its group (the held step needs every grad), unsharded, in an eager step."""
+    if (bucket.held is not None or bucket.index is not None or bucket.sharded
+            or impl not in ("auto", "native") or op + "held_" not in _library.HELD_OPS
+            or bucket.params[0].device.type != "cpu" or not _library.has_native_kernel(op, "cpu")
+            or torch.compiler.is_compiling()):
+        return
+    bucket.held = _library.held_lists(bucket.params, lists)
 
 
 def norm_arguments(bucket: Bucket) -> dict[str, Any]:

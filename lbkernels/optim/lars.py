@@ -9,7 +9,7 @@ import torch
 from .. import ops
 from ._base import (Bucket, FusedOptimizer, capturing, check_bools, check_numbers, group_args,
                     norm_arguments, zeros_state)
-from ._bucket import norm_cache_arguments
+from ._bucket import hold, norm_cache_arguments
 from ._folded import folded_average_arguments
 
 _MOMENTUM_STYLES = ("torch", "paper")
@@ -78,6 +78,7 @@ class LARS(FusedOptimizer):
 
     _exclude_key = "lars_exclude"
     takes_grad_norms = True
+    _holds_lists = True
 
     def __init__(
         self,
@@ -143,14 +144,9 @@ class LARS(FusedOptimizer):
             st.pop("momentum_buffer", None)
             st.pop("step", None)
 
-    def _step_bucket(self, group: dict, bucket: Bucket, grads: list[torch.Tensor],
+    def _step_bucket(self, group: dict, bucket: Bucket, grads: list[torch.Tensor] | None,
                      grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> None:
-        ops.lars_sgd_(
-            bucket.params,
-            grads,
-            bucket.state.get("momentum_buffer", []),
-            bucket.state.get("step", []),
-            [not self._adapts(group)] * len(grads),
+        options = dict(
             grad_scale=grad_scale,
             found_inf=found_inf,
             **group_args(group, "lr", "momentum", "dampening", "weight_decay", "nesterov",
@@ -160,6 +156,14 @@ class LARS(FusedOptimizer):
             **norm_cache_arguments(bucket, self._adapts(group) and group["reuse_norms"]
                                    and not capturing()),
         )
+        exclude = not self._adapts(group)
+        if grads is None:  # the grads are gathered in bucket.held (FusedOptimizer._held_work)
+            ops.lars_sgd_held_(bucket.held, exclude, **options)
+            return
+        lists = [bucket.state.get("momentum_buffer", []), bucket.state.get("step", [])]
+        ops.lars_sgd_(bucket.params, grads, *lists, [exclude] * len(grads), **options)
+        if self._holds_lists and not capturing():
+            hold(bucket, "lars_sgd_", lists, group["impl"])
 
 
 def lars_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
