@@ -23,6 +23,7 @@ from ._bucket import Bucket, GradNormSource, iter_buckets, norm_arguments  # noq
 from ._group import (check_betas, check_bools, check_numbers,  # noqa: F401  (re-exported)
                      check_state_value, group_args)
 
+
 def capturing() -> bool:
     """Whether a CUDA graph is being captured on the current stream (False without CUDA).
     A replay runs no Python: a step that advances a host counter cannot be captured."""
