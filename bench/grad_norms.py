@@ -15,9 +15,9 @@ all-reduce is the same in both), interleaved round by round in one process
   gradient norms given: its norm pass reads ``w`` only.
 
 Target: (b) <= 1.05x (a). Both read and write every gradient once in the averaging and
-read w, g, buf and write w, buf in the step; (b) also reads w for ``||w||`` (blocked so
-that the update finds it in the last-level cache). With ``||w||`` given too (the norm
-of the previous step's new weights), the LARS step reads what SGD's does.
+read w, g, buf and write w, buf in the step: (b)'s ``||w||`` comes from the norm cache
+(``reuse_norms=True``, the default: the previous step's update summed the new weights),
+so from its second step the LARS step reads what SGD's does.
 """
 
 from __future__ import annotations

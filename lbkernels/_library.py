@@ -184,12 +184,14 @@ HELD_OPS: set[str] = set()  # the held ops defined
 def define_held_ops() -> None:
     """Defines every op of ``HELD`` whose compiled kernel is registered."""
     for name, (target, replaced) in HELD.items():
+        if name in HELD_OPS:
+            continue
         try:  # raises when nothing (no compiled library) registered the name
             registered = torch._C._dispatch_has_kernel_for_dispatch_key(
                 f"{NAMESPACE}::{name}", "CompositeImplicitAutograd")
         except RuntimeError:
             registered = False
-        if name in HELD_OPS or not registered:
+        if not registered:
             continue
         schema = SCHEMAS[target]
         assert schema.startswith("(" + replaced), (name, target)

@@ -130,7 +130,8 @@ def lars_sgd_(params: Tensors, grads: Tensors, momentum_buffers: Tensors, steps:
     without, bit for bit) and its key after the op; excluded params' entries are left
     alone. A write to ``w`` by any op (ours bump the version counter too) invalidates its
     entry; a write through ``w.data`` does not (``.data`` has its own counter).
- may be empty when ``momentum == 0``;
+
+    ``momentum_buffers`` (zero-initialised) may be empty when ``momentum == 0``;
     ``steps`` (0-dim fp32 counters; step 0 sets ``buf = d``) may be empty unless
     ``dampening != 0``. ``lr`` may be a one-element tensor on
     the params' device, so that a compiled or captured step never re-specialises.

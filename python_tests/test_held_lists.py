@@ -14,6 +14,7 @@ import torch
 
 from lbkernels import _library, ops
 from lbkernels.optim import LARS, WeightAverager
+from helpers import assert_same
 
 pytestmark = pytest.mark.skipif(
     "lars_sgd_held_" not in _library.HELD_OPS, reason="compiled library not loaded")
@@ -52,10 +53,6 @@ def held_calls(monkeypatch):
 
     monkeypatch.setattr(ops, "lars_sgd_held_", spy)
     return calls
-
-
-def assert_same(a, b):
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 def state_of(opt, ps):
@@ -190,3 +187,22 @@ def test_loaded_state_is_held_anew(held_calls):
     ob.load_state_dict(copy.deepcopy(saved))
     step_both(a, oa, b, ob, range(2, 5))
     assert len(held_calls) == 2 * (1 + 2)  # not the first step after each load
+
+
+def test_scheduled_lr_steps_held_and_a_changed_impl_steps_through_the_lists(held_calls):
+    """A scheduler changes lr every step (the group is re-checked, the held lists stay);
+    a group switched to the reference kernel after its lists were held steps through
+    them with that kernel, as the list path would."""
+    a, b = params(), params()
+    oa, ob = make(a, True), make(b, False)
+    sa = torch.optim.lr_scheduler.StepLR(oa, step_size=1, gamma=0.7)
+    sb = torch.optim.lr_scheduler.StepLR(ob, step_size=1, gamma=0.7)
+    for step in range(4):
+        step_both(a, oa, b, ob, [step])
+        sa.step()
+        sb.step()
+    assert len(held_calls) == 2 * 3
+    for opt in (oa, ob):
+        opt.param_groups[0]["impl"] = "reference"
+    step_both(a, oa, b, ob, range(4, 6))
+    assert len(held_calls) == 2 * 3  # a step is held whole or not at all

@@ -19,7 +19,7 @@ from torch.optim import Optimizer
 from .. import ops
 from .._validate import FLOAT_DTYPES, check_grads, metadata, same_metadata
 from .. import _sharded
-from ._bucket import Bucket, GradNormSource, iter_buckets, norm_arguments  # noqa: F401  (re-exported)
+from ._bucket import HELD_IMPLS, Bucket, GradNormSource, iter_buckets, norm_arguments  # noqa: F401  (re-exported)
 from ._group import (check_betas, check_bools, check_numbers,  # noqa: F401  (re-exported)
                      check_state_value, group_args)
 
@@ -63,8 +63,8 @@ class FusedOptimizer(Optimizer):
     _exclude_key: str | None = None
     # Whether the step hands ``||g||^2`` from a :class:`GradNormSource` to its op.
     takes_grad_norms = False
-    # Whether ``_step_bucket`` gives buckets a ``held`` and steps them through it when
-    # ``grads`` is None (``_held_work``).
+    # Whether ``_step_bucket`` gives buckets a ``held`` (then setting ``_holding``) and
+    # steps them through it when ``grads`` is None (``_held_work``).
     _holds_lists = False
 
     def __init__(self, params: Any, defaults: dict[str, Any]):
@@ -80,6 +80,7 @@ class FusedOptimizer(Optimizer):
         if source is not None and not self.takes_grad_norms:
             raise TypeError(f"{type(self).__name__} takes no gradient norms")
         self._grad_norm_source = source
+        self._invalidate()  # the buckets carry the old source's norm_sq
 
     # -- subclass interface -------------------------------------------------------------
     def _check_group(self, group: dict, values: bool = True) -> None:
@@ -201,6 +202,7 @@ class FusedOptimizer(Optimizer):
     def _invalidate(self) -> None:
         self._buckets: dict[tuple, tuple[list[bool], list[Bucket]]] = {}
         self._checked: dict[int, tuple[dict, list]] = {}  # id(group) -> (group, hyper-parameters)
+        self._holding = False  # some bucket holds its lists (``_holds_lists``)
 
     # -- the step ---------------------------------------------------------------------
     def _group_buckets(self, group: dict, has_grad: list[bool]) -> list[Bucket]:
@@ -317,7 +319,7 @@ class FusedOptimizer(Optimizer):
         have them); None otherwise, with nothing gathered. Reads no ``p.grad`` in Python:
         on 2000 small tensors whose metadata the backward evicted, that alone takes ~1 ms
         (docs/algorithms.md section 1.2)."""
-        if (not self._holds_lists or self._grad_norm_source is not None
+        if (not self._holding or self._grad_norm_source is not None
                 or torch.compiler.is_compiling() or capturing()):
             return None
         work = []
@@ -326,8 +328,9 @@ class FusedOptimizer(Optimizer):
                 continue
             self._recheck_group(g, group)
             entry = self._cache_entry(group, [True] * len(group["params"]), self._state_spec(group))
-            if entry is None or any(bucket.held is None for bucket in entry[1]):
-                return None
+            if (entry is None or group["impl"] not in HELD_IMPLS
+                    or any(bucket.held is None for bucket in entry[1])):
+                return None  # (impl: the group's backend may have been changed since)
             work.append((group, None, entry[1]))
         gathered = []
         for _, _, buckets in work:

@@ -23,8 +23,9 @@ class Bucket:
     """The params of one group on one device that have grads, and their state tensors.
 
     ``sharded``: some params are DTensors; the step then hands the op ``local()``, the
-    same bucket over the local shards, with ``norm_sq`` (the global sums of squares of
-    the sharded tensors, for the op's argument of that name) when the rule needs norms.
+    same bucket over the local shards (sharded too: made every step, it keeps no norm
+    cache nor held lists), with ``norm_sq`` (the global sums of squares of the sharded
+    tensors, for the op's argument of that name) when the rule needs norms.
     ``w_norm``: lars_sgd_'s norm cache of this bucket (see :func:`norm_cache_arguments`),
     made on first use and dropped with the bucket.
     """
@@ -43,10 +44,11 @@ class Bucket:
         self.w_norm: dict[str, torch.Tensor] | None = None
 
     def local(self, norm_sq: torch.Tensor | None) -> Bucket:
-        """This bucket over the local shards of its DTensors (~5 us per DTensor)."""
+        """This bucket over the local shards of its DTensors (~5 us per DTensor), marked
+        sharded."""
         return Bucket(self.index, _sharded.locals_of(self.params),
                       {name: _sharded.locals_of(ts) for name, ts in self.state.items()}, norm_sq,
-                      sharded=False)
+                      sharded=True)
 
 
 def iter_buckets(work: list):
@@ -56,19 +58,26 @@ def iter_buckets(work: list):
             yield group, grads, bucket, grads if bucket.index is None else [grads[i] for i in bucket.index]
 
 
-def hold(bucket: Bucket, op: str, lists: list[list[torch.Tensor]], impl: str) -> None:
+# The impl values under which a bucket's op may be its held op (the compiled kernel).
+HELD_IMPLS = ("auto", "native")
+
+
+def hold(bucket: Bucket, op: str, lists: list[list[torch.Tensor]], impl: str) -> bool:
     """Gives ``bucket`` its ``held``: an ``lbkernels.HeldLists`` of its params and of
     ``lists`` (the per-param lists that follow params and grads in ``op``'s arguments),
     so that its next steps run ``op``'s held op without converting those lists from
     Python (docs/algorithms.md section 1.2). Only where that op is the compiled library's
     on the CPU (the held op forwards to it; not yet run on a GPU), for a bucket of every
-    param of its group (the held step needs every grad), unsharded, in an eager step."""
-    if (bucket.held is not None or bucket.index is not None or bucket.sharded
-            or impl not in ("auto", "native") or op + "held_" not in _library.HELD_OPS
-            or bucket.params[0].device.type != "cpu" or not _library.has_native_kernel(op, "cpu")
-            or torch.compiler.is_compiling()):
-        return
+    param of its group (the held step needs every grad), unsharded, in an eager step.
+    Returns whether the bucket holds its lists now."""
+    if bucket.held is not None:
+        return True
+    if (bucket.index is not None or bucket.sharded or impl not in HELD_IMPLS
+            or op + "held_" not in _library.HELD_OPS or bucket.params[0].device.type != "cpu"
+            or not _library.has_native_kernel(op, "cpu") or torch.compiler.is_compiling()):
+        return False
     bucket.held = _library.held_lists(bucket.params, lists)
+    return True
 
 
 def norm_arguments(bucket: Bucket) -> dict[str, Any]:

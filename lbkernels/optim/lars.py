@@ -146,6 +146,7 @@ class LARS(FusedOptimizer):
 
     def _step_bucket(self, group: dict, bucket: Bucket, grads: list[torch.Tensor] | None,
                      grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> None:
+        adapts, capture = self._adapts(group), capturing()
         options = dict(
             grad_scale=grad_scale,
             found_inf=found_inf,
@@ -153,17 +154,16 @@ class LARS(FusedOptimizer):
                          "trust_coefficient", "eps", "clip", "zero_norm_decay", "momentum_style"),
             **folded_average_arguments(self, group, bucket),
             **norm_arguments(bucket),
-            **norm_cache_arguments(bucket, self._adapts(group) and group["reuse_norms"]
-                                   and not capturing()),
+            **norm_cache_arguments(bucket, adapts and group["reuse_norms"] and not capture),
         )
-        exclude = not self._adapts(group)
+        exclude = not adapts
         if grads is None:  # the grads are gathered in bucket.held (FusedOptimizer._held_work)
             ops.lars_sgd_held_(bucket.held, exclude, **options)
             return
         lists = [bucket.state.get("momentum_buffer", []), bucket.state.get("step", [])]
         ops.lars_sgd_(bucket.params, grads, *lists, [exclude] * len(grads), **options)
-        if self._holds_lists and not capturing():
-            hold(bucket, "lars_sgd_", lists, group["impl"])
+        if self._holds_lists and not capture and hold(bucket, "lars_sgd_", lists, group["impl"]):
+            self._holding = True
 
 
 def lars_param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:

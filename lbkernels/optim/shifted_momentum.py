@@ -141,19 +141,19 @@ class ShiftedMomentumSGD(FusedOptimizer):
 
     def _step_bucket(self, group: dict, bucket: Bucket, grads: list[torch.Tensor],
                      grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None) -> None:
+        adapts = self._adapts(group)
         ops.lars_sgd_(
             bucket.params,
             grads,
             bucket.state.get(f"momentum_buffer_{self._worker}", []),
             [],
-            [not self._adapts(group)] * len(grads),
+            [not adapts] * len(grads),
             grad_scale=grad_scale,
             found_inf=found_inf,
             **group_args(group, "lr", "momentum", "weight_decay", "nesterov", "trust_coefficient"),
             **folded_average_arguments(self, group, bucket),
             **norm_arguments(bucket),
-            **norm_cache_arguments(bucket, self._adapts(group) and group["reuse_norms"]
-                                   and not capturing()),
+            **norm_cache_arguments(bucket, adapts and group["reuse_norms"] and not capturing()),
         )
 
     # -- state: the buffers are per-param state, the round-robin position is global ------
