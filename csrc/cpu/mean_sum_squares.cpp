@@ -7,7 +7,6 @@
 // Allocates nothing proportional to the model: 24 + 8 bytes per 64K elements.
 #include <torch/library.h>
 
-#include <string>
 #include <vector>
 
 #include <lbkernels/mean_sum_squares_args.h>
@@ -16,35 +15,7 @@
 
 namespace lbkernels::cpu {
 
-// The loop of mean_sum_squares_kernel.cpp, built once per capability. Declared here, not
-// in cpu_kernels.h: a header every loop file includes would rebuild them all.
-#define LBK_DECLARE_MEAN_SUM_SQUARES(NS)                                                   \
-  namespace NS {                                                                           \
-  void mean_sum_squares(c10::ScalarType dtype, void* flat, const Chunk* chunks, int64_t c0, \
-                        int64_t c1, double k, double* partial);                            \
-  }
-LBK_DECLARE_MEAN_SUM_SQUARES(DEFAULT)
-#if defined(LBK_CPU_X86)
-LBK_DECLARE_MEAN_SUM_SQUARES(AVX2)
-LBK_DECLARE_MEAN_SUM_SQUARES(AVX512)
-#endif
-
 namespace {
-
-using Loop = decltype(&DEFAULT::mean_sum_squares);
-
-// The capability the other ops' loops use (kernels(): ATen's choice).
-Loop loop() {
-  static const Loop f = [] {
-#if defined(LBK_CPU_X86)
-    const std::string cap = kernels().name;
-    if (cap == "AVX512") return &AVX512::mean_sum_squares;
-    if (cap == "AVX2") return &AVX2::mean_sum_squares;
-#endif
-    return &DEFAULT::mean_sum_squares;
-  }();
-  return f;
-}
 
 void mean_sum_squares_cpu(const at::Tensor& flat, at::IntArrayRef sizes, int64_t world_size,
                           const at::Tensor& out) {
@@ -57,12 +28,12 @@ void mean_sum_squares_cpu(const at::Tensor& flat, at::IntArrayRef sizes, int64_t
     offset += sizes[j];
   }
   std::vector<double> partial(chunks.size());
-  const Loop f = loop();
+  const auto& K = kernels();
   const c10::ScalarType dtype = flat.scalar_type();
   void* data = flat.data_ptr();
   const double k = static_cast<double>(world_size);
   parallel_chunks(static_cast<int64_t>(chunks.size()), [&](int64_t c0, int64_t c1) {
-    f(dtype, data, chunks.data(), c0, c1, k, partial.data());
+    K.mean_sum_squares(dtype, data, chunks.data(), c0, c1, k, partial.data());
   });
   double* o = out.mutable_data_ptr<double>();
   for (size_t j = 0; j < sizes.size(); ++j) o[j] = 0.0;

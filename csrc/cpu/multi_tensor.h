@@ -30,11 +30,13 @@ struct KernelTable {
   decltype(&DEFAULT::extrap_sgd) extrap_sgd;
   decltype(&DEFAULT::extrap_adam) extrap_adam;
   decltype(&DEFAULT::lamb) lamb;
+  decltype(&DEFAULT::mean_sum_squares) mean_sum_squares;
 };
 
 #define LBK_KERNEL_TABLE(NS) KernelTable{#NS, &NS::sum_squares, &NS::sgd_update, &NS::lars_whole, \
                                         &NS::average_update, &NS::worker_mean, \
-                                        &NS::extrap_sgd, &NS::extrap_adam, &NS::lamb}
+                                        &NS::extrap_sgd, &NS::extrap_adam, &NS::lamb, \
+                                        &NS::mean_sum_squares}
 
 // The loops built for the best capability this CPU has, as ATen itself decides it
 // (so ATEN_CPU_CAPABILITY=default|avx2|avx512 selects ours too).

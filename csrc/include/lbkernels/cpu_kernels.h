@@ -120,6 +120,10 @@ struct AverageParams {
      of the flat sum, both of dtype `dtype`; arithmetic in fp32 (fp64 for fp64). */      \
   void worker_mean(c10::ScalarType dtype, const TensorPtrs* tensors, const Chunk* chunks, \
                    int64_t c0, int64_t c1, double k);                                      \
+  /* mean_sum_squares_: chunks [c0, c1) of the flat buffer (Chunk.begin/end: offsets   \
+     into it): x = x / k, partial[c] = the sum of squares of chunk c's stored quotients. */ \
+  void mean_sum_squares(c10::ScalarType dtype, void* flat, const Chunk* chunks, int64_t c0, \
+                        int64_t c1, double k, double* partial);                            \
   }
 
 LBK_DECLARE_CPU_KERNELS(DEFAULT)
