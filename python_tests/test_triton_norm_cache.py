@@ -187,6 +187,19 @@ def test_another_op_writing_the_params_makes_them_recomputed(device):
         _assert_cache_is_fresh(with_cache, device)
 
 
+def test_inference_tensors_are_never_keyed(device):
+    """Inference tensors have no version counter: stepped as without the cache, and
+    their keys left untouched (as the reference and the native op leave them)."""
+    op = _op(device)
+    with torch.inference_mode():
+        with_cache, without = Run(torch.float32, device, True), Run(torch.float32, device, False)
+        for t in range(2):
+            with_cache.step(op, t)
+            without.step(op, t)
+    _assert_bitwise(with_cache, without)
+    assert not with_cache.cache["w_norm_key"].any()
+
+
 def test_op_bumps_version_counters(device):
     """The op counts as an in-place write of what it mutates, once per call."""
     run = Run(torch.float32, device, True)
@@ -218,3 +231,18 @@ def test_other_ops_bump_what_they_write(device):
         lbk_triton.get_op(name, device)(*args, **kw)
         after = [[t._version for t in ts] for ts in written]
         assert all(a > b for bs, as_ in zip(before, after) for b, a in zip(bs, as_)), name
+
+
+def test_lamb_moments_stage_bumps_the_norm_sq_it_writes(device):
+    """lamb_'s moments stage writes each tensor's sums into norm_sq: counted as a write,
+    as the native op counts it."""
+    shapes = [(5,), (3, 4)]
+    params, grads = (randn(shapes, k, torch.float32, device) for k in range(2))
+    norm_sq = torch.full((2, len(shapes)), -1.0, dtype=torch.float64, device=device)
+    before = norm_sq._version
+    lbk_triton.get_op("lamb_", device)(
+        params, grads, [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params],
+        [torch.zeros((), device=device) for _ in shapes], [False] * 2, lr=0.1, stage="moments",
+        norm_sq=norm_sq)
+    assert (norm_sq >= 0).all()
+    assert norm_sq._version == before + 1

@@ -374,4 +374,5 @@ def lamb_(params, grads, exp_avgs, exp_avg_sqs, steps, exclude, **kw) -> None:
         # After every launch of the call (stream order): each program read the old count.
         average_count.add_(1 if found_inf is None else (found_inf == 0).to(average_count.dtype))
     # Written through raw addresses: bumped as torch's in-place ops (and the native op) do.
-    mt.bump_versions([*params, *exp_avgs, *exp_avg_sqs, *steps, *averages])
+    mt.bump_versions([*params, *exp_avgs, *exp_avg_sqs, *steps, *averages,
+                      *([] if norm_sq is None else [norm_sq])])

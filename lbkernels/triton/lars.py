@@ -1,6 +1,6 @@
 """Triton LARS-SGD step (docs/algorithms.md section 1).
 
-Three launches per dtype group, each covering every tensor of the group through a
+Three launches per dtype group (four with the norm cache: ``norms.store_w_norm_sq``), each covering every tensor of the group through a
 chunk table of lists (w, g, buf); nothing is read back to the host: the two
 coefficient passes of ``norms.py`` (per-chunk sums of squares, then per tensor the
 trust ratio, weight decay and first-step flag, counting the step), and
@@ -162,24 +162,21 @@ def lars_sgd_(params, grads, momentum_buffers, steps, exclude, **kw) -> None:
         write_keys(params, exclude, w_norm_key)
 
 
-def version(p: torch.Tensor) -> int:
-    """p's version counter; -1 for an inference tensor (it has none: never matched)."""
-    return -1 if p.is_inference() else p._version
-
-
 def key_matches(params, exclude, w_norm_key: torch.Tensor) -> list[bool]:
-    """Per param: adapted and its (version counter, address) equal to its column of
-    w_norm_key (read on the host, where it lives: no device sync)."""
+    """Per param: adapted, not an inference tensor (it has no version counter: never
+    matched) and its (version counter, address) equal to its column of w_norm_key (read
+    on the host, where it lives: no device sync)."""
     versions, addresses = w_norm_key.tolist()
-    return [not e and v >= 0 and v == version(p) and a == p.data_ptr()
+    return [not e and not p.is_inference() and v == p._version and a == p.data_ptr()
             for p, e, v, a in zip(params, exclude, versions, addresses)]
 
 
 def write_keys(params, exclude, w_norm_key: torch.Tensor) -> None:
     """Every adapted param's key after this call (after the version bump), written
-    through a numpy view: no torch op, no allocation per step."""
+    through a numpy view: no torch op, no allocation per step. An inference tensor's key
+    is left as it is, as the reference and the native op leave it."""
     key = w_norm_key.numpy()
     for i, p in enumerate(params):
-        if not exclude[i]:
-            key[0, i] = version(p)
+        if not exclude[i] and not p.is_inference():
+            key[0, i] = p._version
             key[1, i] = p.data_ptr()

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from ..reference.mean_sum_squares import check_mean_sum_squares_args
 from . import multi_tensor as mt
-from .math import ELEM, acc_types, load, soft_bf16, to_elem, worker_mean
+from .math import ELEM, acc_types, add_square, load, soft_bf16, to_elem, worker_mean
 
 
 @triton.jit
@@ -40,8 +40,7 @@ def _mean_squares(flat, table, partial, k: tl.float64, ELEM: tl.constexpr, ACC: 
         mask = idx < end
         stored = to_elem(worker_mean(load(flat, idx, mask, ACC), kv), ELEM, SOFT_BF16)
         tl.store(flat + idx, stored, mask=mask)
-        v = stored.to(ACC)  # masked-off lanes loaded 0: they add 0
-        acc += v * v
+        acc = add_square(acc, stored.to(ACC))  # masked-off lanes loaded 0: they add 0
     tl.store(partial + c, tl.sum(acc, axis=0).to(tl.float64))
 
 
@@ -88,4 +87,4 @@ def mean_sum_squares_(flat, sizes, world_size, out) -> None:
     if len(sizes):
         _segment_sums[(len(sizes),)](partial, table[2 * n_chunks:], out)
     # Written through raw pointers: bump the versions as an in-place torch op would.
-    torch.autograd.graph.increment_version((flat, out))
+    mt.bump_versions([flat, out])

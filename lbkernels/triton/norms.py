@@ -18,7 +18,7 @@ A norm given by the op's ``norm_sq`` (an entry >= 0, read on the device) is not 
 by pass 1 (that list is not read for the tensor); pass 2 takes its square root instead.
 
 lars_sgd_'s cache of ||w||^2 (``w_norm_sq``) is a given norm of the same kind: a table
-built with ``cached`` has a sixth per-tensor row, 1 where the host found the tensor's key
+built with ``cached`` has a sixth per-tensor row (beside the five above), 1 where the host found the tensor's key
 (version counter, address) unchanged; such a tensor's entry of ``w_norm_sq``, when >= 0,
 stands for its w sum (w is not read). The update pass then writes the new w's chunk sums
 into the partials (the same tiles and ``add_square`` as pass 1) and ``_store_w_norm_sq``
