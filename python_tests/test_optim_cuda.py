@@ -212,10 +212,11 @@ def test_lamb_steps_a_param_past_2_31_elements(impl, device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_lars_norm_cache_is_bitwise_the_recomputed_norm(impl, device, dtype):
     """lars_sgd_'s w_norm_sq / w_norm_key: 4 steps with the cache equal 4 without, bit for
-    bit, on tensors of several 64K chunks, one not pack-aligned (a view at offset 1: the
-    scalar-access path), with an excluded one, step 2 skipped (found_inf) after an edit;
-    each entry is the norm the norm pass computes from w now (multi_tensor_l2norm: the
-    same chunks, tiles and order), each key (version counter after the op, address)."""
+    bit, on tensors of several 64K chunks, one not pack-aligned (a view at offset 1: its
+    packs read element by element), with an excluded one, step 2 skipped (found_inf)
+    after an edit; each entry is the norm the norm pass computes from w now
+    (multi_tensor_l2norm: the same chunks, tiles and order), each key (version counter
+    after the op, address)."""
     sizes, exclude = [3 * 65536 + 7, 1000, 65536, 5], [False, False, False, True]
 
     def state():

@@ -109,7 +109,7 @@ void extrap_sgd_cuda(const ExtrapSgdArgs& a) {
       const auto idx = static_cast<int32_t>(i);
       if (a.lars) {
         if (!excluded) norms.push_back({{x.data_ptr(), g_ptr}, numel, total, idx, 0});
-        lars_tensors.push_back({{nullptr}, numel, total, idx, static_cast<uint8_t>(excluded)});
+        lars_tensors.push_back({{nullptr}, numel, total, idx, excluded ? kFlagExcluded : uint8_t{0}});
       }
       updates.push_back({{w.data_ptr(), x.data_ptr(), b, g_ptr, gk_ptr}, numel, total, idx, 0});
       if (filter && numel > 0) {

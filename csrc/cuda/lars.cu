@@ -1,6 +1,6 @@
 // CUDA kernels of multi_tensor_l2norm and lars_sgd_: dtype groups and the three launches
-// per group (lars_kernels.cuh) after the argument checks of lbkernels/lars_args.h,
-// registered for the CUDA key.
+// per group (four with the norm cache; lars_kernels.cuh) after the argument checks of
+// lbkernels/lars_args.h, registered for the CUDA key.
 //
 // Nothing here reads a device value on the host: norms, norm_sq, trust ratios, lr_tensor,
 // grad_scale and found_inf stay on the device, so a step never synchronises and can be
@@ -120,15 +120,15 @@ void lars_sgd_cuda(const LarsSgdArgs& a) {
       const auto idx = static_cast<int32_t>(i);
       const uint8_t cached =
           cache && !excluded && w_norm_key_matches(a, i) ? kFlagCachedKey : uint8_t{0};
+      const uint8_t excluded_flag = excluded ? kFlagExcluded : uint8_t{0};
       if (!excluded) norms.push_back({{w.data_ptr(), g_ptr}, numel, total, idx, cached});
-      tensors.push_back({{step}, numel, total, idx,
-                         static_cast<uint8_t>((excluded ? kFlagExcluded : 0) | cached)});
+      tensors.push_back({{step}, numel, total, idx, static_cast<uint8_t>(excluded_flag | cached)});
       if (averaging) {
         // The average in w's layout, in its own dtype (fp32 for 16-bit params).
         void* a_ptr = staging.follow_as(a.averages[i], w, true).data_ptr();
-        averaged.push_back({{w.data_ptr(), g_ptr, b, a_ptr}, numel, total, idx, 0});
+        averaged.push_back({{w.data_ptr(), g_ptr, b, a_ptr}, numel, total, idx, excluded_flag});
       } else {
-        updates.push_back({{w.data_ptr(), g_ptr, b}, numel, total, idx, 0});
+        updates.push_back({{w.data_ptr(), g_ptr, b}, numel, total, idx, excluded_flag});
       }
       total += num_chunks(numel);
     }

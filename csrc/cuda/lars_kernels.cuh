@@ -10,7 +10,9 @@
 //      chunk partials, and StoreWNormSq adds them per tensor as LarsCoefs does: the
 //      number the next call's passes 1-2 would compute from w, bit for bit.
 // The per-element math is lbkernels/math.h, shared with the CPU kernels. The AMP
-// found_inf flag is read on the device by every block: when set, nothing is written.
+// found_inf flag is read on the device by every block: when set, no weight or state is
+// written (with the cache, pass 1 still sums the w of tensors whose entry is not valid,
+// and pass 4 stores those sums: w is unchanged, so they are its norms).
 //
 // Depends on the CUDA runtime headers only (see multi_tensor_apply.cuh).
 #pragma once
@@ -40,7 +42,8 @@ struct Norms {
 
 // Pass 3 of lars_sgd_: lists w, g, buf (null without momentum), and with DEPTH 4 the
 // averages of the folded weight averaging. w_sq (null: not asked): row 0 of the partials,
-// where SumSquares puts a chunk's sum of w, gets the chunk's sum of the new w.
+// where SumSquares puts a chunk's sum of w, gets the chunk's sum of the new w (not for
+// an excluded tensor, flagged kFlagExcluded: StoreWNormSq leaves its entry alone).
 template <typename T, int DEPTH = 3>
 struct LarsUpdate {
   using A = opmath_t<T>;
@@ -82,7 +85,7 @@ struct LarsUpdate {
       avg = static_cast<A*>(meta.addresses[DEPTH - 1][slot]) + begin;
       r_avg = average.rate<A>();
     }
-    const bool sum_w = w_sq != nullptr;
+    const bool sum_w = w_sq != nullptr && !(meta.flag[slot] & kFlagExcluded);
     A sq = A(0);  // this thread's sum of the new w's squares, in SumSquares' order
     auto update = [&](T* wp, const T* gp, T* bp, A* ap) {
       A wv = load_acc(wp);
