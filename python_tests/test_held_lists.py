@@ -206,3 +206,17 @@ def test_scheduled_lr_steps_held_and_a_changed_impl_steps_through_the_lists(held
         opt.param_groups[0]["impl"] = "reference"
     step_both(a, oa, b, ob, range(4, 6))
     assert len(held_calls) == 2 * 3  # a step is held whole or not at all
+
+
+def test_held_op_refuses_a_held_lists_with_another_count_of_lists():
+    """lars_sgd_ takes two lists after params and grads (momentum buffers, steps): a
+    HeldLists with none is refused by name before anything is written."""
+    ps = params()
+    for p in ps:
+        p.grad = torch.ones_like(p)
+    held = _library.held_lists(ps, [])
+    assert held.gather_grads()
+    before = [p.detach().clone() for p in ps]
+    with pytest.raises(ValueError, match="lars_sgd_held_: the HeldLists holds 0 lists"):
+        ops.lars_sgd_held_(held, False, lr=0.1)
+    assert_same(ps, before)
