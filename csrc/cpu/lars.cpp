@@ -64,7 +64,7 @@ at::Tensor multi_tensor_l2norm_cpu(at::TensorList xs) {
 }
 
 // The per-call tables of lars_sgd_cpu, one set per thread, reused: their capacity stays,
-// so a step allocates none of them (2000 tensors need ~300 KiB: 64 B of TensorCoefs,
+// so a step allocates none of them (2000 tensors need ~300 KiB: 56 B of TensorCoefs,
 // 40 B of TensorPtrs, 24 B of Chunk and 4 doubles per tensor, each table above glibc's
 // mmap threshold when MALLOC_MMAP_THRESHOLD_=65536, i.e. a fresh mapping and its page
 // faults every call). They hold raw pointers and numbers only, never a tensor.
@@ -123,7 +123,6 @@ void lars_sgd_cpu(const LarsSgdArgs& a) {
       if (!coefs[k].excluded) {
         read_given_norms(a.norm_sq, i, dtype == c10::kDouble, coefs[k]);
         if (cache && coefs[k].given_w2 < 0) coefs[k].given_w2 = cached_w_norm_sq(a, i);
-        coefs[k].sum_new_w2 = cache;
       }
       coefs[k].first = has_momentum && !a.steps.empty() && *a.steps[i].const_data_ptr<float>() == 0.f;
       if (flat.ptrs[k].numel <= kChunk) whole.push_back({k, 0, flat.ptrs[k].numel});
@@ -136,7 +135,7 @@ void lars_sgd_cpu(const LarsSgdArgs& a) {
       K.lars_whole(dtype, flat.ptrs.data(), whole.data(), c0, c1, coefs.data(), lp, sp, whole_out);
     });
     for (size_t c = 0; c < whole_w2.size(); ++c)
-      if (coefs[whole[c].tensor].sum_new_w2) store_w2(index[whole[c].tensor], whole_w2[c]);
+      if (!coefs[whole[c].tensor].excluded) store_w2(index[whole[c].tensor], whole_w2[c]);
     // Large tensors: blocks that fit the last-level cache, two sweeps each.
     const int64_t elem = c10::elementSize(dtype);
     std::vector<double>&partial = t.partial, &sum_w2 = t.sum_w2, &sum_g2 = t.sum_g2,
@@ -185,7 +184,7 @@ void lars_sgd_cpu(const LarsSgdArgs& a) {
       // The chunks' sums added in chunk order from 0, as the norm pass adds them above.
       for (size_t c = 0; c < chunk_w2.size(); ++c) new_w2[chunks[c].tensor] += chunk_w2[c];
       for (int64_t j = k; j < k_end; ++j)
-        if (cache && flat.ptrs[j].numel > kChunk && coefs[j].sum_new_w2) store_w2(index[j], new_w2[j]);
+        if (cache && flat.ptrs[j].numel > kChunk && !coefs[j].excluded) store_w2(index[j], new_w2[j]);
       k = k_end;
     }
     flat.write_back();

@@ -168,7 +168,7 @@ void sgd_update_impl(const TensorPtrs* t, const Chunk* chunks, int64_t c0, int64
     const Chunk& ch = chunks[c];
     const TensorPtrs& tp = t[ch.tensor];
     const TensorCoefs& tc = coefs[ch.tensor];
-    const bool sum = new_w2 != nullptr && tc.sum_new_w2;
+    const bool sum = new_w2 != nullptr && !tc.excluded;  // the norm cache holds adapted tensors only
     const int64_t n = ch.end - ch.begin;
     T* w = static_cast<T*>(tp.w) + ch.begin;
     const T* g = static_cast<const T*>(tp.g) + ch.begin;
@@ -200,7 +200,7 @@ void lars_whole_impl(const TensorPtrs* t, const Chunk* chunks, int64_t c0, int64
     TensorCoefs& tc = coefs[ch.tensor];
     const TensorPtrs& tp = t[ch.tensor];
     if (!tc.excluded) {
-      // A norm given by norm_sq is not summed: no read of that tensor for it.
+      // A norm given by norm_sq or the norm cache is not summed: no read of that tensor for it.
       lars_coefs(tc.given_w2 < 0 ? squares<T>(tp.w, ch.begin, ch.end) : 0.0,
                  tc.given_g2 < 0 ? squares<T>(tp.g, ch.begin, ch.end) : 0.0, lp, p, tc);
     } else {

@@ -45,10 +45,9 @@ struct TensorCoefs {
   bool first = false;     // first momentum step: buf = d
   bool excluded = false;  // LARS-excluded: r = 1, no norms needed
   // Squared norms given by the op's norm_sq (of w and of the still-scaled g), in the
-  // arithmetic type; < 0: not given, the loops sum that one.
+  // arithmetic type, or for w by lars_sgd_'s norm cache (the unrounded double the last
+  // update summed); < 0: not given, the loops sum that one.
   double given_w2 = -1, given_g2 = -1;
-  // lars_sgd_'s norm cache: the update also sums the squares of the new w (per chunk).
-  bool sum_new_w2 = false;
   bool needs_norms() const { return !excluded && (given_w2 < 0 || given_g2 < 0); }
 };
 
@@ -102,8 +101,9 @@ struct AverageParams {
   void sum_squares(c10::ScalarType dtype, const TensorPtrs* tensors, const Chunk* chunks,  \
                    int64_t c0, int64_t c1, double* out);                                   \
   /* The update of chunks [c0, c1) with the coefficients of their tensors; new_w2 (null \
-     or one per chunk): new_w2[c] = sum(new w^2) of chunk c, summed as sum_squares sums \
-     it, for the tensors with TensorCoefs.sum_new_w2 (other entries untouched). */        \
+     or one per chunk, given with lars_sgd_'s norm cache): new_w2[c] = sum(new w^2) of   \
+     chunk c, summed as sum_squares sums it, for the tensors not excluded (other entries \
+     untouched). */                                                                        \
   void sgd_update(c10::ScalarType dtype, const TensorPtrs* tensors, const Chunk* chunks,   \
                   int64_t c0, int64_t c1, const TensorCoefs* coefs, const SgdParams& p,    \
                   double* new_w2);                                                         \
