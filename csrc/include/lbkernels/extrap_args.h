@@ -12,7 +12,6 @@
 
 #include <optional>
 
-#include <lbkernels/average_args.h>
 #include <lbkernels/extrap_math.h>
 #include <lbkernels/host.h>
 
